@@ -1,0 +1,1 @@
+"""Tile kernels: torch references (CPU path) and generated Triton kernels (CUDA path)."""

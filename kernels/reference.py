@@ -1,0 +1,64 @@
+"""Torch tile kernels: the CPU path and the reference every Triton kernel is tested against.
+
+The engine keeps two views of a bank of N rows x C channels (N = flattened batch rows):
+- the block, time-major, holding the B positions being decoded now (B = 2 x the largest
+  direct tile): Xb [B, N, C] inputs, Ab [B, N, C] accumulators. The red cell and the direct
+  tiles touch only the block, one contiguous row per position, so they stay in cache;
+- the history, channel-major: Xc [N, C, Lmax] inputs, Ac [N, C, Lmax] contributions to future
+  outputs. FFT tiles read and write whole rows of it; blocks are loaded from Ac and flushed to Xc
+  once per B positions.
+Filters h [C, Lmax] (lag axis last) are shared by all N rows. A tile of size U adds the
+contribution of inputs [in_start, in_start + U) to outputs [out_start, out_stop) with
+out_start = in_start + U and out_stop <= out_start + U (lags 1..2U-1).
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def update(Xb, Ab, x, h0, t, y):
+    """Red cell at block row t: store x_t, then y_t = A_t + h0 * x_t (written into y, any float dtype).
+
+    Xb, Ab: [B, N, C] state dtype; x: [N, C] (any float dtype); h0: [C] state dtype; y: [N, C].
+    """
+    Xb[t] = x
+    if y.dtype == Xb.dtype:
+        torch.addcmul(Ab[t], Xb[t], h0, out=y)
+    else:
+        y.copy_(torch.addcmul(Ab[t], Xb[t], h0))
+
+
+def toeplitz(h, U):
+    """T[j, k, c] = h[c, U + j - k]: the U x U block mapping a tile's inputs to its outputs, channels last."""
+    C, L = h.shape
+    lags = U + torch.arange(U, device=h.device)[:, None] - torch.arange(U, device=h.device)[None, :]
+    hp = h if L >= 2 * U else F.pad(h, (0, 2 * U - L))
+    return hp.T[lags]
+
+
+def tile_spectrum(h, U):
+    """Spectrum of h[:, 0:2U] for a cyclic middle product of size 2U (lags 1..2U-1 never wrap)."""
+    return torch.fft.rfft(h[:, : 2 * U], n=2 * U)
+
+
+def direct_tile_from_toeplitz(Xb, Ab, T, in_start, out_start, out_stop, U):
+    """Direct tile on the time-major block with a precomputed Toeplitz block T [U, U, C]."""
+    m = out_stop - out_start
+    if U == 1:  # one input, one output: a single fused multiply-add
+        Ab[out_start].addcmul_(Xb[in_start], T[0, 0])
+        return
+    xb = Xb[in_start : in_start + U]  # [U, N, C]
+    Ab[out_start:out_stop] += (T[:m, :, None, :] * xb[None]).sum(1)
+
+
+def direct_tile(Xb, Ab, h, in_start, out_start, out_stop, U):
+    """Reference direct tile computed straight from the filter (no precomputed state)."""
+    direct_tile_from_toeplitz(Xb, Ab, toeplitz(h, U), in_start, out_start, out_stop, U)
+
+
+def fft_tile(Xc, Ac, S, in_start, out_start, out_stop, U):
+    """FFT tile on the channel-major history: a cyclic convolution of size 2U with the precomputed
+    spectrum S [C, U+1]; the middle product is outputs [U, 2U) of the cyclic result."""
+    f = torch.fft.rfft(Xc[..., in_start : in_start + U], n=2 * U)
+    f *= S
+    Ac[..., out_start:out_stop] += torch.fft.irfft(f, n=2 * U)[..., U : U + out_stop - out_start]

@@ -1,0 +1,211 @@
+"""OnlineConv: exact online causal convolution of a bank of channels in O(L log^2 L) total work.
+
+y_t = sum_{s<=t} h[t-s] * x_s for every channel, with x_t arriving one position at a time.
+Per position the only sequential work is the red cell y_t = A_t + h0 * x_t; the rest is the gray
+tile of the relaxed schedule (lcsm_compile.schedule), run as a direct Toeplitz product for small
+tiles and as a size-2U FFT middle product with precomputed filter spectra for large ones.
+"""
+
+import math
+
+import torch
+
+from lcsm_compile import schedule
+from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, ShapeError, check_tensor
+from lcsm_compile.kernels import reference as torch_kernels
+from lcsm_compile.tuning import crossover_for
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class OnlineConv:
+    """A bank of C causal long convolutions decoded one position at a time.
+
+    h: filters [C, Lh] (lag axis last). skip: optional [C] lag-0 term D (y += D * x).
+    max_len: positions the state holds (default Lh; a shorter filter is zero-padded).
+    crossover: largest tile size computed directly (default: the tuned value for the device).
+    kernels: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+    Leading batch dims of the inputs are fixed by the first prefill/step; filters are shared by
+    every batch row, never copied per row.
+    """
+
+    def __init__(self, h, skip=None, *, max_len=None, crossover=None, kernels="auto"):
+        if not isinstance(h, torch.Tensor) or h.dim() != 2:
+            raise ShapeError(f"h: expected a filter tensor of shape [C, Lh], got {_describe(h)}")
+        if not h.is_floating_point() or h.is_complex():
+            raise DTypeError(f"h: expected a real floating dtype, got {h.dtype}")
+        if kernels not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernels: expected 'auto', 'torch' or 'triton', got {kernels!r}")
+        C, Lh = h.shape
+        self.max_len = Lh if max_len is None else int(max_len)
+        if self.max_len < 1:
+            raise ValueError(f"max_len: expected >= 1, got {self.max_len}")
+        self.channels = C
+        self.device = h.device
+        self.dtype = state_dtype_for(h.dtype)
+        h = h.detach().to(self.dtype)[:, : self.max_len]
+        if h.shape[1] < self.max_len:
+            h = torch.nn.functional.pad(h, (0, self.max_len - h.shape[1]))
+        if skip is not None:
+            check_tensor("skip", skip, shape=(C,))
+            h = h.clone()
+            h[:, 0] += skip.detach().to(self.dtype)
+        self.h = h.contiguous()
+        self.h0 = self.h[:, 0].contiguous()
+        self.use_triton = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda" and _triton_ok())
+        if self.use_triton:  # imported only here: importing triton is slow and CPU users never need it
+            from lcsm_compile.kernels import triton_direct, triton_update
+
+            self._update, self._direct = triton_update.update, triton_direct.direct_tile
+        else:
+            self._update = torch_kernels.update
+        self.crossover = crossover_for(self.device) if crossover is None else int(crossover)
+
+        # Direct tiles (U < block) run on the time-major block, FFT tiles (U >= block) on the
+        # channel-major history. Tile operators for every size a decode can use: Toeplitz blocks
+        # for direct tiles (the Triton kernel gathers lags itself), spectra of h[:, :2U] for FFT.
+        self.block = 2 * self.crossover
+        self.toeplitz, self.spectra = {}, {}
+        for U in schedule.tile_sizes(0, self.max_len):
+            if U >= self.block:
+                self.spectra[U] = torch_kernels.tile_spectrum(self.h, U)
+            elif not self.use_triton:
+                self.toeplitz[U] = torch_kernels.toeplitz(self.h, U).contiguous()
+
+        self.batch_shape = None  # fixed by the first prefill/step
+        self.io_dtype = None
+        self.Xc = self.Ac = self.Xb = self.Ab = None
+        self.position = 0
+        self.prefill_len = 0
+
+    # -- state -------------------------------------------------------------------------------
+    def _bind(self, batch_shape, io_dtype):
+        """Allocate the state on first use; afterwards check that inputs keep the same layout."""
+        if self.batch_shape is None:
+            if io_dtype not in (self.dtype,) + (_LOW_PRECISION if self.dtype == torch.float32 else ()):
+                allowed = [self.dtype] + (list(_LOW_PRECISION) if self.dtype == torch.float32 else [])
+                raise DTypeError(f"x: expected dtype in {allowed} for filters accumulating in {self.dtype}, got {io_dtype}")
+            self.batch_shape, self.io_dtype = tuple(batch_shape), io_dtype
+            n = math.prod(self.batch_shape)
+            self.Xc = torch.zeros(n, self.channels, self.max_len, dtype=self.dtype, device=self.device)
+            self.Ac = torch.zeros_like(self.Xc)
+            self.Xb = torch.zeros(self.block, n, self.channels, dtype=self.dtype, device=self.device)
+            self.Ab = torch.zeros_like(self.Xb)
+        elif tuple(batch_shape) != self.batch_shape:
+            raise ShapeError(f"x: expected batch dims {self.batch_shape} (fixed by the first call), got {tuple(batch_shape)}")
+        elif io_dtype != self.io_dtype:
+            raise DTypeError(f"x: expected dtype {self.io_dtype} (fixed by the first call), got {io_dtype}")
+
+    def _check_input(self, x, name, time_axis):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.device != self.device:
+            raise DeviceError(f"{name}: expected device {self.device} (where the filters live), got {x.device}")
+        if not x.is_floating_point():
+            raise DTypeError(f"{name}: expected a floating dtype, got {x.dtype}")
+        cdim = -2 if time_axis else -1
+        if x.dim() < (2 if time_axis else 1) or x.shape[cdim] != self.channels:
+            want = "[..., C, P]" if time_axis else "[..., C]"
+            raise ShapeError(f"{name}: expected shape {want} with C = {self.channels}, got {tuple(x.shape)}")
+
+    def reset(self):
+        """Forget every input; keeps the allocated state and the batch layout."""
+        if self.Xc is not None:
+            for state in (self.Xc, self.Ac, self.Xb, self.Ab):
+                state.zero_()
+        self.position = 0
+        self.prefill_len = 0
+
+    def memory_bytes(self) -> int:
+        """Bytes held: filters, tile operators, and (once bound) history and accumulators."""
+        tensors = [self.h, self.h0, *self.toeplitz.values(), *self.spectra.values()]
+        if self.Xc is not None:
+            tensors += [self.Xc, self.Ac, self.Xb, self.Ab]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # -- decoding ----------------------------------------------------------------------------
+    def prefill(self, x):
+        """Ingest a prompt x [..., C, P] at once; returns its outputs [..., C, P].
+
+        One FFT convolution gives both the prompt's outputs and its contributions to every
+        future output, which go into the accumulators; stepping then tiles from position P.
+        """
+        self._check_input(x, "x", time_axis=True)
+        if self.position != 0:
+            raise LcsmError(f"prefill: expected a fresh state (position 0), at position {self.position}; call reset() first")
+        P = x.shape[-1]
+        if P > self.max_len:
+            raise MaxLenExceeded(f"prefill: prompt of {P} positions exceeds max_len = {self.max_len}")
+        self._bind(x.shape[:-2], x.dtype)
+        if P == 0:
+            return x.clone()
+        xs = x.reshape(-1, self.channels, P).to(self.dtype)
+        bad = ~torch.isfinite(xs)
+        has_bad = bool(bad.any())
+        if has_bad:  # an FFT would smear a NaN over the past too; mask it and restore causally below
+            xs = xs.masked_fill(bad, 0.0)
+        n = _fft_size(P + self.max_len - 1)
+        full = torch.fft.irfft(torch.fft.rfft(xs, n=n) * torch.fft.rfft(self.h, n=n), n=n)[..., : self.max_len]
+        if has_bad:  # every output at or after the first non-finite input is NaN, as in the reference
+            first = torch.where(bad.any(-1), bad.int().argmax(-1), self.max_len)
+            after = torch.arange(self.max_len, device=self.device) >= first[..., None]
+            full = full.masked_fill(after, float("nan"))
+            xs = x.reshape(-1, self.channels, P).to(self.dtype)
+        self.Xc[..., :P] = xs
+        self.Ac[..., P:] = full[..., P:]
+        self.position = self.prefill_len = P
+        return full[..., :P].to(x.dtype).reshape(x.shape)
+
+    def step(self, x):
+        """Take the input at the next position, x [..., C]; returns that position's output [..., C]."""
+        t = self.position
+        if t >= self.max_len:
+            raise MaxLenExceeded(f"step: position {t} is past max_len = {self.max_len}; reset() or build with a larger max_len")
+        if self.Xc is None or x.shape[:-1] != self.batch_shape or x.dtype != self.io_dtype or x.device != self.device:
+            self._check_input(x, "x", time_axis=False)
+            self._bind(x.shape[:-1], x.dtype)
+        elif x.shape[-1] != self.channels:
+            raise ShapeError(f"x: expected shape [..., C] with C = {self.channels}, got {tuple(x.shape)}")
+        i = t - self.prefill_len + 1  # steps taken since the prefill, this one included
+        r = (i - 1) % self.block  # this position's row in the block
+        b0 = t - r  # the block's first position
+        if r == 0:  # entering a new block: bring in what the prefill and FFT tiles accumulated for it
+            nb = min(self.block, self.max_len - b0)
+            self.Ab[:nb] = self.Ac[..., b0 : b0 + nb].permute(2, 0, 1)
+        y = torch.empty(x.shape, dtype=x.dtype, device=self.device)
+        self._update(self.Xb, self.Ab, x.reshape(-1, self.channels), self.h0, r, y.view(-1, self.channels))
+        U = schedule.tile_size(i)  # the gray tile of schedule.tile_after, inlined: this is the hot path
+        if r == self.block - 1 or t + 1 == self.max_len:  # block complete: flush it to the history
+            self.Xc[..., b0 : t + 1] = self.Xb[: r + 1].permute(1, 2, 0)
+        if t + 1 < self.max_len:
+            out_stop = min(t + 1 + U, self.max_len)
+            if U >= self.block:
+                torch_kernels.fft_tile(self.Xc, self.Ac, self.spectra[U], t + 1 - U, t + 1, out_stop, U)
+            elif self.use_triton:
+                self._direct(self.Xb, self.Ab, self.h, r + 1 - U, r + 1, out_stop - b0, U)
+            else:
+                torch_kernels.direct_tile_from_toeplitz(self.Xb, self.Ab, self.toeplitz[U], r + 1 - U, r + 1, out_stop - b0, U)
+        self.position = t + 1
+        return y
+
+
+def _fft_size(n: int) -> int:
+    """Smallest power of two >= n (fast for every FFT backend)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _describe(x):
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,35 @@
+"""Typed errors. Each names what was expected, so a user can fix the call without reading code."""
+
+
+class LcsmError(Exception):
+    """Base class of every error lcsm_compile raises on purpose."""
+
+
+class ShapeError(LcsmError, ValueError):
+    """A tensor had the wrong shape."""
+
+
+class DTypeError(LcsmError, TypeError):
+    """A tensor had an unsupported or mismatched dtype."""
+
+
+class DeviceError(LcsmError, ValueError):
+    """A tensor lives on a different device than the state it must join."""
+
+
+class MaxLenExceeded(LcsmError, IndexError):
+    """A step or prefill would go past the maximum length the state was built for."""
+
+
+def check_tensor(name, t, *, shape=None, dtype=None, device=None):
+    """Raise a typed error naming the expectation when `t` does not match it."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ShapeError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise DTypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if device is not None and t.device != torch.device(device):
+        raise DeviceError(f"{name}: expected device {device}, got {t.device}")

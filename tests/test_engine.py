@@ -1,0 +1,181 @@
+"""OnlineConv against float64 references on fresh random inputs (relative error, never zeros)."""
+
+import math
+
+import pytest
+import torch
+
+import lcsm_compile
+from lcsm_compile import DeviceError, DTypeError, LcsmError, MaxLenExceeded, OnlineConv, ShapeError
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def reference(h, x, skip=None):
+    """float64 causal convolution y_t = sum_{s<=t} h[t-s] x_s (+ D x_t), by an uncut FFT."""
+    L = x.shape[-1]
+    h = h.double()[:, :L]
+    n = 2 * L
+    y = torch.fft.irfft(torch.fft.rfft(x.double(), n=n) * torch.fft.rfft(h, n=n), n=n)[..., :L]
+    return y if skip is None else y + skip.double()[:, None] * x.double()
+
+
+def direct_reference(h, x):
+    """float64 O(L^2) causal convolution by its definition: no FFT, and no product with a future input."""
+    h, x = h.double(), x.double()
+    cols = [(h[:, : t + 1].flip(-1) * x[..., : t + 1]).sum(-1) for t in range(x.shape[-1])]
+    return torch.stack(cols, -1)
+
+
+def decode(conv, x, prefill_len):
+    """Prefill x[..., :P], then step through the rest; returns [..., C, L]."""
+    outs = [conv.prefill(x[..., :prefill_len])] if prefill_len else []
+    for t in range(prefill_len, x.shape[-1]):
+        outs.append(conv.step(x[..., t]).unsqueeze(-1))
+    return torch.cat(outs, -1)
+
+
+def random_filters(C, L, dtype=torch.float32, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    decay = torch.exp(-torch.arange(L) / (L / 4))
+    return (torch.randn(C, L, generator=g) * decay / math.sqrt(L)).to(dtype)
+
+
+def test_direct_reference_agrees_with_fft_reference():
+    h, x = random_filters(3, 50, torch.float64), torch.randn(2, 3, 50, dtype=torch.float64)
+    assert rel_err(direct_reference(h, x), reference(h, x)) < 1e-13
+
+
+@pytest.mark.parametrize("crossover", [1, 2, 8, 64])
+@pytest.mark.parametrize("prefill_len", [0, 1, 37, 299, 300])
+def test_float64_exact(crossover, prefill_len):
+    C, L = 5, 300
+    h, x = random_filters(C, L, torch.float64), torch.randn(2, C, L, dtype=torch.float64)
+    y = decode(OnlineConv(h, crossover=crossover), x, prefill_len)
+    assert y.dtype == torch.float64
+    assert rel_err(y, direct_reference(h, x)) < 1e-13
+
+
+def test_float32_long_sequence():
+    C, L = 4, 16384
+    h, x = random_filters(C, L), torch.randn(C, L)
+    y = decode(OnlineConv(h), x, 0)
+    assert rel_err(y, reference(h, x)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_accumulate_in_float32(dtype):
+    C, L = 6, 2048
+    h, x = random_filters(C, L), torch.randn(C, L).to(dtype)
+    conv = OnlineConv(h)
+    y = decode(conv, x, 100)
+    assert y.dtype == dtype and conv.Xc.dtype == torch.float32
+    assert rel_err(y, reference(h, x)) <= 2e-2
+
+
+def test_batch_dims_share_filters():
+    C, L = 3, 200
+    h, x = random_filters(C, L, torch.float64), torch.randn(2, 4, C, L, dtype=torch.float64)
+    conv = OnlineConv(h)
+    single = OnlineConv(h)
+    y = decode(conv, x, 17)
+    assert y.shape == x.shape
+    assert rel_err(y, reference(h, x)) < 1e-12
+    # filters and tile operators are shared: only history/accumulators/block scale with the rows
+    decode(single, x[0, 0], 17)
+    per_row = (conv.memory_bytes() - single.memory_bytes()) / 7
+    assert per_row == pytest.approx(single.memory_bytes() - _filter_bytes(single))
+
+
+def _filter_bytes(conv):
+    return sum(t.numel() * t.element_size() for t in [conv.h, conv.h0, *conv.toeplitz.values(), *conv.spectra.values()])
+
+
+def test_skip_and_short_filter_with_longer_max_len():
+    C, Lh, L = 4, 7, 120
+    h, skip = random_filters(C, Lh, torch.float64), torch.randn(C, dtype=torch.float64)
+    x = torch.randn(C, L, dtype=torch.float64)
+    y = decode(OnlineConv(h, skip, max_len=L), x, 9)
+    hp = torch.nn.functional.pad(h, (0, L - Lh))
+    assert rel_err(y, reference(hp, x, skip)) < 1e-13
+
+
+def test_reset_and_reuse_without_reallocation():
+    C, L = 3, 256
+    h = random_filters(C, L)
+    conv = OnlineConv(h)
+    x1, x2 = torch.randn(C, L), torch.randn(C, L)
+    decode(conv, x1, 10)
+    ptrs = [t.data_ptr() for t in (conv.Xc, conv.Ac, conv.Xb, conv.Ab)]
+    size = conv.memory_bytes()
+    conv.reset()
+    assert conv.position == 0
+    y = decode(conv, x2, 0)
+    assert rel_err(y, reference(h, x2)) < 1e-5
+    assert [t.data_ptr() for t in (conv.Xc, conv.Ac, conv.Xb, conv.Ab)] == ptrs
+    assert conv.memory_bytes() == size
+
+
+def test_memory_bytes_counts_state():
+    C, L = 8, 1000
+    conv = OnlineConv(random_filters(C, L), crossover=4)
+    before = conv.memory_bytes()
+    conv.step(torch.randn(2, C))
+    state = 2 * (2 * C * L * 4) + 2 * (conv.block * 2 * C * 4)  # history + accumulators, block in and out
+    assert conv.memory_bytes() - before == state
+    spectra = sum(C * (U + 1) * 8 for U in conv.spectra)
+    assert spectra > 0 and before >= spectra + C * L * 4
+
+
+def test_nan_propagates_like_reference():
+    C, L = 2, 128
+    h = random_filters(C, L, torch.float64)
+    for prefill_len, bad_at in [(0, 40), (64, 10), (64, 90)]:
+        x = torch.randn(C, L, dtype=torch.float64)
+        x[1, bad_at] = float("nan")
+        y = decode(OnlineConv(h, crossover=4), x, prefill_len)
+        ref = direct_reference(h, x)
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)), (prefill_len, bad_at)
+        assert not torch.isnan(y[1, :bad_at]).any() and torch.isnan(y[1, bad_at:]).all()
+        assert rel_err(y[0], ref[0]) < 1e-13 and rel_err(y[1, :bad_at], ref[1, :bad_at]) < 1e-13
+
+
+def test_step_past_max_len_names_the_limit():
+    conv = OnlineConv(random_filters(2, 5))
+    conv.prefill(torch.randn(2, 5))
+    with pytest.raises(MaxLenExceeded, match="max_len = 5"):
+        conv.step(torch.randn(2))
+    with pytest.raises(MaxLenExceeded, match="max_len = 5"):
+        OnlineConv(random_filters(2, 5)).prefill(torch.randn(2, 6))
+
+
+def test_bad_inputs_raise_typed_errors():
+    conv = OnlineConv(random_filters(3, 16))
+    with pytest.raises(ShapeError, match="C = 3"):
+        conv.step(torch.randn(4))
+    with pytest.raises(DTypeError, match="floating"):
+        conv.step(torch.ones(3, dtype=torch.int64))
+    with pytest.raises(DeviceError, match="expected device cpu"):
+        conv.step(torch.randn(3, device="meta"))
+    conv.step(torch.randn(2, 3))
+    with pytest.raises(ShapeError, match=r"batch dims \(2,\)"):
+        conv.step(torch.randn(3))
+    with pytest.raises(DTypeError, match="float32"):
+        conv.step(torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(LcsmError, match="reset"):
+        conv.prefill(torch.randn(2, 3, 4))
+    with pytest.raises(DTypeError, match="float64"):
+        OnlineConv(random_filters(3, 16, torch.float64)).step(torch.randn(3))
+    with pytest.raises(ShapeError, match=r"\[C, Lh\]"):
+        OnlineConv(torch.randn(16))
+    with pytest.raises(ShapeError, match=r"\(3,\)"):
+        OnlineConv(random_filters(3, 16), skip=torch.randn(4))
+    with pytest.raises(ValueError, match="kernels"):
+        OnlineConv(random_filters(3, 16), kernels="cuda")
+
+
+def test_public_api():
+    assert lcsm_compile.OnlineConv is OnlineConv
+    assert issubclass(MaxLenExceeded, IndexError) and issubclass(ShapeError, ValueError)
