@@ -14,9 +14,11 @@ DEFAULTS = {"cpu": 16, "cuda": 64}
 
 
 def cache_path() -> str:
+    """The tuning cache: $LCSM_CACHE_DIR/tuning.json if set, else in the user cache dir."""
     import platformdirs
 
-    return os.path.join(platformdirs.user_cache_dir("lcsm_compile"), "tuning.json")
+    folder = os.environ.get("LCSM_CACHE_DIR") or platformdirs.user_cache_dir("lcsm_compile")
+    return os.path.join(folder, "tuning.json")
 
 
 def device_key(device) -> str:
