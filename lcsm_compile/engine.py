@@ -82,6 +82,7 @@ class OnlineConv:
         self.Xc = self.Ac = self.Xb = self.Ab = None
         self.position = 0
         self.prefill_len = 0
+        self._block_start = -1  # first position of the block loaded into Xb/Ab
 
     # -- state -------------------------------------------------------------------------------
     def _bind(self, batch_shape, io_dtype):
@@ -101,7 +102,7 @@ class OnlineConv:
         elif io_dtype != self.io_dtype:
             raise DTypeError(f"x: expected dtype {self.io_dtype} (fixed by the first call), got {io_dtype}")
 
-    def _check_input(self, x, name, time_axis):
+    def _check_input(self, x, name, time_axis, width):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
         if x.device != self.device:
@@ -109,9 +110,9 @@ class OnlineConv:
         if not x.is_floating_point():
             raise DTypeError(f"{name}: expected a floating dtype, got {x.dtype}")
         cdim = -2 if time_axis else -1
-        if x.dim() < (2 if time_axis else 1) or x.shape[cdim] != self.channels:
+        if x.dim() < (2 if time_axis else 1) or x.shape[cdim] != width:
             want = "[..., C, P]" if time_axis else "[..., C]"
-            raise ShapeError(f"{name}: expected shape {want} with C = {self.channels}, got {tuple(x.shape)}")
+            raise ShapeError(f"{name}: expected shape {want} with C = {width}, got {tuple(x.shape)}")
 
     def reset(self):
         """Forget every input; keeps the allocated state and the batch layout."""
@@ -120,6 +121,7 @@ class OnlineConv:
                 state.zero_()
         self.position = 0
         self.prefill_len = 0
+        self._block_start = -1  # first position of the block loaded into Xb/Ab
 
     def memory_bytes(self) -> int:
         """Bytes held: filters, tile operators, and (once bound) history and accumulators."""
@@ -129,56 +131,78 @@ class OnlineConv:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- decoding ----------------------------------------------------------------------------
-    def prefill(self, x):
+    def prefill(self, x, channels=None):
         """Ingest a prompt x [..., C, P] at once; returns its outputs [..., C, P].
 
         One FFT convolution gives both the prompt's outputs and its contributions to every
         future output, which go into the accumulators; stepping then tiles from position P.
+        With `channels` (a slice), x holds only those channels; a bank shared by several
+        convolutions prefills each one's slice with the same P.
         """
-        self._check_input(x, "x", time_axis=True)
-        if self.position != 0:
-            raise LcsmError(f"prefill: expected a fresh state (position 0), at position {self.position}; call reset() first")
+        sl = slice(None) if channels is None else channels
+        width = len(range(self.channels)[sl])
+        self._check_input(x, "x", time_axis=True, width=width)
         P = x.shape[-1]
+        more = channels is not None and self.position == self.prefill_len == P  # another slice, same prompt
+        if self.position != 0 and not more:
+            raise LcsmError(f"prefill: expected a fresh state (position 0), at position {self.position}; call reset() first")
         if P > self.max_len:
             raise MaxLenExceeded(f"prefill: prompt of {P} positions exceeds max_len = {self.max_len}")
         self._bind(x.shape[:-2], x.dtype)
         if P == 0:
             return x.clone()
-        xs = x.reshape(-1, self.channels, P).to(self.dtype)
+        xs = x.reshape(-1, width, P).to(self.dtype)
         bad = ~torch.isfinite(xs)
         has_bad = bool(bad.any())
         if has_bad:  # an FFT would smear a NaN over the past too; mask it and restore causally below
             xs = xs.masked_fill(bad, 0.0)
         n = _fft_size(P + self.max_len - 1)
-        full = torch.fft.irfft(torch.fft.rfft(xs, n=n) * torch.fft.rfft(self.h, n=n), n=n)[..., : self.max_len]
+        full = torch.fft.irfft(torch.fft.rfft(xs, n=n) * torch.fft.rfft(self.h[sl], n=n), n=n)[..., : self.max_len]
         if has_bad:  # every output at or after the first non-finite input is NaN, as in the reference
             first = torch.where(bad.any(-1), bad.int().argmax(-1), self.max_len)
             after = torch.arange(self.max_len, device=self.device) >= first[..., None]
             full = full.masked_fill(after, float("nan"))
-            xs = x.reshape(-1, self.channels, P).to(self.dtype)
-        self.Xc[..., :P] = xs
-        self.Ac[..., P:] = full[..., P:]
+            xs = x.reshape(-1, width, P).to(self.dtype)
+        self.Xc[:, sl, :P] = xs
+        self.Ac[:, sl, P:] = full[..., P:]
         self.position = self.prefill_len = P
         return full[..., :P].to(x.dtype).reshape(x.shape)
 
     def step(self, x):
         """Take the input at the next position, x [..., C]; returns that position's output [..., C]."""
+        y = self.red_cell(x)
+        self.advance()
+        return y
+
+    def red_cell(self, x, channels=None):
+        """The sequential part of a step: y_t = A_t + h0 * x_t for x [..., C] (or the channels of
+        the slice `channels`). Every channel must get its red cell before advance()."""
         t = self.position
         if t >= self.max_len:
             raise MaxLenExceeded(f"step: position {t} is past max_len = {self.max_len}; reset() or build with a larger max_len")
+        sl = slice(None) if channels is None else channels
         if self.Xc is None or x.shape[:-1] != self.batch_shape or x.dtype != self.io_dtype or x.device != self.device:
-            self._check_input(x, "x", time_axis=False)
+            self._check_input(x, "x", time_axis=False, width=len(range(self.channels)[sl]))
             self._bind(x.shape[:-1], x.dtype)
-        elif x.shape[-1] != self.channels:
+        elif channels is None and x.shape[-1] != self.channels:
             raise ShapeError(f"x: expected shape [..., C] with C = {self.channels}, got {tuple(x.shape)}")
-        i = t - self.prefill_len + 1  # steps taken since the prefill, this one included
-        r = (i - 1) % self.block  # this position's row in the block
-        b0 = t - r  # the block's first position
-        if r == 0:  # entering a new block: bring in what the prefill and FFT tiles accumulated for it
-            nb = min(self.block, self.max_len - b0)
+        r = (t - self.prefill_len) % self.block  # this position's row in the block
+        if self._block_start != t - r:  # entering a new block: bring in what the prefill and FFT tiles accumulated for it
+            b0, nb = t - r, min(self.block, self.max_len - (t - r))
             self.Ab[:nb] = self.Ac[..., b0 : b0 + nb].permute(2, 0, 1)
+            self._block_start = b0
         y = torch.empty(x.shape, dtype=x.dtype, device=self.device)
-        self._update(self.Xb, self.Ab, x.reshape(-1, self.channels), self.h0, r, y.view(-1, self.channels))
+        if channels is None:
+            self._update(self.Xb, self.Ab, x.reshape(-1, self.channels), self.h0, r, y.view(-1, self.channels))
+        else:
+            self._update(self.Xb[:, :, sl], self.Ab[:, :, sl], x.reshape(-1, x.shape[-1]), self.h0[sl], r, y.view(-1, x.shape[-1]))
+        return y
+
+    def advance(self):
+        """Finish the position once every red cell ran: one tile call covering every channel and row."""
+        t = self.position
+        i = t - self.prefill_len + 1  # steps taken since the prefill, this one included
+        r, b0 = (i - 1) % self.block, self._block_start
         U = schedule.tile_size(i)  # the gray tile of schedule.tile_after, inlined: this is the hot path
         if r == self.block - 1 or t + 1 == self.max_len:  # block complete: flush it to the history
             self.Xc[..., b0 : t + 1] = self.Xb[: r + 1].permute(1, 2, 0)
@@ -191,7 +215,6 @@ class OnlineConv:
             else:
                 torch_kernels.direct_tile_from_toeplitz(self.Xb, self.Ab, self.toeplitz[U], r + 1 - U, r + 1, out_stop - b0, U)
         self.position = t + 1
-        return y
 
 
 def _fft_size(n: int) -> int:

@@ -179,3 +179,28 @@ def test_bad_inputs_raise_typed_errors():
 def test_public_api():
     assert lcsm_compile.OnlineConv is OnlineConv
     assert issubclass(MaxLenExceeded, IndexError) and issubclass(ShapeError, ValueError)
+
+
+def test_bank_of_two_convolutions_with_one_tile_call_per_position():
+    """Two convolutions share one bank: each gets its red cell on its channel slice (the second's
+    input depends on the first's output, as in stacked layers), then one advance() tiles both."""
+    L, P = 300, 21
+    h1, h2 = random_filters(3, L, torch.float64), random_filters(2, L, torch.float64)
+    bank = OnlineConv(torch.cat([h1, h2]), crossover=4)
+    first, second = slice(0, 3), slice(3, 5)
+    x = torch.randn(4, 3, L, dtype=torch.float64)
+    mix = torch.randn(2, 3, dtype=torch.float64)
+    y1 = [bank.prefill(x[..., :P], channels=first)]
+    y2 = [bank.prefill(torch.einsum("dc,ncl->ndl", mix, torch.tanh(y1[0])), channels=second)]
+    for t in range(P, L):
+        a = bank.red_cell(x[..., t], channels=first)
+        b = bank.red_cell(torch.einsum("dc,nc->nd", mix, torch.tanh(a)), channels=second)
+        bank.advance()
+        y1.append(a[..., None])
+        y2.append(b[..., None])
+    ref1 = reference(h1, x)
+    ref2 = reference(h2, torch.einsum("dc,ncl->ndl", mix, torch.tanh(ref1)))
+    assert rel_err(torch.cat(y1, -1), ref1) < 1e-12
+    assert rel_err(torch.cat(y2, -1), ref2) < 1e-12
+    with pytest.raises(ShapeError, match="C = 2"):
+        bank.reset() or bank.red_cell(torch.randn(4, 3, dtype=torch.float64), channels=second)
