@@ -181,11 +181,12 @@ class OnlineConv:
         if t >= self.max_len:
             raise MaxLenExceeded(f"step: position {t} is past max_len = {self.max_len}; reset() or build with a larger max_len")
         sl = slice(None) if channels is None else channels
+        width = self.channels if channels is None else len(range(self.channels)[sl])
         if self.Xc is None or x.shape[:-1] != self.batch_shape or x.dtype != self.io_dtype or x.device != self.device:
-            self._check_input(x, "x", time_axis=False, width=len(range(self.channels)[sl]))
+            self._check_input(x, "x", time_axis=False, width=width)
             self._bind(x.shape[:-1], x.dtype)
-        elif channels is None and x.shape[-1] != self.channels:
-            raise ShapeError(f"x: expected shape [..., C] with C = {self.channels}, got {tuple(x.shape)}")
+        elif x.shape[-1] != width:
+            raise ShapeError(f"x: expected shape [..., C] with C = {width}, got {tuple(x.shape)}")
         r = (t - self.prefill_len) % self.block  # this position's row in the block
         if self._block_start != t - r:  # entering a new block: bring in what the prefill and FFT tiles accumulated for it
             b0, nb = t - r, min(self.block, self.max_len - (t - r))
@@ -195,7 +196,7 @@ class OnlineConv:
         if channels is None:
             self._update(self.Xb, self.Ab, x.reshape(-1, self.channels), self.h0, r, y.view(-1, self.channels))
         else:
-            self._update(self.Xb[:, :, sl], self.Ab[:, :, sl], x.reshape(-1, x.shape[-1]), self.h0[sl], r, y.view(-1, x.shape[-1]))
+            self._update(self.Xb[:, :, sl], self.Ab[:, :, sl], x.reshape(-1, width), self.h0[sl], r, y.view(-1, width))
         return y
 
     def advance(self):
