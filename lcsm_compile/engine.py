@@ -6,6 +6,7 @@ tile of the relaxed schedule (lcsm_compile.schedule), run as a direct Toeplitz p
 tiles and as a size-2U FFT middle product with precomputed filter spectra for large ones.
 """
 
+import copy
 import math
 
 import torch
@@ -113,6 +114,14 @@ class OnlineConv:
         if x.dim() < (2 if time_axis else 1) or x.shape[cdim] != width:
             want = "[..., C, P]" if time_axis else "[..., C]"
             raise ShapeError(f"{name}: expected shape {want} with C = {width}, got {tuple(x.shape)}")
+
+    def fork(self):
+        """A new engine sharing these filters and tile operators (never copied), with fresh state."""
+        other = copy.copy(self)
+        other.batch_shape = other.io_dtype = None
+        other.Xc = other.Ac = other.Xb = other.Ab = None
+        other.reset()
+        return other
 
     def reset(self):
         """Forget every input; keeps the allocated state and the batch layout."""

@@ -33,3 +33,19 @@ def check_tensor(name, t, *, shape=None, dtype=None, device=None):
         raise DTypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
     if device is not None and t.device != torch.device(device):
         raise DeviceError(f"{name}: expected device {device}, got {t.device}")
+
+
+class NotDecodable(LcsmError):
+    """The model has an op that mixes positions and is not an accepted causal convolution.
+
+    `report` holds every candidate with its verdict and reason."""
+
+    def __init__(self, report):
+        self.report = report
+        reasons = [f"{c.name}: {c.reason.name if c.reason else '?'} ({c.explanation})" for c in getattr(report, "candidates", []) if c.verdict.name == "REJECTED"]
+        detail = "; ".join(reasons) if reasons else getattr(report, "summary", "no convolution to decode")
+        super().__init__(f"model is not decodable: {detail}")
+
+
+class SessionFinished(LcsmError):
+    """A step on a session that reached max_len or was closed."""

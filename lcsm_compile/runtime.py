@@ -1,0 +1,139 @@
+"""Decoder and sessions: run the prefill and step programs on a session's convolution state.
+
+A Decoder holds what every session shares (the programs, the filters and their tile operators);
+a Session holds one decode's state (one bank with every long convolution of every layer, ring
+buffers for short convolutions) and its position. Sessions are independent and can be interleaved.
+"""
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+from lcsm_compile import ops
+from lcsm_compile.errors import DeviceError, DTypeError, MaxLenExceeded, SessionFinished, ShapeError
+
+
+class SessionState:
+    """What the custom ops of one session act on."""
+
+    def __init__(self, decoder):
+        self.bank = decoder.bank.fork()
+        self.slices = decoder.bank_slices  # site index -> channel slice of the bank (long convs)
+        self.sites = decoder.sites
+        self.rings = {}  # site index -> [K-1, B, W] last inputs of a short convolution
+        self.short_filters = decoder.short_filters  # site index -> (taps [W, K] causal, bias or None)
+
+    def reset(self):
+        self.bank.reset()
+        self.rings.clear()
+
+    # long convolutions: one bank, red cells per site, one tile call per position
+    def conv_prefill(self, index, u):
+        return self._plus_bias(index, self.bank.prefill(u, channels=self.slices[index]))
+
+    def conv_step(self, index, u):
+        return self._plus_bias(index, self.bank.red_cell(u[..., 0], channels=self.slices[index]).unsqueeze(-1))
+
+    def advance(self):
+        self.bank.advance()
+
+    def _plus_bias(self, index, y):
+        bias = self.sites[index].bias
+        return y if bias is None else y + bias.reshape(-1, 1).to(y.dtype)
+
+    # short convolutions: a ring buffer of the last K-1 inputs
+    def short_prefill(self, index, u):
+        taps, bias = self.short_filters[index]
+        W, K = taps.shape
+        y = F.conv1d(F.pad(u, (K - 1, 0)), taps.flip(-1).unsqueeze(1).to(u.dtype), bias, groups=W)
+        past = F.pad(u, (max(0, K - 1 - u.shape[-1]), 0))[..., u.shape[-1] + max(0, K - 1 - u.shape[-1]) - (K - 1) :]
+        self.rings[index] = past.permute(2, 0, 1).contiguous()  # [K-1, B, W], oldest first
+        return y
+
+    def short_step(self, index, u):
+        taps, bias = self.short_filters[index]
+        W, K = taps.shape
+        window = torch.cat([self.rings[index], u.permute(2, 0, 1)])  # [K, B, W], oldest first
+        y = torch.einsum("kbw,wk->bw", window, taps.flip(-1).to(u.dtype))
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        self.rings[index] = window[1:]
+        return y.unsqueeze(-1)
+
+    def memory_bytes(self):
+        return self.bank.memory_bytes() + sum(r.numel() * r.element_size() for r in self.rings.values())
+
+
+class Program:
+    """A rewritten graph plus the lifted parameters/buffers/constants it takes, in order."""
+
+    def __init__(self, gm, exported):
+        self.gm = gm
+        state = {**exported.state_dict, **exported.constants}
+        self.consts = [state[spec.target] for spec in exported.graph_signature.input_specs if spec.kind.name != "USER_INPUT"]
+        self.out_spec = exported.call_spec.out_spec
+
+    def __call__(self, *prefix, inputs):
+        flat = self.gm(*prefix, *self.consts, *inputs)
+        return pytree.tree_unflatten(list(flat), self.out_spec) if self.out_spec is not None else flat
+
+
+class Session:
+    """One decode: `prefill(prompt)` then `step(x)` per position. Outputs follow the model's layout."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.state = SessionState(decoder)
+        self.handle = ops.register(self.state)
+        self.position = 0
+        self._batch = None
+        self.finished = False
+
+    def _check(self, x, length):
+        d = self.decoder
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != d.input_ndim or x.shape[1] != length and length is not None:
+            want = f"{d.input_ndim}-D with the sequence on dim 1" + ("" if length is None else f" of length {length}")
+            raise ShapeError(f"input: expected {want} (like the example input {tuple(d.example_shape)}), got {tuple(x.shape)}")
+        if tuple(x.shape[2:]) != tuple(d.example_shape[2:]):
+            raise ShapeError(f"input: expected trailing dims {tuple(d.example_shape[2:])}, got {tuple(x.shape[2:])}")
+        if x.dtype != d.input_dtype:
+            raise DTypeError(f"input: expected dtype {d.input_dtype}, got {x.dtype}")
+        if x.device != d.device:
+            raise DeviceError(f"input: expected device {d.device}, got {x.device}")
+
+    def prefill(self, prompt):
+        """Run the prompt [B, P, ...] at once; returns the model's outputs for every prompt position."""
+        self._check(prompt, None)
+        P = prompt.shape[1]
+        if P < 1:
+            raise ShapeError("prompt: expected at least one position")
+        if P > self.decoder.max_len:
+            raise MaxLenExceeded(f"prompt of {P} positions exceeds max_len = {self.decoder.max_len}")
+        self.state.reset()
+        self.handle[1] = 0
+        out = self.decoder.prefill_program(self.handle, inputs=(prompt,))
+        self.position, self._batch, self.finished = P, prompt.shape[0], False
+        self.handle[1] = P
+        return out
+
+    def step(self, x):
+        """Take the input at the next position (a length-1 slice along the sequence dim, e.g. ids
+        [B, 1]); returns the model's outputs for that position in the same layout (e.g. [B, 1, V])."""
+        if self._batch is None:
+            raise SessionFinished("step: call prefill(prompt) first")
+        if self.position >= self.decoder.max_len:
+            self.finished = True
+            raise MaxLenExceeded(f"step: position {self.position} is past max_len = {self.decoder.max_len}")
+        self._check(x, 1)
+        if x.shape[0] != self._batch:
+            raise ShapeError(f"input: expected batch {self._batch} (fixed by the prompt), got {x.shape[0]}")
+        pos = torch.tensor([self.position], device=self.decoder.device)
+        out = self.decoder.step_fn(self.handle, pos, inputs=(x,))
+        self.position += 1
+        return out
+
+    def memory_bytes(self):
+        """Bytes this session holds: history, accumulators, ring buffers, and the shared spectra."""
+        return self.state.memory_bytes()
