@@ -1,0 +1,3 @@
+from lcsm_compile.bench.mixer import main
+
+raise SystemExit(main())
