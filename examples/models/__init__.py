@@ -1,0 +1,62 @@
+"""Model zoo: small LCSMs written after public designs, plus look-alikes the analysis must decline.
+
+Each entry's build() returns (model in eval mode, example_inputs); the first input has the sequence
+on dim 1, and the model runs at every length up to `model.max_len`. For decodable entries, n_long /
+n_short count the convolutions the analysis should accept; for the others, `reason` names the
+Reason it should give.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+from examples.models import conv1d_long, continuous, h3, hyena, hyenadna, m2, multihead_hyena, negatives, s4d
+from examples.models import striped_hyena
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    build: Callable[[], tuple[nn.Module, tuple]]
+    decodable: bool
+    reason: str | None
+    n_long: int
+    n_short: int
+
+
+def _pos(name, build, n_long, n_short):
+    return ZooEntry(name, build, True, None, n_long, n_short)
+
+
+def _neg(name, build, reason):
+    return ZooEntry(name, build, False, reason, 0, 0)
+
+
+ZOO: list[ZooEntry] = [
+    _pos("hyena_order2", hyena.build_order2, n_long=2, n_short=2),  # 2 layers x (1 long, 1 short)
+    _pos("hyena_order3", hyena.build_order3, n_long=2, n_short=1),  # 1 layer, 2 long convs in series
+    _pos("hyenadna", hyenadna.build, n_long=3, n_short=3),  # 3 layers
+    _pos("striped_hyena", striped_hyena.build, n_long=2, n_short=2),  # 2 blocks
+    _pos("s4d", s4d.build, n_long=2, n_short=0),  # 2 layers; kernel-size-1 Conv1d is pointwise
+    _pos("h3", h3.build, n_long=4, n_short=0),  # 2 layers x (shift SSM by FFT = long, diag SSM)
+    _pos("m2_causal", m2.build, n_long=4, n_short=2),  # 2 layers x (2 long, 1 short)
+    _pos("multihead_hyena", multihead_hyena.build, n_long=2, n_short=2),  # 2 layers
+    _pos("conv1d_long", conv1d_long.build, n_long=1, n_short=1),
+    _pos("hyena_regressor", continuous.build, n_long=1, n_short=1),
+    _neg("neg_bidirectional", negatives.build_bidirectional, "BIDIRECTIONAL_FILTER"),
+    _neg("neg_wrap_around", negatives.build_wrap_around, "WRAP_AROUND"),
+    _neg("neg_length_dependent_filter", negatives.build_length_dependent, "FILTER_DEPENDS_ON_LENGTH"),
+    _neg("neg_length_dependent_arange", negatives.build_length_dependent_arange, "FILTER_DEPENDS_ON_LENGTH"),
+    _neg("neg_same_padding", negatives.build_same_padding, "NON_CAUSAL_PADDING"),
+    _neg("neg_input_filter", negatives.build_input_filter, "FILTER_DEPENDS_ON_INPUT"),
+    _neg("neg_attention", negatives.build_attention, "TIME_MIXING_OP"),
+    _neg("neg_mean_pool", negatives.build_mean_pool, "TIME_MIXING_OP"),
+]
+
+
+def get(name: str) -> ZooEntry:
+    for entry in ZOO:
+        if entry.name == name:
+            return entry
+    raise KeyError(f"no zoo entry named {name!r}; known: {[e.name for e in ZOO]}")
