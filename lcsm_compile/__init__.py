@@ -2,6 +2,8 @@
 
 from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, ShapeError
 from lcsm_compile.engine import OnlineConv
+from lcsm_compile.analysis import analyze, register_mixer
+from lcsm_compile.report import Candidate, Reason, Report, Verdict
 
 __all__ = [
     "OnlineConv",
@@ -10,5 +12,11 @@ __all__ = [
     "DTypeError",
     "DeviceError",
     "MaxLenExceeded",
+    "analyze",
+    "register_mixer",
+    "Report",
+    "Candidate",
+    "Verdict",
+    "Reason",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""The legality Report: every convolution candidate and every time-mixing op, each with a verdict.
+
+A model is decodable iff every op that mixes positions is an ACCEPTED convolution and the
+whole-model safety net (causality + prefix stability on random inputs) passed. A model with no
+time mixing at all is trivially position-wise: it is reported NOT decodable with a NO_CONVOLUTION
+note, because there is nothing for the decoder to speed up.
+"""
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Verdict(str, Enum):
+    ACCEPTED = "ACCEPTED"
+    REJECTED = "REJECTED"
+
+
+class Reason(str, Enum):
+    WRAP_AROUND = "WRAP_AROUND"  # FFT size n < L + Lh - 1 for some served L: circular, not causal
+    NON_CAUSAL_PADDING = "NON_CAUSAL_PADDING"  # conv1d padding lets output t read inputs after t
+    BIDIRECTIONAL_FILTER = "BIDIRECTIONAL_FILTER"  # a reversed filter term feeds negative lags
+    NOT_CAUSAL_SLICE = "NOT_CAUSAL_SLICE"  # the output is not the slice [0, L) of the full conv
+    FILTER_DEPENDS_ON_INPUT = "FILTER_DEPENDS_ON_INPUT"  # the filter is computed from activations
+    FILTER_DEPENDS_ON_LENGTH = "FILTER_DEPENDS_ON_LENGTH"  # the filter changes with L beyond slicing
+    NONLINEAR = "NONLINEAR"  # the map input -> output is not linear and shift-invariant
+    CHANNEL_MIXING = "CHANNEL_MIXING"  # a conv that sums over input channels (not depthwise)
+    NUMERIC_MISMATCH = "NUMERIC_MISMATCH"  # extracted filter + skip do not reproduce the subgraph
+    TIME_MIXING_OP = "TIME_MIXING_OP"  # mixes positions and is not an accepted convolution
+    CAUSALITY_CHECK_FAILED = "CAUSALITY_CHECK_FAILED"  # whole-model safety net failed
+    CAPTURE_FAILED = "CAPTURE_FAILED"  # the model could not be captured to a graph
+
+
+@dataclass
+class ConvStructure:
+    """A recognised convolution, as the decoder needs it (all tensors float64, lag axis last).
+
+    y = conv(x_b, h) + skip * x_b + bias, with x_b the input broadcast to the output layout by
+    `input_map` (an einsum-style spec over the non-time dims + time), y_t = sum_s h[t-s] x_s.
+    """
+
+    input: Any  # fx.Node: the activation entering the convolution (after casts are stripped)
+    output: Any  # fx.Node: the value equal to the convolution output (skip included when folded)
+    conv_node: Any  # fx.Node: the irfft / conv1d node
+    filter_nodes: list  # fx.Nodes computing the filter (parameters, buffers, positions only)
+    filter_at: Any  # callable(length) -> [C, length] causal filter (impulse response, skip removed)
+    max_len: int
+    skip: Any  # torch.Tensor [C] lag-0 skip D, or None
+    bias: Any  # torch.Tensor [C] constant offset (conv1d bias), or None
+    channel_shape: tuple  # output shape without batch and time
+    input_map: str  # e.g. "bcl->bcl", "bhl->bchl"
+    time_axis: int  # time axis of the output value
+    fft_size: Any  # sympy expr or int (FFT convs), None for conv1d
+    filter_length: Any  # sympy expr or int: lags the filter can carry
+    padding: tuple | None = None  # conv1d (left, right) padding, None for FFT convs
+    taps: int | None = None  # short convs: the filter's length (its kernel reach)
+    _h: Any = field(default=None, repr=False)
+
+    @property
+    def h(self):
+        """The causal filter [C, Lh] (float64) over the served range: Lh = max_len, or the taps of a
+        short conv. Evaluated on first use (one impulse response at max_len)."""
+        if self._h is None:
+            h = self.filter_at(self.max_len if self.taps is None else max(self.taps, 1))
+            self._h = h if self.taps is None else h[:, : self.taps]
+        return self._h
+
+
+@dataclass
+class Candidate:
+    name: str
+    spelling: str  # "fft_conv", "complex_fft_conv", "einsum_fft_conv", "conv1d", "registered:<n>", op name
+    kind: str  # "long", "short", "time_mixing", "capture"
+    verdict: Verdict
+    reason: Reason | None = None
+    explanation: str = ""
+    module_path: str = ""
+    source: str = ""
+    offending: str | None = None  # fx node name
+    length: str = ""  # symbolic sequence length served
+    max_len: int | None = None
+    channels: int | None = None
+    filter_length: str = ""
+    dtype: str = ""
+    conv: ConvStructure | None = None
+
+    def to_dict(self):
+        return {
+            "name": self.name, "spelling": self.spelling, "kind": self.kind, "verdict": self.verdict.value,
+            "reason": self.reason.value if self.reason else None, "explanation": self.explanation,
+            "module_path": self.module_path, "source": self.source, "offending": self.offending,
+            "length": self.length, "max_len": self.max_len, "channels": self.channels,
+            "filter_length": self.filter_length, "dtype": self.dtype,
+        }
+
+
+@dataclass
+class CaptureInfo:
+    level: str  # "export" or "dynamo"
+    symbolic: bool  # the sequence length is a symbol (else a concrete re-capture)
+    length: str = ""  # the length symbol or value
+    example_length: int | None = None
+    max_len: int | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    decodable: bool
+    candidates: list[Candidate]
+    capture: CaptureInfo
+    passes: list = field(default_factory=list)  # (pass name, text dump, seconds)
+    safety: dict = field(default_factory=dict)  # whole-model checks: name -> {passed, rel_err}
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def accepted(self):
+        return [c for c in self.candidates if c.verdict is Verdict.ACCEPTED]
+
+    @property
+    def rejected(self):
+        return [c for c in self.candidates if c.verdict is Verdict.REJECTED]
+
+    def to_json(self, indent=2):
+        return json.dumps({
+            "decodable": bool(self.decodable),
+            "capture": vars(self.capture),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "safety": self.safety,
+            "notes": self.notes,
+            "passes": [{"name": n, "seconds": round(s, 4)} for n, _, s in self.passes],
+        }, indent=indent, default=str)
+
+    def table(self):
+        cols = [("name", 22), ("spelling", 16), ("kind", 11), ("verdict", 8), ("reason", 24), ("C", 5),
+                ("Lh", 14), ("module", 30)]
+        line = lambda vals: " ".join(str(v)[:w].ljust(w) for v, (_, w) in zip(vals, cols)).rstrip()
+        cap = self.capture
+        out = [f"lcsm_compile analysis: decodable={self.decodable}  capture={cap.level} "
+               f"({'symbolic L=' + cap.length if cap.symbolic else 'concrete L=' + cap.length}, max_len={cap.max_len})"]
+        out.append(line([c for c, _ in cols]))
+        out.append(line(["-" * w for _, w in cols]))
+        for c in self.candidates:
+            out.append(line([c.name, c.spelling, c.kind, c.verdict.value, c.reason.value if c.reason else "-",
+                             c.channels if c.channels is not None else "-", c.filter_length or "-", c.module_path]))
+            if c.explanation:
+                out.append("    " + c.explanation)
+        for name, res in self.safety.items():
+            out.append(f"safety {name}: {'passed' if res['passed'] else 'FAILED'} (rel_err {res['rel_err']:.2e})")
+        out.extend("note: " + n for n in self.notes)
+        return "\n".join(out)
+
+    __str__ = table
