@@ -1,9 +1,10 @@
 """lcsm_compile: exact, near-linear-time autoregressive decoding for long-convolution sequence models."""
 
-from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, ShapeError
+from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, NotDecodable, SessionFinished, ShapeError
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.analysis import analyze, register_mixer
 from lcsm_compile.report import Candidate, Reason, Report, Verdict
+from lcsm_compile.decoder import Decoder, optimize
 
 __all__ = [
     "OnlineConv",
@@ -18,5 +19,9 @@ __all__ = [
     "Candidate",
     "Verdict",
     "Reason",
+    "optimize",
+    "Decoder",
+    "NotDecodable",
+    "SessionFinished",
 ]
 __version__ = "0.1.0"

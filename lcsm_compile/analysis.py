@@ -133,7 +133,7 @@ def _analyze(cap, ctx, model_fn):
     decodable = bool(accepted) and not rejected and all(r["passed"] for r in safety.values())
     info = CaptureInfo(cap.level, cap.symbolic, str(cap.length_symbol if cap.symbolic else cap.example_length),
                        cap.example_length, cap.max_len, cap.note)
-    return Report(decodable, cands, info, ctx.passes, safety, notes)
+    return Report(decodable, cands, info, ctx.passes, safety, notes, captured=cap)
 
 
 def _alt_matches(ctx, matches):

@@ -3,9 +3,12 @@
 import torch
 import torch.nn.functional as F
 
+from lcsm_compile import generation
+from lcsm_compile.analysis import analyze
 from lcsm_compile.baselines import FloorConv, LazyConv
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.passes import decode_rewrite
+from lcsm_compile.errors import NotDecodable
 from lcsm_compile.runtime import Program, Session
 
 BANKS = {"flash": OnlineConv, "lazy": LazyConv, "floor": FloorConv}
@@ -14,7 +17,7 @@ BANKS = {"flash": OnlineConv, "lazy": LazyConv, "floor": FloorConv}
 class Decoder:
     """Shared by every session of one optimized model: programs, filters, tile operators."""
 
-    def __init__(self, exported, sites, *, max_len, example_inputs, report=None, conv="flash", crossover=None):
+    def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None):
         if conv not in BANKS:
             raise ValueError(f"conv: expected one of {sorted(BANKS)}, got {conv!r}")
         self.report = report
@@ -22,30 +25,47 @@ class Decoder:
         example = example_inputs[0]
         self.input_ndim, self.example_shape = example.dim(), tuple(example.shape)
         self.input_dtype, self.device = example.dtype, example.device
-        self.programs = decode_rewrite.run(exported, sites)
+        convs = [c for c in report.accepted if c.kind in ("long", "short")]
+        self.programs = decode_rewrite.run(report.captured, convs)
         self.sites = self.programs.sites
-        self.prefill_program = Program(self.programs.prefill, exported)
-        self.step_program = Program(self.programs.step, exported)
-        self.step_fn = self.step_program
+        self.prefill_program = Program(self.programs.prefill, self.programs.out_spec)
+        self.step_fn = Program(self.programs.step, self.programs.out_spec)
 
-        longs = [i for i, s in enumerate(self.sites) if s.kind == "long"]
+        # Every long convolution of every layer in one bank: one tile call per position.
         filters, skips, self.bank_slices, start = [], [], {}, 0
-        for i in longs:
-            s = self.sites[i]
-            h = s.filter.detach().reshape(s.width, -1)[:, : self.max_len]
+        for i, site in enumerate(self.sites):
+            if site.kind != "long":
+                continue
+            k = site.conv
+            dtype = k.output.meta["val"].dtype if "val" in k.output.meta else torch.float32
+            h = k.h.reshape(site.width, -1)[:, : self.max_len].to(dtype)
             filters.append(F.pad(h, (0, self.max_len - h.shape[1])))
-            skips.append(torch.zeros(s.width, dtype=h.dtype, device=h.device) if s.skip is None else s.skip.detach().reshape(-1).to(h.dtype))
-            self.bank_slices[i] = slice(start, start + s.width)
-            start += s.width
-        if not filters:
-            raise ValueError("no long convolution to decode")
+            skips.append(torch.zeros(site.width, dtype=dtype) if k.skip is None else k.skip.reshape(-1).to(dtype))
+            self.bank_slices[i] = slice(start, start + site.width)
+            start += site.width
         kwargs = {"crossover": crossover} if conv == "flash" else {}
-        self.bank = BANKS[conv](torch.cat(filters), torch.cat(skips), max_len=self.max_len, **kwargs)
+        self.bank = BANKS[conv](torch.cat(filters).to(self.device), torch.cat(skips).to(self.device), max_len=self.max_len, **kwargs)
         self.short_filters = {
-            i: (s.filter.detach().reshape(s.width, -1), None if s.bias is None else s.bias.detach().reshape(-1))
+            i: (s.conv.h.reshape(s.width, -1).float().to(self.device), None if s.conv.bias is None else s.conv.bias.reshape(-1).float().to(self.device))
             for i, s in enumerate(self.sites)
             if s.kind == "short"
         }
 
     def session(self) -> Session:
         return Session(self)
+
+    def generate(self, prompt_ids, max_new_tokens, **options):
+        """Hugging Face generate() semantics on a fresh session; see lcsm_compile.generation.generate."""
+        session = self.session()
+        options.setdefault("max_len", self.max_len)
+        with torch.no_grad():
+            return generation.generate(session.prefill, session.step, prompt_ids, max_new_tokens, **options)
+
+
+def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=None) -> Decoder:
+    """Analyze `model` and build its Decoder; raises NotDecodable (carrying the Report) when some
+    op that mixes positions is not an accepted causal convolution."""
+    report = analyze(model, tuple(example_inputs), max_len=max_len)
+    if not report.decodable:
+        raise NotDecodable(report)
+    return Decoder(report, max_len=report.capture.max_len, example_inputs=tuple(example_inputs), conv=conv, crossover=crossover)

@@ -113,6 +113,7 @@ class Report:
     passes: list = field(default_factory=list)  # (pass name, text dump, seconds)
     safety: dict = field(default_factory=dict)  # whole-model checks: name -> {passed, rel_err}
     notes: list[str] = field(default_factory=list)
+    captured: Any = field(default=None, repr=False)  # the Captured graph the candidates' nodes live in
 
     @property
     def accepted(self):

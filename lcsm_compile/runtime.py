@@ -38,7 +38,7 @@ class SessionState:
         self.bank.advance()
 
     def _plus_bias(self, index, y):
-        bias = self.sites[index].bias
+        bias = self.sites[index].conv.bias
         return y if bias is None else y + bias.reshape(-1, 1).to(y.dtype)
 
     # short convolutions: a ring buffer of the last K-1 inputs
@@ -65,17 +65,14 @@ class SessionState:
 
 
 class Program:
-    """A rewritten graph plus the lifted parameters/buffers/constants it takes, in order."""
+    """A rewritten graph; calls rebuild the model's output structure from its flat outputs."""
 
-    def __init__(self, gm, exported):
+    def __init__(self, gm, out_spec):
         self.gm = gm
-        state = {**exported.state_dict, **exported.constants}
-        self.consts = [state[spec.target] for spec in exported.graph_signature.input_specs if spec.kind.name != "USER_INPUT"]
-        self.out_spec = exported.call_spec.out_spec
+        self.out_spec = out_spec
 
     def __call__(self, *prefix, inputs):
-        flat = self.gm(*prefix, *self.consts, *inputs)
-        return pytree.tree_unflatten(list(flat), self.out_spec) if self.out_spec is not None else flat
+        return pytree.tree_unflatten(list(self.gm(*prefix, *inputs)), self.out_spec)
 
 
 class Session:

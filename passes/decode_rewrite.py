@@ -11,7 +11,6 @@ last, channels flattened, broadcast to the output's channels) so the runtime nev
 """
 
 import copy
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -26,66 +25,53 @@ _ASSERTS = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.defau
 
 @dataclass
 class ConvSite:
-    """One accepted causal convolution, as the rewrite needs it.
-
-    input/output: the nodes carrying u and y = conv(u) (+ skip, + bias) in the sequence graph.
-    time_in/time_out: their time axes. filter: [*channels_out, Lh], lag axis last, causal
-    orientation (y_t = sum_k filter[k] u_{t-k}), where channels_out are y's non-batch, non-time
-    dims in order; input_view: the shape u's non-batch non-time dims take (inserting 1s) so they
-    broadcast to channels_out. skip/bias: [*channels_out] or None. kind: "long" or "short".
-    """
+    """One accepted convolution: the analysis's ConvStructure plus its kind ("long" or "short")."""
 
     name: str
     kind: str
-    input: fx.Node
-    output: fx.Node
-    time_in: int
-    time_out: int
-    filter: torch.Tensor
-    input_view: tuple
-    skip: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-
-    @property
-    def channels_out(self) -> tuple:
-        return tuple(self.filter.shape[:-1])
+    conv: object  # lcsm_compile.report.ConvStructure
 
     @property
     def width(self) -> int:
-        return int(torch.Size(self.channels_out).numel())
+        return int(torch.Size(self.conv.channel_shape).numel())
 
 
 @dataclass
 class DecodePrograms:
-    prefill: fx.GraphModule  # (session, *user_inputs) -> outputs
-    step: fx.GraphModule  # (session, pos, *user_inputs at one position) -> outputs
+    prefill: fx.GraphModule  # (session, *user_inputs) -> flat outputs
+    step: fx.GraphModule  # (session, pos, *user_inputs at one position) -> flat outputs
     sites: list  # the ConvSites, in call order
+    out_spec: object  # pytree spec to rebuild the model's output structure
     position_constants: list = field(default_factory=list)  # names of nodes indexed by position
     dumps: dict = field(default_factory=dict)  # program name -> readable graph
 
 
-def run(exported, sites, ctx=None) -> DecodePrograms:
-    """Rewrite `exported` (a torch.export ExportedProgram, sequence dim dynamic) around `sites`."""
-    prefill = _rewrite(exported, sites, step=False)
-    step = _rewrite(exported, sites, step=True)
-    programs = DecodePrograms(prefill=prefill[0], step=step[0], sites=list(sites), position_constants=step[1])
-    programs.dumps = {"prefill": prefill[0].print_readable(print_output=False), "step": step[0].print_readable(print_output=False)}
-    return programs
+def run(captured, candidates, ctx=None) -> DecodePrograms:
+    """Rewrite the captured graph (lcsm_compile.passes.capture.Captured, sequence dim dynamic)
+    around the accepted candidates of its Report."""
+    sites = [ConvSite(c.name, c.kind, c.conv) for c in candidates]
+    out_spec = captured.gm.graph._codegen.pytree_info.out_spec
+    prefill, _ = _rewrite(captured.gm, sites, step=False)
+    step, position_constants = _rewrite(captured.gm, sites, step=True)
+    dumps = {"prefill": prefill.print_readable(print_output=False), "step": step.print_readable(print_output=False)}
+    return DecodePrograms(prefill, step, sites, out_spec, position_constants, dumps)
 
 
-def _rewrite(exported, sites, *, step):
-    gm = copy.deepcopy(exported.graph_module)
+def _rewrite(source, sites, *, step):
+    gm = copy.deepcopy(source)
     graph = gm.graph
+    for node in list(graph.nodes):  # export's input guards pin L >= 2; a step has L = 1
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
     names = {n.name: n for n in graph.nodes}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    user_inputs = [p for p, spec in zip(placeholders, exported.graph_signature.input_specs) if spec.kind.name == "USER_INPUT"]
-    with graph.inserting_before(placeholders[0]):
+    user_inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_before(user_inputs[0]):
         session = graph.placeholder("lcsm_session")
         pos = graph.placeholder("lcsm_pos") if step else None
 
     outputs = []
     for index, site in enumerate(sites):
-        u, y = names[site.input.name], names[site.output.name]
+        u, y = names[site.conv.input.name], names[site.conv.output.name]
         with graph.inserting_before(y):
             canon = _to_canonical(graph, u, site)
             if site.kind == "long":
@@ -112,22 +98,34 @@ def _rewrite(exported, sites, *, step):
     return gm, position_constants
 
 
+def _letters(site):
+    """From the input map ("bhl->bchl"): input letters, batch, channel letters (output order), time."""
+    lhs, rhs = site.conv.input_map.split("->")
+    time = rhs[site.conv.time_axis]
+    batch = rhs[0]
+    return lhs, batch, [c for c in rhs if c not in (batch, time)], time
+
+
 def _to_canonical(graph, u, site):
-    """u (time on axis time_in) -> [B, width, T]: time last, channels broadcast to the output's."""
-    x = graph.call_function(aten.movedim.int, (u, site.time_in, -1))
-    batch = graph.call_function(aten.sym_size.int, (u, 0))
-    T = graph.call_function(aten.sym_size.int, (u, site.time_in))
-    x = graph.call_function(aten.reshape.default, (x, [batch, *site.input_view, T]))
-    x = graph.call_function(aten.expand.default, (x, [batch, *site.channels_out, T]))
+    """u -> [B, width, T]: batch first, channels in the output's order and broadcast to it, time last."""
+    lhs, b, chans, t = _letters(site)
+    perm = [lhs.index(b)] + [lhs.index(c) for c in chans if c in lhs] + [lhs.index(t)]
+    shape = list(site.conv.channel_shape)
+    view = [shape[i] if c in lhs else 1 for i, c in enumerate(chans)]
+    batch = graph.call_function(aten.sym_size.int, (u, lhs.index(b)))
+    T = graph.call_function(aten.sym_size.int, (u, lhs.index(t)))
+    x = graph.call_function(aten.permute.default, (u, perm))
+    x = graph.call_function(aten.reshape.default, (x, [batch, *view, T]))
+    x = graph.call_function(aten.expand.default, (x, [batch, *shape, T]))
     return graph.call_function(aten.reshape.default, (x, [batch, site.width, T]))
 
 
 def _from_canonical(graph, result, site, y):
-    """[B, width, T] -> y's layout and dtype (time back on axis time_out)."""
+    """[B, width, T] -> y's layout and dtype (time back on its axis)."""
     batch = graph.call_function(aten.sym_size.int, (result, 0))
     T = graph.call_function(aten.sym_size.int, (result, 2))
-    x = graph.call_function(aten.reshape.default, (result, [batch, *site.channels_out, T]))
-    x = graph.call_function(aten.movedim.int, (x, -1, site.time_out))
+    x = graph.call_function(aten.reshape.default, (result, [batch, *site.conv.channel_shape, T]))
+    x = graph.call_function(aten.movedim.int, (x, -1, site.conv.time_axis))
     dtype = y.meta["val"].dtype if "val" in y.meta else None
     return graph.call_function(aten.to.dtype, (x, dtype)) if dtype is not None else x
 

@@ -1,0 +1,155 @@
+"""optimize(): teacher-forced exactness of prefill + steps on every accepted zoo model, generate()
+against the naive loop, and typed errors for bad input."""
+
+import warnings
+
+import pytest
+import torch
+
+import lcsm_compile
+from examples.models import ZOO, get
+from lcsm_compile import generation
+from lcsm_compile.errors import DTypeError, MaxLenExceeded, NotDecodable, SessionFinished, ShapeError
+
+POSITIVES = [e for e in ZOO if e.decodable]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def random_inputs(example, length, batch=2):
+    if example.is_floating_point():
+        return torch.randn(batch, length, *example.shape[2:])
+    return torch.randint(0, int(example.max()) + 1, (batch, length))
+
+
+@pytest.fixture(scope="module")
+def decoders():
+    cache = {}
+
+    def get_decoder(name):
+        if name not in cache:
+            model, inputs = get(name).build()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[name] = (model, inputs, lcsm_compile.optimize(model, inputs))
+        return cache[name]
+
+    return get_decoder
+
+
+@pytest.mark.parametrize("entry", POSITIVES, ids=[e.name for e in POSITIVES])
+def test_teacher_forced_exactness(entry, decoders):
+    model, inputs, decoder = decoders(entry.name)
+    L = decoder.max_len
+    x = random_inputs(inputs[0], L)
+    with torch.no_grad():
+        full = model(x)
+        for P in (1, 37):
+            session = decoder.session()
+            outs = [session.prefill(x[:, :P])]
+            outs += [session.step(x[:, t : t + 1]) for t in range(P, L)]
+            assert session.position == L
+            y = torch.cat(outs, 1)
+            assert y.shape == full.shape
+            assert rel_err(y, full) < 1e-5, (entry.name, P)
+
+
+def test_interleaved_sessions_are_independent(decoders):
+    model, inputs, decoder = decoders("hyena_order2")
+    a, b = random_inputs(inputs[0], 60), random_inputs(inputs[0], 60)
+    with torch.no_grad():
+        sa, sb = decoder.session(), decoder.session()
+        ya, yb = [sa.prefill(a[:, :5])], [sb.prefill(b[:, :9])]
+        for t in range(5, 60):
+            ya.append(sa.step(a[:, t : t + 1]))
+            if t >= 9:
+                yb.append(sb.step(b[:, t : t + 1]))
+        assert rel_err(torch.cat(ya, 1), model(a)) < 1e-5
+        assert rel_err(torch.cat(yb, 1), model(b)) < 1e-5
+
+
+def test_lazy_and_floor_banks(decoders):
+    model, inputs, _ = decoders("hyena_order2")
+    x = random_inputs(inputs[0], 80)
+    report = lcsm_compile.analyze(model, inputs)
+    with torch.no_grad():
+        full = model(x)
+        lazy = lcsm_compile.Decoder(report, max_len=256, example_inputs=inputs, conv="lazy").session()
+        y = torch.cat([lazy.prefill(x[:, :3])] + [lazy.step(x[:, t : t + 1]) for t in range(3, 80)], 1)
+        assert rel_err(y, full) < 1e-5
+        floor = lcsm_compile.Decoder(report, max_len=256, example_inputs=inputs, conv="floor").session()
+        y = torch.cat([floor.prefill(x[:, :3])] + [floor.step(x[:, t : t + 1]) for t in range(3, 80)], 1)
+        assert rel_err(y, full) > 1e-3  # the floor drops every lag > 0: it is a timing bound, not the model
+
+
+@pytest.mark.parametrize("name", ["hyena_order2", "multihead_hyena"])
+def test_greedy_generate_equals_naive_loop(name, decoders):
+    model, inputs, decoder = decoders(name)
+    prompt = random_inputs(inputs[0], 7)
+    with torch.no_grad():
+        fast = decoder.generate(prompt, 40)
+        naive = generation.naive_generate(model, prompt, 40)
+    assert fast.shape == (2, 47)
+    assert torch.equal(fast, naive)
+
+
+def test_sampled_generate_equals_naive_loop_with_same_generator(decoders):
+    model, inputs, decoder = decoders("hyena_order2")
+    prompt = random_inputs(inputs[0], 5)
+    opts = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    with torch.no_grad():
+        fast = decoder.generate(prompt, 30, generator=torch.Generator().manual_seed(3), **opts)
+        naive = generation.naive_generate(model, prompt, 30, generator=torch.Generator().manual_seed(3), **opts)
+    assert torch.equal(fast, naive)
+
+
+def test_memory_bytes_counts_bank_and_rings(decoders):
+    _, inputs, decoder = decoders("hyena_order2")
+    session = decoder.session()
+    session.prefill(random_inputs(inputs[0], 10))
+    bank = session.state.bank
+    state = sum(t.numel() * t.element_size() for t in (bank.Xc, bank.Ac, bank.Xb, bank.Ab))
+    spectra = sum(t.numel() * t.element_size() for t in bank.spectra.values())
+    rings = sum(r.numel() * r.element_size() for r in session.state.rings.values())
+    assert state > 0 and spectra > 0 and rings > 0
+    expected = state + spectra + rings
+    assert expected <= session.memory_bytes() <= 1.1 * expected + bank.h.numel() * bank.h.element_size() + sum(
+        t.numel() * t.element_size() for t in bank.toeplitz.values()
+    )
+
+
+def test_bad_inputs(decoders):
+    _, inputs, decoder = decoders("hyena_order2")
+    session = decoder.session()
+    with pytest.raises(SessionFinished, match="prefill"):
+        session.step(random_inputs(inputs[0], 1))
+    with pytest.raises(MaxLenExceeded, match="max_len = 256"):
+        session.prefill(random_inputs(inputs[0], 257))
+    with pytest.raises(DTypeError, match="int64"):
+        session.prefill(torch.zeros(2, 4))
+    with pytest.raises(ShapeError, match="sequence on dim 1"):
+        session.prefill(torch.zeros(2, dtype=torch.int64))
+    session.prefill(random_inputs(inputs[0], 255))
+    with pytest.raises(ShapeError, match="batch 2"):
+        session.step(random_inputs(inputs[0], 1, batch=3))
+    with pytest.raises(ShapeError, match="length 1"):
+        session.step(random_inputs(inputs[0], 2))
+    session.step(random_inputs(inputs[0], 1))
+    with pytest.raises(MaxLenExceeded, match="past max_len"):
+        session.step(random_inputs(inputs[0], 1))
+    with pytest.raises(MaxLenExceeded, match="256"):
+        decoder.generate(random_inputs(inputs[0], 250), 10)
+    with pytest.warns(UserWarning):
+        out = decoder.generate(random_inputs(inputs[0], 250), 10, on_max_len="truncate")
+    assert out.shape == (2, 256)
+
+
+@pytest.mark.parametrize("name", ["neg_attention", "neg_same_padding"])
+def test_not_decodable_carries_the_report(name):
+    model, inputs = get(name).build()
+    with pytest.raises(NotDecodable) as info:
+        lcsm_compile.optimize(model, inputs)
+    assert info.value.report.decodable is False
+    assert get(name).reason in str(info.value)
