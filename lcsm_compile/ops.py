@@ -30,48 +30,23 @@ def lookup(session: torch.Tensor):
         raise RuntimeError(f"lcsm session {sid} is closed or was never registered") from None
 
 
-@torch.library.custom_op("lcsm::conv_prefill", mutates_args=())
-def conv_prefill(session: torch.Tensor, u: torch.Tensor, conv: int) -> torch.Tensor:
-    """Prefill long convolution `conv` with its whole prompt input u; returns its outputs."""
-    return lookup(session).conv_prefill(conv, u)
+def _session_op(name, method, doc):
+    """An op `lcsm::<name>(session, u, conv) -> Tensor` calling `<method>(conv, u)` on the session's
+    state; its fake returns a tensor like u (every conv op keeps its input's canonical layout)."""
+
+    def impl(session: torch.Tensor, u: torch.Tensor, conv: int) -> torch.Tensor:
+        return getattr(lookup(session), method)(conv, u)
+
+    impl.__doc__ = doc
+    op = torch.library.custom_op(f"lcsm::{name}", impl, mutates_args=())
+    op.register_fake(lambda session, u, conv: torch.empty_like(u))
+    return op
 
 
-@conv_prefill.register_fake
-def _(session, u, conv):
-    return torch.empty_like(u)
-
-
-@torch.library.custom_op("lcsm::conv_step", mutates_args=())
-def conv_step(session: torch.Tensor, u: torch.Tensor, conv: int) -> torch.Tensor:
-    """Red cell of long convolution `conv` at the session's position (u holds one position)."""
-    return lookup(session).conv_step(conv, u)
-
-
-@conv_step.register_fake
-def _(session, u, conv):
-    return torch.empty_like(u)
-
-
-@torch.library.custom_op("lcsm::short_conv_prefill", mutates_args=())
-def short_conv_prefill(session: torch.Tensor, u: torch.Tensor, conv: int) -> torch.Tensor:
-    """Short causal convolution `conv` over the prompt; keeps its last K-1 inputs in a ring buffer."""
-    return lookup(session).short_prefill(conv, u)
-
-
-@short_conv_prefill.register_fake
-def _(session, u, conv):
-    return torch.empty_like(u)
-
-
-@torch.library.custom_op("lcsm::short_conv_step", mutates_args=())
-def short_conv_step(session: torch.Tensor, u: torch.Tensor, conv: int) -> torch.Tensor:
-    """Short causal convolution `conv` at one position from its ring buffer."""
-    return lookup(session).short_step(conv, u)
-
-
-@short_conv_step.register_fake
-def _(session, u, conv):
-    return torch.empty_like(u)
+conv_prefill = _session_op("conv_prefill", "conv_prefill", "Long convolution over the whole prompt; records its future contributions.")
+conv_step = _session_op("conv_step", "conv_step", "Red cell of a long convolution at the session's position (u holds one position).")
+short_conv_prefill = _session_op("short_conv_prefill", "short_prefill", "Short causal convolution over the prompt; keeps its last K-1 inputs.")
+short_conv_step = _session_op("short_conv_step", "short_step", "Short causal convolution at one position from its ring buffer.")
 
 
 @torch.library.custom_op("lcsm::advance", mutates_args=("session",))
