@@ -26,12 +26,7 @@ def triton_usable(device) -> bool:
     """Whether the Triton kernels can run on tensors of `device`: CUDA with triton installed, or
     CPU under the interpreter (which must have been enabled before triton was first imported)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        pass
-    elif device.type == "cpu":
-        if not interpret_mode():
-            return False
-    else:
+    if not (device.type == "cuda" or (device.type == "cpu" and interpret_mode())):
         return False
     try:
         import triton  # noqa: F401
@@ -119,3 +114,9 @@ def check_device(t) -> None:
     if not usable:
         how = "set TRITON_INTERPRET=1 before importing triton" if t.device.type == "cpu" else "use CUDA tensors"
         raise DeviceError(f"Triton kernels cannot run on {t.device} here ({how}); use lcsm_compile.kernels.reference")
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b|| in float64: how the kernels' self-checks compare with the reference."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()

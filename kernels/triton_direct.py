@@ -107,10 +107,6 @@ def direct_tile(X, A, h, in_start, out_start, out_stop, U, *, block_c=None):
 
 
 # -- correctness check --------------------------------------------------------------------------
-def _rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
 
 def _check(device=None, N=3, C=37, sizes=(1, 2, 4, 8, 16, 32), verbose=True):
     """Compare with the torch reference (full and partial tiles, short filters) on fresh random
@@ -133,7 +129,7 @@ def _check(device=None, N=3, C=37, sizes=(1, 2, 4, 8, 16, 32), verbose=True):
                 A0, Ar = A.clone(), A.clone()
                 reference.direct_tile(X, Ar, h, *args)
                 direct_tile(X, A, h, *args)
-                err = _rel_err(A - A0, Ar - A0)  # the tile's contribution: A's own size cannot hide an error
+                err = common.rel_err(A - A0, Ar - A0)  # the tile's contribution: A's own size cannot hide an error
                 worst = max(worst, err)
         results[str(sd)] = worst
         assert worst <= tol[sd], (sd, worst)

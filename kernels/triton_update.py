@@ -98,10 +98,6 @@ def update(X, A, x, h0, t, y, *, block_c=None):
 
 
 # -- correctness check --------------------------------------------------------------------------
-def _rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
 
 def _check(device=None, B=8, N=3, C=37, verbose=True):
     """Compare with the torch reference on fresh random inputs; returns the worst relative error
@@ -122,7 +118,7 @@ def _check(device=None, B=8, N=3, C=37, verbose=True):
             reference.update(Xr, Ar, x, h0, t, yr)
             y = torch.empty(N, C, dtype=io, device=device)
             update(X, A, x, h0, t, y)
-            err = max(_rel_err(y, yr), _rel_err(X, Xr))
+            err = max(common.rel_err(y, yr), common.rel_err(X, Xr))
             assert torch.equal(A, Ar), "update must not write the accumulators"
             results[(str(sd), str(io))] = err
             assert err <= tol[io], (sd, io, err)

@@ -6,10 +6,11 @@ Both are exact only for what they claim (LazyConv is exact; FloorConv is not a c
 """
 
 import copy
+import math
 
 import torch
 
-from lcsm_compile.engine import state_dtype_for
+from lcsm_compile.engine import prepare_filters, state_dtype_for
 
 
 class _Bank:
@@ -17,17 +18,13 @@ class _Bank:
         C, Lh = h.shape
         self.channels, self.max_len = C, Lh if max_len is None else int(max_len)
         self.dtype, self.device = state_dtype_for(h.dtype), h.device
-        h = torch.nn.functional.pad(h.detach().to(self.dtype)[:, : self.max_len], (0, max(0, self.max_len - Lh)))
-        if skip is not None:
-            h = h.clone()
-            h[:, 0] += skip.detach().to(self.dtype)
-        self.h = h
+        self.h = prepare_filters(h, skip, self.max_len, self.dtype)
         self.position = self.prefill_len = 0
         self.X = None
 
     def _bind(self, batch_shape):
         if self.X is None:
-            n = int(torch.tensor(batch_shape).prod()) if batch_shape else 1
+            n = math.prod(batch_shape)
             self.X = torch.zeros(n, self.channels, self.max_len, dtype=self.dtype, device=self.device)
 
     def fork(self):

@@ -14,6 +14,7 @@ import torch
 from lcsm_compile import schedule
 from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, ShapeError, check_tensor
 from lcsm_compile.kernels import reference as torch_kernels
+from lcsm_compile.kernels.triton_common import triton_usable
 from lcsm_compile.tuning import crossover_for
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -22,6 +23,18 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def prepare_filters(h, skip, max_len, dtype):
+    """Filters [C, max_len] in `dtype`: cut or zero-padded to max_len, the skip D folded into lag 0."""
+    h = h.detach().to(dtype)[:, :max_len]
+    if h.shape[1] < max_len:
+        h = torch.nn.functional.pad(h, (0, max_len - h.shape[1]))
+    if skip is not None:
+        check_tensor("skip", skip, shape=(h.shape[0],))
+        h = h.clone()
+        h[:, 0] += skip.detach().to(dtype)
+    return h.contiguous()
 
 
 class OnlineConv:
@@ -49,16 +62,9 @@ class OnlineConv:
         self.channels = C
         self.device = h.device
         self.dtype = state_dtype_for(h.dtype)
-        h = h.detach().to(self.dtype)[:, : self.max_len]
-        if h.shape[1] < self.max_len:
-            h = torch.nn.functional.pad(h, (0, self.max_len - h.shape[1]))
-        if skip is not None:
-            check_tensor("skip", skip, shape=(C,))
-            h = h.clone()
-            h[:, 0] += skip.detach().to(self.dtype)
-        self.h = h.contiguous()
+        self.h = prepare_filters(h, skip, self.max_len, self.dtype)
         self.h0 = self.h[:, 0].contiguous()
-        self.use_triton = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda" and _triton_ok())
+        self.use_triton = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda" and triton_usable(self.device))
         if self.use_triton:  # imported only here: importing triton is slow and CPU users never need it
             from lcsm_compile.kernels import triton_direct, triton_update
 
@@ -78,12 +84,7 @@ class OnlineConv:
             elif not self.use_triton:
                 self.toeplitz[U] = torch_kernels.toeplitz(self.h, U).contiguous()
 
-        self.batch_shape = None  # fixed by the first prefill/step
-        self.io_dtype = None
-        self.Xc = self.Ac = self.Xb = self.Ab = None
-        self.position = 0
-        self.prefill_len = 0
-        self._block_start = -1  # first position of the block loaded into Xb/Ab
+        self._unbind()
 
     # -- state -------------------------------------------------------------------------------
     def _bind(self, batch_shape, io_dtype):
@@ -115,12 +116,16 @@ class OnlineConv:
             want = "[..., C, P]" if time_axis else "[..., C]"
             raise ShapeError(f"{name}: expected shape {want} with C = {width}, got {tuple(x.shape)}")
 
+    def _unbind(self):
+        """No state yet: the first prefill/step fixes the batch dims and IO dtype and allocates it."""
+        self.batch_shape = self.io_dtype = None
+        self.Xc = self.Ac = self.Xb = self.Ab = None
+        self.reset()
+
     def fork(self):
         """A new engine sharing these filters and tile operators (never copied), with fresh state."""
         other = copy.copy(self)
-        other.batch_shape = other.io_dtype = None
-        other.Xc = other.Ac = other.Xb = other.Ab = None
-        other.reset()
+        other._unbind()
         return other
 
     def reset(self):
@@ -235,10 +240,3 @@ def _fft_size(n: int) -> int:
 def _describe(x):
     return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
-
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -81,10 +81,13 @@ class Session:
     def __init__(self, decoder):
         self.decoder = decoder
         self.state = SessionState(decoder)
-        self.handle = ops.register(self.state)
-        self.position = 0
+        self.handle = ops.register(self.state)  # [session id, position]; lcsm::advance moves the position
         self._batch = None
-        self.finished = False
+
+    @property
+    def position(self) -> int:
+        """Positions seen so far (the next step's position)."""
+        return int(self.handle[1])
 
     def _check(self, x, length):
         d = self.decoder
@@ -109,9 +112,8 @@ class Session:
         if P > self.decoder.max_len:
             raise MaxLenExceeded(f"prompt of {P} positions exceeds max_len = {self.decoder.max_len}")
         self.state.reset()
-        self.handle[1] = 0
         out = self.decoder.prefill_program(self.handle, inputs=(prompt,))
-        self.position, self._batch, self.finished = P, prompt.shape[0], False
+        self._batch = prompt.shape[0]
         self.handle[1] = P
         return out
 
@@ -121,15 +123,12 @@ class Session:
         if self._batch is None:
             raise SessionFinished("step: call prefill(prompt) first")
         if self.position >= self.decoder.max_len:
-            self.finished = True
             raise MaxLenExceeded(f"step: position {self.position} is past max_len = {self.decoder.max_len}")
         self._check(x, 1)
         if x.shape[0] != self._batch:
             raise ShapeError(f"input: expected batch {self._batch} (fixed by the prompt), got {x.shape[0]}")
         pos = torch.tensor([self.position], device=self.decoder.device)
-        out = self.decoder.step_fn(self.handle, pos, inputs=(x,))
-        self.position += 1
-        return out
+        return self.decoder.step_fn(self.handle, pos, inputs=(x,))
 
     def memory_bytes(self):
         """Bytes this session holds: history, accumulators, ring buffers, and the shared spectra."""
