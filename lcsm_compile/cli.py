@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 
+from lcsm_compile import demo
 from lcsm_compile.errors import LcsmError
 
 
@@ -28,12 +29,6 @@ def _bench(args):
         mixer.main(args.rest)
 
 
-def _demo(args):
-    from lcsm_compile import demo
-
-    demo.main(args)
-
-
 def build_parser():
     parser = argparse.ArgumentParser(prog="lcsm-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,10 +47,8 @@ def build_parser():
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("demo", help="decode a Hyena-style filter bank, verify exactness, time it against the lazy loop")
-    p.add_argument("--channels", type=int, default=512)
-    p.add_argument("--length", type=int, default=8192)
-    p.add_argument("--prompt", type=int, default=128)
-    p.set_defaults(run=_demo)
+    demo.add_arguments(p)
+    p.set_defaults(run=demo.main)
     return parser
 
 

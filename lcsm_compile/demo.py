@@ -23,6 +23,13 @@ def lazy_step(history, h_rev, t):
     return (history[:, : t + 1] * h_rev[:, -(t + 1) :]).sum(-1)
 
 
+def add_arguments(parser):
+    """The demo's options, for `lcsm-compile demo`."""
+    parser.add_argument("--channels", type=int, default=512)
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--prompt", type=int, default=128)
+
+
 def main(args):
     C, L, P = args.channels, args.length, args.prompt
     h = hyena_filters(C, L)
