@@ -7,7 +7,7 @@ from lcsm_compile import generation
 from lcsm_compile.analysis import analyze
 from lcsm_compile.baselines import FloorConv, LazyConv
 from lcsm_compile.engine import OnlineConv
-from lcsm_compile.passes import decode_rewrite
+from lcsm_compile.passes import decode_rewrite, layer_schedule
 from lcsm_compile.errors import NotDecodable
 from lcsm_compile.runtime import Program, Session
 
@@ -17,7 +17,7 @@ BANKS = {"flash": OnlineConv, "lazy": LazyConv, "floor": FloorConv}
 class Decoder:
     """Shared by every session of one optimized model: programs, filters, tile operators."""
 
-    def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None):
+    def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None, compile=False):
         if conv not in BANKS:
             raise ValueError(f"conv: expected one of {sorted(BANKS)}, got {conv!r}")
         self.report = report
@@ -29,7 +29,7 @@ class Decoder:
         self.programs = decode_rewrite.run(report.captured, convs)
         self.sites = self.programs.sites
         self.prefill_program = Program(self.programs.prefill, self.programs.out_spec)
-        self.step_fn = Program(self.programs.step, self.programs.out_spec)
+        self.step_fn = Program(self.programs.step, self.programs.out_spec, compile=compile)
 
         # Every long convolution of every layer in one bank: one tile call per position.
         filters, skips, self.bank_slices, start = [], [], {}, 0
@@ -45,11 +45,16 @@ class Decoder:
             start += site.width
         kwargs = {"crossover": crossover} if conv == "flash" else {}
         self.bank = BANKS[conv](torch.cat(filters).to(self.device), torch.cat(skips).to(self.device), max_len=self.max_len, **kwargs)
-        self.short_filters = {
-            i: (s.conv.h.reshape(s.width, -1).float().to(self.device), None if s.conv.bias is None else s.conv.bias.reshape(-1).float().to(self.device))
-            for i, s in enumerate(self.sites)
-            if s.kind == "short"
-        }
+        self.schedule = layer_schedule.run(
+            self.programs.step, self.sites, max_len=self.max_len, crossover=getattr(self.bank, "crossover", None), bank_width=start
+        )
+        self.short_filters = {i: self._short_filter(s.conv) for i, s in enumerate(self.sites) if s.kind == "short"}
+
+    def _short_filter(self, conv):
+        """(conv1d weight [W, 1, K], step taps [K, 1, W], bias [W] or None), oldest input first."""
+        weight = conv.h.reshape(-1, conv.h.shape[-1]).flip(-1).float().to(self.device)
+        bias = None if conv.bias is None else conv.bias.reshape(-1).float().to(self.device)
+        return weight.unsqueeze(1), weight.t().unsqueeze(1).contiguous(), bias
 
     def session(self) -> Session:
         return Session(self)
@@ -62,10 +67,14 @@ class Decoder:
             return generation.generate(session.prefill, session.step, prompt_ids, max_new_tokens, **options)
 
 
-def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=None) -> Decoder:
+def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=None, compile=False) -> Decoder:
     """Analyze `model` and build its Decoder; raises NotDecodable (carrying the Report) when some
-    op that mixes positions is not an accepted causal convolution."""
+    op that mixes positions is not an accepted causal convolution.
+
+    conv: "flash" (ours), or the "lazy"/"floor" baselines on the same step program.
+    compile: torch.compile the step program (once per batch size, tens of seconds on CPU) so a
+    step is not dominated by Python dispatch; worth it for long generations."""
     report = analyze(model, tuple(example_inputs), max_len=max_len)
     if not report.decodable:
         raise NotDecodable(report)
-    return Decoder(report, max_len=report.capture.max_len, example_inputs=tuple(example_inputs), conv=conv, crossover=crossover)
+    return Decoder(report, max_len=report.capture.max_len, example_inputs=tuple(example_inputs), conv=conv, crossover=crossover, compile=compile)

@@ -32,14 +32,15 @@ def lookup(session: torch.Tensor):
 
 def _session_op(name, method, doc):
     """An op `lcsm::<name>(session, u, conv) -> Tensor` calling `<method>(conv, u)` on the session's
-    state; its fake returns a tensor like u (every conv op keeps its input's canonical layout)."""
+    state. Every conv op maps a canonical [B, C, T] input to a contiguous output of the same shape
+    and dtype, which is what the fake promises (opcheck holds the impl to it)."""
 
     def impl(session: torch.Tensor, u: torch.Tensor, conv: int) -> torch.Tensor:
-        return getattr(lookup(session), method)(conv, u)
+        return getattr(lookup(session), method)(conv, u).contiguous()
 
     impl.__doc__ = doc
     op = torch.library.custom_op(f"lcsm::{name}", impl, mutates_args=())
-    op.register_fake(lambda session, u, conv: torch.empty_like(u))
+    op.register_fake(lambda session, u, conv: u.new_empty(u.shape))
     return op
 
 

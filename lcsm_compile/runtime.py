@@ -43,18 +43,17 @@ class SessionState:
 
     # short convolutions: a ring buffer of the last K-1 inputs
     def short_prefill(self, index, u):
-        taps, bias = self.short_filters[index]
-        W, K = taps.shape
-        y = F.conv1d(F.pad(u, (K - 1, 0)), taps.flip(-1).unsqueeze(1).to(u.dtype), bias, groups=W)
-        past = F.pad(u, (max(0, K - 1 - u.shape[-1]), 0))[..., u.shape[-1] + max(0, K - 1 - u.shape[-1]) - (K - 1) :]
+        weight, _, bias = self.short_filters[index]  # weight [W, 1, K], oldest input first
+        K = weight.shape[-1]
+        y = F.conv1d(F.pad(u, (K - 1, 0)), weight.to(u.dtype), bias, groups=weight.shape[0])
+        past = F.pad(u, (K - 1, 0))[..., u.shape[-1] :]  # the last K-1 inputs, zeros before the prompt
         self.rings[index] = past.permute(2, 0, 1).contiguous()  # [K-1, B, W], oldest first
         return y
 
     def short_step(self, index, u):
-        taps, bias = self.short_filters[index]
-        W, K = taps.shape
-        window = torch.cat([self.rings[index], u.permute(2, 0, 1)])  # [K, B, W], oldest first
-        y = torch.einsum("kbw,wk->bw", window, taps.flip(-1).to(u.dtype))
+        _, taps, bias = self.short_filters[index]  # taps [K, 1, W], oldest input first
+        window = torch.cat([self.rings[index], u.permute(2, 0, 1)])  # [K, B, W]
+        y = (window * taps.to(u.dtype)).sum(0)
         if bias is not None:
             y = y + bias.to(y.dtype)
         self.rings[index] = window[1:]
@@ -65,14 +64,20 @@ class SessionState:
 
 
 class Program:
-    """A rewritten graph; calls rebuild the model's output structure from its flat outputs."""
+    """A rewritten graph; calls rebuild the model's output structure from its flat outputs.
 
-    def __init__(self, gm, out_spec):
+    compile=True runs it through torch.compile (inductor fuses the time-local ops; the lcsm custom
+    ops stay opaque calls). Shapes are static: the session and position are tensor inputs, so one
+    compilation serves every position and session of a batch size; a new batch size compiles again.
+    """
+
+    def __init__(self, gm, out_spec, compile=False):
         self.gm = gm
         self.out_spec = out_spec
+        self.fn = torch.compile(gm, dynamic=False, fullgraph=True) if compile else gm
 
     def __call__(self, *prefix, inputs):
-        return pytree.tree_unflatten(list(self.gm(*prefix, *inputs)), self.out_spec)
+        return pytree.tree_unflatten(list(self.fn(*prefix, *inputs)), self.out_spec)
 
 
 class Session:

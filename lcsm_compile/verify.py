@@ -1,0 +1,184 @@
+"""Exactness checks the command line runs: teacher-forced decoding against the model, and each
+Triton kernel specialisation against its torch reference.
+
+- teacher_forced(model, decoder, inputs, prompt_lens): prefill(P) + one step per remaining
+  position must reproduce model(full) at every position; the reference is the model in float64.
+- check_kernels(specs): run in a fresh process (`python -m lcsm_compile.verify kernels SPECS`) where
+  TRITON_INTERPRET=1 is set before triton is first imported when there is no CUDA device.
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.utils._pytree as pytree
+
+TOL = 1e-5
+KERNEL_TOL = {"float64": 1e-12, "float32": 1e-6, "float16": 1e-3, "bfloat16": 1e-2}
+
+
+def _leaves(out):
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def position_errors(out, ref):
+    """Per position t (dim 1): ||out[:, t] - ref[:, t]|| / ||ref[:, t]||, the worst over output
+    leaves, in float64. A position whose reference is exactly zero uses the absolute error."""
+    worst = None
+    for o, r in zip(_leaves(out), _leaves(ref)):
+        o, r = o.double(), r.double()
+        T = r.shape[1]
+        d = (o - r).transpose(0, 1).reshape(T, -1).norm(dim=1)
+        n = r.transpose(0, 1).reshape(T, -1).norm(dim=1)
+        e = torch.where(n > 0, d / n.clamp_min(torch.finfo(torch.float64).tiny), d)
+        e = torch.where(torch.isfinite(e), e, torch.full_like(e, float("inf")))
+        worst = e if worst is None else torch.maximum(worst, e)
+    return worst
+
+
+def reference_outputs(model, inputs):
+    """model(*inputs) in float64 (a copy of the model; float inputs widened, ids unchanged)."""
+    model64 = copy.deepcopy(model).double()
+    xs = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    with torch.no_grad():
+        return model64(*xs)
+
+
+def default_prompt_lens(length: int) -> tuple:
+    return tuple(sorted({1, max(1, length // 2), max(1, length - 1)}))
+
+
+def teacher_forced(model, decoder, inputs, prompt_lens=(1,), *, tol=TOL, progress=None) -> dict:
+    """Decode `inputs` (the sequence on dim 1 of the first) teacher-forced with `decoder`, once per
+    prompt length P: prefill(inputs[:, :P]) then one step per position up to the end, and compare
+    every position with the float64 model on the whole sequence.
+
+    Returns {"length", "tol", "passed", "max_rel_err", "runs": [{"prompt_len", "max_rel_err",
+    "worst_position", "prefill_max_rel_err", "step_max_rel_err", "seconds"}]}.
+    progress: optional callable(iterable, desc) -> iterable (e.g. a tqdm factory).
+    """
+    if len(inputs) != 1:
+        raise ValueError(f"teacher_forced: sessions take one input tensor, got {len(inputs)} inputs")
+    x = inputs[0]
+    L = int(x.shape[1])
+    ref = reference_outputs(model, inputs)
+    runs = []
+    for P in prompt_lens:
+        P = int(P)
+        if not 1 <= P <= L:
+            raise ValueError(f"prompt length {P}: expected in [1, {L}] (the input length)")
+        start = time.perf_counter()
+        session = decoder.session()
+        steps = range(P, L)
+        if progress is not None:
+            steps = progress(steps, f"verify P={P}")
+        with torch.no_grad():
+            outs = [session.prefill(x[:, :P])]
+            for t in steps:
+                outs.append(session.step(x[:, t : t + 1]))
+        seconds = time.perf_counter() - start
+        leaves = [torch.cat(parts, dim=1) for parts in zip(*(_leaves(o) for o in outs))]
+        err = position_errors(leaves, ref)
+        worst = int(err.argmax())
+        runs.append({
+            "prompt_len": P,
+            "max_rel_err": float(err.max()),
+            "worst_position": worst,
+            "prefill_max_rel_err": float(err[:P].max()),
+            "step_max_rel_err": float(err[P:].max()) if P < L else None,
+            "steps": L - P,
+            "seconds": round(seconds, 4),
+        })
+    worst = max(r["max_rel_err"] for r in runs)
+    return {"length": L, "tol": tol, "passed": bool(worst <= tol), "max_rel_err": worst, "runs": runs}
+
+
+# -- Triton kernels -----------------------------------------------------------------------------
+
+def _dtype(name):
+    return getattr(torch, name)
+
+
+def _check_one(spec, rows, common, reference, triton_update, triton_direct):
+    k, ce = spec["kernel"], spec["constexprs"]
+    sd = _dtype(spec["state_dtype"])
+    C = int(spec["channels"])
+    if k == "update":
+        io = _dtype(spec.get("io_dtype") or spec["state_dtype"])
+        B = 4
+        X, A = torch.randn(B, rows, C, dtype=sd), torch.randn(B, rows, C, dtype=sd)
+        h0, x = torch.randn(C, dtype=sd), torch.randn(rows, C).to(io)
+        t = int(torch.randint(0, B, ()))
+        Xr, Ar, yr = X.clone(), A.clone(), torch.empty(rows, C, dtype=io)
+        reference.update(Xr, Ar, x, h0, t, yr)
+        y = torch.full((rows, C), float("nan"), dtype=io)
+        triton_update.update(X, A, x, h0, t, y, block_c=ce["BLOCK_C"])
+        return max(common.rel_err(y, yr), common.rel_err(X, Xr)), KERNEL_TOL[str(io).replace("torch.", "")]
+    if k == "direct_tile":
+        U = int(ce["U"])
+        B = 2 * U + 1
+        X, A = torch.randn(B, rows, C, dtype=sd), torch.randn(B, rows, C, dtype=sd)
+        h = torch.randn(C, 2 * U + 3, dtype=sd)
+        in_start = int(torch.randint(0, B - 2 * U + 1, ()))
+        args = (in_start, in_start + U, in_start + 2 * U, U)
+        A0, Ar = A.clone(), A.clone()
+        reference.direct_tile(X, Ar, h, *args)
+        triton_direct.direct_tile(X, A, h, *args, block_c=ce["BLOCK_C"])
+        return common.rel_err(A - A0, Ar - A0), KERNEL_TOL[spec["state_dtype"]]
+    raise ValueError(f"unknown kernel {k!r}")
+
+
+def check_kernels_here(specs, rows=2, seed=0) -> dict:
+    """Run each Triton specialisation once against its torch reference, in this process (triton
+    must not have been imported before TRITON_INTERPRET was set on a machine without CUDA)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from lcsm_compile.kernels import reference
+    from lcsm_compile.kernels import triton_common as common
+    from lcsm_compile.kernels import triton_direct, triton_update
+
+    torch.manual_seed(seed)
+    device_note = "cuda" if torch.cuda.is_available() else "cpu (TRITON_INTERPRET=1)"
+    common.clear_registry()
+    results = []
+    for spec in specs:
+        start = time.perf_counter()
+        try:
+            err, tol = _check_one(spec, rows, common, reference, triton_update, triton_direct)
+            results.append({**spec, "rel_err": err, "tol": tol, "passed": bool(err <= tol),
+                             "seconds": round(time.perf_counter() - start, 3)})
+        except Exception as exc:  # noqa: BLE001 - reported per kernel, the others still run
+            results.append({**spec, "rel_err": None, "tol": None, "passed": False,
+                            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+    return {"device": device_note, "results": results, "launched": common.kernels_chosen()}
+
+
+def check_kernels(specs, rows=2, seed=0, timeout=600) -> dict:
+    """check_kernels_here in a fresh interpreter, so TRITON_INTERPRET=1 precedes `import triton`."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    payload = json.dumps({"specs": specs, "rows": rows, "seed": seed})
+    proc = subprocess.run([sys.executable, "-m", "lcsm_compile.verify", "kernels"], input=payload, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"kernel check process failed (exit {proc.returncode}): {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _main(argv):
+    if argv[:1] != ["kernels"]:
+        print("usage: python -m lcsm_compile.verify kernels < {\"specs\": [...]}", file=sys.stderr)
+        return 2
+    req = json.loads(sys.stdin.read())
+    print(json.dumps(check_kernels_here(req["specs"], rows=req.get("rows", 2), seed=req.get("seed", 0))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

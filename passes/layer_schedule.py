@@ -1,0 +1,125 @@
+"""Layer schedule: the dependency analysis of the step program, as data the CLI can print.
+
+The step program's dataflow graph (networkx) reduced to its convolution sites gives the order in
+which one position passes through the layers: `levels` are sites that depend on no site of a later
+level (topological generations), the `critical_path` is the longest chain of dependent sites. The
+tile work is not on that chain: `lcsm::advance` runs once per position, after every red cell, and
+issues one batched call per tile size over the single bank that holds every long convolution of
+every layer and batch row. The pass checks that ordering on the graph, because it is what makes
+a tile read only history: inputs up to the current position, which every layer has produced.
+"""
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+
+from lcsm_compile.errors import LcsmError
+from lcsm_compile.schedule import tile_sizes
+
+lcsm = torch.ops.lcsm
+_SITE_OPS = {lcsm.conv_step.default: "long", lcsm.short_conv_step.default: "short"}
+
+
+class ScheduleError(LcsmError):
+    """The step program does not order its tile call after every convolution it depends on."""
+
+
+@dataclass
+class LayerSchedule:
+    sites: list  # dicts: name, kind, width, module, node (the step program's call)
+    levels: list  # lists of site names: one level needs only sites of earlier levels
+    critical_path: list  # site names: the longest chain of dependent convolutions
+    tile_groups: list  # dicts: one batched tile call of one size over the whole bank
+    edges: list = field(default_factory=list)  # (site, site) direct dependencies
+
+    def to_json(self) -> dict:
+        return {"sites": self.sites, "levels": self.levels, "critical_path": self.critical_path, "tile_groups": self.tile_groups, "edges": self.edges}
+
+    def table(self) -> str:
+        lines = [f"{len(self.sites)} convolution sites in {len(self.levels)} levels; critical path {len(self.critical_path)} sites"]
+        for i, level in enumerate(self.levels):
+            lines.append(f"  level {i}: " + ", ".join(f"{n} ({self._site(n)['kind']}, {self._site(n)['module']})" for n in level))
+        lines.append("  critical path: " + " -> ".join(self.critical_path))
+        lines.append(f"{'tile':>6} {'kernel':>7} {'channels':>9} {'runs at steps':>16}  sites")
+        for g in self.tile_groups:
+            steps = f"{g['first_step']} + k*{g['every']}"
+            lines.append(f"{g['size']:>6} {g['kernel']:>7} {g['channels']:>9} {steps:>16}  {len(g['sites'])} long convs, one call")
+        return "\n".join(lines)
+
+    def to_dot(self) -> str:
+        lines = ["digraph layer_schedule {", "  rankdir=LR;"]
+        for s in self.sites:
+            shape = "box" if s["kind"] == "long" else "ellipse"
+            lines.append(f'  "{s["name"]}" [shape={shape}, label="{s["name"]}\\n{s["kind"]} x{s["width"]}\\n{s["module"]}"];')
+        lines += [f'  "{a}" -> "{b}";' for a, b in self.edges]
+        lines.append('  "advance" [shape=doubleoctagon, label="lcsm::advance\\none tile call per size"];')
+        lines += [f'  "{s["name"]}" -> "advance" [style=dashed];' for s in self.sites if s["kind"] == "long"]
+        lines.append("}")
+        return "\n".join(lines)
+
+    def _site(self, name):
+        return next(s for s in self.sites if s["name"] == name)
+
+
+def dataflow_graph(gm) -> nx.DiGraph:
+    """The fx graph as a networkx DAG over node names."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node.name, target=node.target)
+        g.add_edges_from((a.name, node.name) for a in node.all_input_nodes)
+    return g
+
+
+def run(step_gm, sites, *, max_len, crossover, bank_width) -> LayerSchedule:
+    """Schedule the step program `step_gm` (from passes.decode_rewrite) of the given ConvSites;
+    `crossover` is the flash bank's largest direct tile (None for banks that run no tiles)."""
+    g = dataflow_graph(step_gm)
+    calls = {n.name: n for n in step_gm.graph.nodes if n.op == "call_function" and n.target in _SITE_OPS}
+    advances = [n for n in step_gm.graph.nodes if n.op == "call_function" and n.target is lcsm.advance.default]
+    if len(advances) != 1:
+        raise ScheduleError(f"step program: expected exactly one lcsm::advance, found {len(advances)}")
+    _check_tiles_read_history(g, advances[0].name, calls)
+
+    info, by_call = [], {}
+    for name, node in calls.items():
+        site = sites[node.args[2]]
+        stack = site.conv.output.meta.get("nn_module_stack") or {}
+        module = list(stack.values())[-1][0] if stack else ""
+        by_call[name] = site.name
+        info.append({"name": site.name, "kind": site.kind, "width": site.width, "module": module, "node": name})
+
+    # site DAG: a -> b when b's input is computed from a's output (through time-local ops only)
+    deps = nx.DiGraph()
+    deps.add_nodes_from(by_call.values())
+    for name in calls:
+        for other in nx.ancestors(g, name) & calls.keys():
+            deps.add_edge(by_call[other], by_call[name])
+    deps = nx.transitive_reduction(deps)
+    order = {s["name"]: i for i, s in enumerate(info)}
+    levels = [sorted(level, key=order.get) for level in nx.topological_generations(deps)]
+    long_sites = [s["name"] for s in info if s["kind"] == "long"]
+    groups = [
+        {
+            "size": U,
+            "kernel": "direct" if U <= crossover else "fft",
+            "channels": bank_width,
+            "first_step": U,  # step i (1-based after the prefill) runs the tile of size i & -i
+            "every": 2 * U,
+            "sites": long_sites,
+        }
+        for U in tile_sizes(1, max_len)
+    ] if long_sites and crossover is not None else []  # lazy/floor banks run no tiles
+    return LayerSchedule(info, levels, nx.dag_longest_path(deps), groups, sorted(deps.edges, key=lambda e: (order[e[0]], order[e[1]])))
+
+
+def _check_tiles_read_history(g, advance, calls):
+    """The tile call must come after every convolution of the position (so its inputs are all
+    history once it runs) and nothing in the step may read what it writes (future positions)."""
+    before = nx.ancestors(g, advance)
+    missing = sorted(set(calls) - before)
+    if missing:
+        raise ScheduleError(f"step program: lcsm::advance does not depend on {missing}; its tiles could run before those layers see the position")
+    readers = sorted(set(g.successors(advance)) - {"output"})
+    if readers:
+        raise ScheduleError(f"step program: {readers} read the result of lcsm::advance, which belongs to later positions")
