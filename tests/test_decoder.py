@@ -46,7 +46,7 @@ def test_teacher_forced_exactness(entry, decoders):
     x = random_inputs(inputs[0], L)
     with torch.no_grad():
         full = model(x)
-        for P in (1, 37):
+        for P in (1, 37, L - 256):  # N = L - P >= 256 steps each
             session = decoder.session()
             outs = [session.prefill(x[:, :P])]
             outs += [session.step(x[:, t : t + 1]) for t in range(P, L)]
@@ -76,10 +76,10 @@ def test_lazy_and_floor_banks(decoders):
     report = lcsm_compile.analyze(model, inputs)
     with torch.no_grad():
         full = model(x)
-        lazy = lcsm_compile.Decoder(report, max_len=256, example_inputs=inputs, conv="lazy").session()
+        lazy = lcsm_compile.Decoder(report, max_len=report.capture.max_len, example_inputs=inputs, conv="lazy").session()
         y = torch.cat([lazy.prefill(x[:, :3])] + [lazy.step(x[:, t : t + 1]) for t in range(3, 80)], 1)
         assert rel_err(y, full) < 1e-5
-        floor = lcsm_compile.Decoder(report, max_len=256, example_inputs=inputs, conv="floor").session()
+        floor = lcsm_compile.Decoder(report, max_len=report.capture.max_len, example_inputs=inputs, conv="floor").session()
         y = torch.cat([floor.prefill(x[:, :3])] + [floor.step(x[:, t : t + 1]) for t in range(3, 80)], 1)
         assert rel_err(y, full) > 1e-3  # the floor drops every lag > 0: it is a timing bound, not the model
 
@@ -125,13 +125,14 @@ def test_bad_inputs(decoders):
     session = decoder.session()
     with pytest.raises(SessionFinished, match="prefill"):
         session.step(random_inputs(inputs[0], 1))
-    with pytest.raises(MaxLenExceeded, match="max_len = 256"):
-        session.prefill(random_inputs(inputs[0], 257))
+    L = decoder.max_len
+    with pytest.raises(MaxLenExceeded, match=f"max_len = {L}"):
+        session.prefill(random_inputs(inputs[0], L + 1))
     with pytest.raises(DTypeError, match="int64"):
         session.prefill(torch.zeros(2, 4))
     with pytest.raises(ShapeError, match="sequence on dim 1"):
         session.prefill(torch.zeros(2, dtype=torch.int64))
-    session.prefill(random_inputs(inputs[0], 255))
+    session.prefill(random_inputs(inputs[0], L - 1))
     with pytest.raises(ShapeError, match="batch 2"):
         session.step(random_inputs(inputs[0], 1, batch=3))
     with pytest.raises(ShapeError, match="length 1"):
@@ -139,11 +140,11 @@ def test_bad_inputs(decoders):
     session.step(random_inputs(inputs[0], 1))
     with pytest.raises(MaxLenExceeded, match="past max_len"):
         session.step(random_inputs(inputs[0], 1))
-    with pytest.raises(MaxLenExceeded, match="256"):
-        decoder.generate(random_inputs(inputs[0], 250), 10)
+    with pytest.raises(MaxLenExceeded, match=str(L)):
+        decoder.generate(random_inputs(inputs[0], L - 6), 10)
     with pytest.warns(UserWarning):
-        out = decoder.generate(random_inputs(inputs[0], 250), 10, on_max_len="truncate")
-    assert out.shape == (2, 256)
+        out = decoder.generate(random_inputs(inputs[0], L - 6), 10, on_max_len="truncate")
+    assert out.shape == (2, L)
 
 
 @pytest.mark.parametrize("name", ["neg_attention", "neg_same_padding"])

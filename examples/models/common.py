@@ -7,6 +7,7 @@ import torch
 from lcsm_compile.models.lm import LM, Block, Mlp  # noqa: F401  (the LM shell ships with the package)
 
 BATCH = 2
+MAX_LEN = 320  # decodable entries serve 320 positions: N >= 256 decode steps after a short prompt
 
 
 @contextmanager

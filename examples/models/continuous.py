@@ -7,7 +7,7 @@ the float activation the decoder feeds back.
 
 import torch.nn as nn
 
-from examples.models.common import Block, float_inputs, seeded
+from examples.models.common import Block, MAX_LEN, float_inputs, seeded
 from examples.models.hyena import HyenaOperator
 
 
@@ -29,5 +29,5 @@ class HyenaRegressor(nn.Module):
 
 def build():
     with seeded(0):
-        model = HyenaRegressor()
+        model = HyenaRegressor(max_len=MAX_LEN)
     return model.eval(), float_inputs(8, 64)

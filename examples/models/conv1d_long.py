@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.models.common import LM, Block, seeded, token_inputs
+from examples.models.common import Block, LM, MAX_LEN, seeded, token_inputs
 
 
 class LongConv1dMixer(nn.Module):
@@ -40,7 +40,7 @@ class LongConv1dMixer(nn.Module):
 
 
 def build():
-    d_model, max_len, vocab = 32, 128, 64
+    d_model, max_len, vocab = 32, MAX_LEN, 64
     with seeded(0):
         model = LM(vocab, d_model, [Block(d_model, LongConv1dMixer(d_model, max_len))], max_len)
     return model.eval(), token_inputs(vocab, 64)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.models.common import LM, Block, seeded, token_inputs
+from examples.models.common import Block, LM, MAX_LEN, seeded, token_inputs
 from examples.models.s4d import S4DKernel
 
 
@@ -80,7 +80,7 @@ class H3(nn.Module):
 
 
 def build():
-    d_model, max_len, vocab = 32, 256, 64
+    d_model, max_len, vocab = 32, MAX_LEN, 64
     with seeded(0):
         blocks = [Block(d_model, H3(d_model, l_max=max_len)) for _ in range(2)]
         model = LM(vocab, d_model, blocks, max_len)

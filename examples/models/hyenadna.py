@@ -7,7 +7,7 @@ vocabulary; several Hyena blocks; LM head weight tied to the embedding.
 
 import torch
 
-from examples.models.common import LM, Block, seeded, token_inputs
+from examples.models.common import Block, LM, MAX_LEN, seeded, token_inputs
 from examples.models.hyena import HyenaFilter, HyenaOperator
 
 # [CLS] [SEP] [BOS] [MASK] [PAD] [RESERVED] [UNK] A C G T N
@@ -30,7 +30,7 @@ class DNAHyenaFilter(HyenaFilter):
 
 
 def build():
-    d_model, max_len, n_layer = 32, 256, 3
+    d_model, max_len, n_layer = 32, MAX_LEN, 3
     with seeded(0):
         blocks = [
             Block(d_model, HyenaOperator(d_model, max_len, order=2, filter_cls=DNAHyenaFilter, emb_dim=5, w=10))

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.models.common import LM, Block, seeded, token_inputs
+from examples.models.common import Block, LM, MAX_LEN, seeded, token_inputs
 from examples.models.hyena import HyenaFilter
 
 
@@ -83,7 +83,7 @@ class M2GLUMlp(nn.Module):
 
 
 def build():
-    d_model, max_len, vocab = 32, 256, 64
+    d_model, max_len, vocab = 32, MAX_LEN, 64
     with seeded(0):
         blocks = [Block(d_model, MonarchMixerSequenceMixing(d_model, max_len), M2GLUMlp(d_model)) for _ in range(2)]
         model = LM(vocab, d_model, blocks, max_len)

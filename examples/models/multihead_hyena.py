@@ -10,7 +10,7 @@ the filter broadcast over head dims, unflatten/flatten between heads and channel
 import torch
 import torch.nn as nn
 
-from examples.models.common import LM, Block, seeded, token_inputs
+from examples.models.common import Block, LM, MAX_LEN, seeded, token_inputs
 from examples.models.hyena import HyenaFilter
 
 
@@ -44,7 +44,7 @@ class MultiHeadHyenaOperator(nn.Module):
 
 
 def build():
-    d_model, max_len, vocab = 32, 256, 64
+    d_model, max_len, vocab = 32, MAX_LEN, 64
     with seeded(0):
         blocks = [Block(d_model, MultiHeadHyenaOperator(d_model, max_len)) for _ in range(2)]
         model = LM(vocab, d_model, blocks, max_len)

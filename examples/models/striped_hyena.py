@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.models.common import LM, seeded, token_inputs
+from examples.models.common import LM, MAX_LEN, seeded, token_inputs
 
 
 class RMSNorm(nn.Module):
@@ -104,7 +104,7 @@ class ParallelGatedConvBlock(nn.Module):
 
 
 def build():
-    d_model, max_len, vocab = 32, 256, 64
+    d_model, max_len, vocab = 32, MAX_LEN, 64
     with seeded(0):
         blocks = [ParallelGatedConvBlock(d_model, max_len) for _ in range(2)]
         model = LM(vocab, d_model, blocks, max_len, norm_cls=RMSNorm)

@@ -1,0 +1,535 @@
+"""Generation benchmark: a Hyena LM generating greedily from a prompt up to L tokens (batch 1).
+
+Per configuration (layers x d_model) one model and ONE analysis report (at the largest L); every
+decoder below is built from that report. Methods, all timed in the same run on the same model:
+- naive: the recompute loop, model(seq[:, :t+1])[:, -1] for every new token (what users do today);
+- lazy:  the decoder's step program with each long convolution a full dot product over the history
+         (O(t) per step);
+- flash: the decoder's step program with the Flash Inference bank (ours), one decoder per L;
+- floor: the step program with each long convolution cut to its lag-0 term: the per-token work that
+         remains when the mixer costs nothing (not the model's output; a timing floor).
+Generation = prefill the prompt, then greedy decode (argmax of the last logits fed back) up to L
+tokens; a method's time is the whole decode (prefill + steps), us/token = time / (L - prompt).
+
+Flash always runs in full and is validated: its logits, teacher-forced on the sequence it generated,
+against a float64 copy of the model's full forward (rel err), and its tokens against every baseline
+run in full. The baselines' per-step cost vs position t is sampled once per configuration in short
+windows of steps spread over every length segment (common.sample_windows), fitted, and summed over
+each run (common.fit_cost / integrate_cost). A baseline whose estimated run exceeds --full-limit-s
+is reported as the estimate: marked '~' in tables and listed in the "est" column. At the smallest L
+a wider limit (--validate-limit-s) applies, so the estimator is checked against full runs.
+"One eager forward" is model(ids[:, :1]): the model's own cost on a single position.
+
+Run: python benchmarks/generate.py [--quick] [--out bench_out/]
+"""
+
+import argparse
+import copy
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+from lcsm_compile.bench import common
+
+METHODS = ("naive", "lazy", "flash", "floor")
+BASELINES = ("naive", "lazy", "floor")  # may be estimated; flash always runs in full
+BASIS = {"naive": ("1", "t", "tlogt"), "lazy": common.LINEAR, "floor": common.LINEAR}
+MAX_REL_ERR = 1e-5  # float32 decoding vs the float64 teacher-forced forward
+WARMUP_STEPS = 32
+TARGETS = {"lazy_over_flash": 8.0, "flash_over_floor": 1.25, "naive_over_flash": 50.0, "step_over_eager": 1.25}
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def parse_config(s):
+    """'8x256' -> (8, 256): layers x d_model."""
+    try:
+        layers, d = s.lower().split("x")
+        return int(layers), int(d)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"config: expected LAYERSxD_MODEL like 4x128, got {s!r}") from None
+
+
+def int_list(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def config_name(layers, d):
+    return f"{layers}x{d}"
+
+
+def decoder_options(args):
+    """Every keyword the benchmark passes to lcsm_compile.Decoder, built in one place from the flags."""
+    opts = {}
+    if args.compile:
+        opts["compile"] = True  # torch.compile of the step program (a Decoder option, when it exists)
+    return opts
+
+
+def make_decoder(report, L, prompt, conv, options):
+    import lcsm_compile
+
+    try:
+        return lcsm_compile.Decoder(report, max_len=L, example_inputs=(prompt,), conv=conv, **options)
+    except TypeError as e:
+        if options and any(k in str(e) for k in options):
+            raise SystemExit(f"decoder options {sorted(options)}: not accepted by this lcsm_compile.Decoder ({e})") from None
+        raise
+
+
+def progress_bar(args, total, desc):
+    from tqdm import tqdm
+
+    # disable=None: bars only on a terminal (no carriage-return noise in logs)
+    return tqdm(total=total, desc=desc, disable=None if args.progress else True, mininterval=1.0, leave=False,
+                unit="tok", file=sys.stderr, dynamic_ncols=True)
+
+
+# -- generation loops ---------------------------------------------------------------------------
+
+BAR_EVERY = 256  # steps between progress-bar updates (keeps the bar out of the timed loop's cost)
+
+
+def generate_session(decoder, prompt, L, bar=None, keep_logits=False):
+    """Prefill the prompt, then greedy steps up to L tokens on a fresh session of `decoder`.
+
+    Returns dict: tokens [1, L], prefill_s, step_s, time_s, steps, memory_bytes, and logits
+    [L-1, V] for positions 0..L-2 when keep_logits (the step outputs are kept by reference: no copy
+    inside the timed loop).
+    """
+    P = prompt.shape[1]
+    seq = torch.empty(1, L, dtype=prompt.dtype)
+    seq[:, :P] = prompt
+    session = decoder.session()
+    outs = []
+    t0 = time.perf_counter()
+    first = session.prefill(prompt)
+    seq[:, P] = first[:, -1].argmax(-1)
+    t1 = time.perf_counter()
+    for t in range(P, L - 1):
+        out = session.step(seq[:, t : t + 1])
+        seq[:, t + 1] = out[:, -1].argmax(-1)
+        if keep_logits:
+            outs.append(out)
+        if bar is not None and (t - P) % BAR_EVERY == BAR_EVERY - 1:
+            bar.update(BAR_EVERY)
+    t2 = time.perf_counter()
+    res = {"tokens": seq, "prefill_s": t1 - t0, "step_s": t2 - t1, "time_s": t2 - t0, "steps": L - 1 - P,
+           "memory_bytes": session.memory_bytes()}
+    if keep_logits:
+        res["logits"] = torch.cat([first[0]] + [o[0] for o in outs])  # [L-1, V]
+    return res
+
+
+def generate_naive(model, prompt, L, bar=None):
+    """The recompute loop: the model on the growing prefix for every new token."""
+    P = prompt.shape[1]
+    seq = torch.empty(1, L, dtype=prompt.dtype)
+    seq[:, :P] = prompt
+    t0 = time.perf_counter()
+    for t in range(P - 1, L - 1):
+        seq[:, t + 1] = model(seq[:, : t + 1])[:, -1].argmax(-1)
+        if bar is not None and (t - P + 1) % 16 == 15:
+            bar.update(16)
+    return {"tokens": seq, "time_s": time.perf_counter() - t0, "steps": L - P}
+
+
+def warm(decoder, prompt, L):
+    """An untimed short decode: first-call costs (allocator, code paths, compilation) stay out of timings."""
+    generate_session(decoder, prompt, min(L, prompt.shape[1] + 1 + WARMUP_STEPS))
+
+
+# -- per-step cost sampling ---------------------------------------------------------------------
+
+
+class SessionStepper:
+    """step(t): the decoder's step at position t teacher-forced on `tokens`; a jump to a new
+    position re-prefills tokens[:, :t] (the untimed first call of each window pays for it)."""
+
+    def __init__(self, decoder, tokens):
+        self.decoder, self.tokens = decoder, tokens
+        self.session, self.pos, self.outputs = decoder.session(), None, {}
+
+    def __call__(self, t):
+        if self.pos != t:
+            self.session.prefill(self.tokens[:, :t])
+        self.outputs[t] = self.session.step(self.tokens[:, t : t + 1])[0, -1]
+        self.pos = t + 1
+
+
+class NaiveStepper:
+    """step(t): the model on tokens[:, :t+1], keeping the last position's logits."""
+
+    def __init__(self, model, tokens):
+        self.model, self.tokens, self.outputs = model, tokens, {}
+
+    def __call__(self, t):
+        self.outputs[t] = self.model(self.tokens[:, : t + 1])[0, -1]
+
+
+def segments(first, lengths):
+    """Step positions, per length segment: [first, L0 - 1), [L0 - 1, L1 - 1), ... (a run to L steps
+    positions up to L - 2)."""
+    out, a = [], first
+    for L in sorted(lengths):
+        if L - 1 > a:
+            out.append((a, L - 1))
+            a = L - 1
+    return out
+
+
+def sample_cost(step, segs, basis, args):
+    """Time windows of step(t) in every segment, fit cost(t) over all of them. Returns the fit dict."""
+    samples = []
+    for a, b in segs:
+        win = common.sample_windows(lambda k: step(a + k), b - a, positions=args.positions,
+                                    steps=args.window_steps, max_window_s=args.window_s)
+        samples += [(a + k, c) for k, c in win]
+    ts, costs = zip(*samples)
+    coef = common.fit_cost(ts, costs, basis)
+    return {"basis": list(basis), "coef": [float(c) for c in coef],
+            "samples": [[float(t), float(c)] for t, c in samples]}
+
+
+def fitted_total(fit, a, b):
+    """Fitted seconds of the steps at positions a..b-1."""
+    return common.integrate_cost(fit["coef"], fit["basis"], b) - common.integrate_cost(fit["coef"], fit["basis"], a)
+
+
+# -- checks -------------------------------------------------------------------------------------
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def teacher_forced_err(model64, tokens, logits):
+    """Rel err of decoded logits [L-1, V] (positions 0..L-2) vs the float64 model's full forward."""
+    ref = model64(tokens[:, : logits.shape[0]])[0]
+    return rel_err(logits, ref)
+
+
+def token_agreement(tokens, ref_tokens, P):
+    """How the generated part of `tokens` compares with ref_tokens: all equal, or the first mismatch."""
+    a, b = tokens[0, P:], ref_tokens[0, P : tokens.shape[1]]
+    diff = (a != b).nonzero()
+    return {"equal": bool(diff.numel() == 0), "first_mismatch": None if diff.numel() == 0 else P + int(diff[0, 0])}
+
+
+# -- one configuration --------------------------------------------------------------------------
+
+
+def bench_config(layers, d, args, log):
+    import lcsm_compile
+    from lcsm_compile.models.hyena import demo_lm
+
+    name = config_name(layers, d)
+    P, lengths = args.prompt, sorted(args.lengths)
+    Lmax = lengths[-1]
+    opts = decoder_options(args)
+    model = demo_lm(n_layer=layers, d_model=d, vocab=args.vocab, max_len=Lmax, seed=args.seed)
+    model64 = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, args.vocab, (1, P), generator=g)
+
+    t0 = time.perf_counter()
+    report = lcsm_compile.analyze(model, (prompt,), max_len=Lmax)
+    analyze_s = time.perf_counter() - t0
+    if not report.decodable:
+        raise lcsm_compile.NotDecodable(report)
+    log(f"  analyze {analyze_s:.3g} s (max_len {Lmax})")
+
+    # one eager forward of the model on a single position: mean of a batch of calls, best batch
+    one = prompt[:, :1]
+    calls = args.eager_calls
+    eager_s = common.best_time(lambda: [model(one) for _ in range(calls)], repeats=3, warmup=1) / calls
+    log(f"  eager forward on one position {eager_s * 1e6:.0f} us")
+
+    rows = {L: {"config": name, "layers": layers, "d_model": d, "L": L, "prompt": P, "tokens": L - P,
+                "analyze_s": analyze_s, "eager_forward_s": eager_s, "methods": {}} for L in lengths}
+
+    # flash: a decoder per L, always run in full, validated teacher-forced against float64
+    flash_tokens = flash_logits = None
+    for L in lengths:
+        t0 = time.perf_counter()
+        dec = make_decoder(report, L, prompt, "flash", opts)
+        build_s = time.perf_counter() - t0
+        warm(dec, prompt, L)
+        with progress_bar(args, L - 1 - P, f"{name} L={L} flash") as bar:
+            run = generate_session(dec, prompt, L, bar, keep_logits=True)
+        del dec
+        err = teacher_forced_err(model64, run["tokens"], run["logits"])
+        m = {"time_s": run["time_s"], "estimated": False, "build_s": build_s, "prefill_s": run["prefill_s"],
+             "step_s": run["step_s"], "us_per_token": run["time_s"] / (L - P) * 1e6,
+             "us_per_step": run["step_s"] / max(run["steps"], 1) * 1e6, "memory_bytes": run["memory_bytes"],
+             "rel_err": err, "wrong": not err <= MAX_REL_ERR}
+        rows[L]["methods"]["flash"] = m
+        log(f"  L={L} flash {run['time_s']:.4g} s ({m['us_per_step']:.0f} us/step, build {build_s:.3g} s, "
+            f"{run['memory_bytes'] / 2**20:.1f} MiB), teacher-forced rel err {err:.2e}"
+            + ("  WRONG: does not match the model's forward" if m["wrong"] else ""))
+        rows[L]["_flash_tokens"] = run["tokens"]  # compared with the baselines' tokens below
+        if L == Lmax:
+            flash_tokens, flash_logits = run["tokens"], run["logits"]
+        del run
+
+    # baselines: sample cost(t) once per configuration on flash's sequence, then per L full or estimated
+    fits = {}
+    for k in BASELINES:
+        t0 = time.perf_counter()
+        if k == "naive":
+            stepper, dec, prefill_s, build_s = NaiveStepper(model, flash_tokens), None, 0.0, None
+            segs = segments(P - 1, lengths)  # the first call reads the prompt: the naive "prefill"
+        else:
+            dec = make_decoder(report, Lmax, prompt, k, opts)  # per-step cost does not depend on max_len
+            build_s = time.perf_counter() - t0
+            warm(dec, prompt, Lmax)
+            s = dec.session()
+            prefill_s = common.best_time(lambda: s.prefill(prompt), repeats=3, warmup=1)
+            del s
+            stepper, segs = SessionStepper(dec, flash_tokens), segments(P, lengths)
+        fit = sample_cost(stepper, segs, BASIS[k], args)
+        fit["prefill_s"] = prefill_s
+        fit["sampling_s"] = time.perf_counter() - t0
+        if k != "floor":  # the sampled steps, teacher-forced, against flash's logits at the same positions
+            ts = sorted(stepper.outputs)
+            fit["window_rel_diff_vs_flash"] = rel_err(flash_logits[ts], torch.stack([stepper.outputs[t] for t in ts]))
+        del stepper
+        fits[k] = fit
+        log(f"  {k} cost sampled at {len(fit['samples'])} windows in {fit['sampling_s']:.3g} s"
+            + (f", rel diff vs flash {fit['window_rel_diff_vs_flash']:.1e}" if "window_rel_diff_vs_flash" in fit else ""))
+
+        for L in lengths:
+            first = P - 1 if k == "naive" else P
+            est_s = prefill_s + fitted_total(fit, first, L - 1)
+            limit = max(args.full_limit_s, args.validate_limit_s) if L == lengths[0] else args.full_limit_s
+            m = {"estimate_s": est_s, "measured_s": None, "build_s": build_s, "tokens_vs_flash": None}
+            if est_s <= limit:
+                with progress_bar(args, L - P, f"{name} L={L} {k}") as bar:
+                    run = generate_naive(model, prompt, L, bar) if k == "naive" else generate_session(dec, prompt, L, bar)
+                m["measured_s"] = run["time_s"]
+                if k != "floor":  # floor is not the model: its tokens are not expected to match
+                    m["tokens_vs_flash"] = token_agreement(run["tokens"], rows[L]["_flash_tokens"], P)
+                del run
+            m["estimated"] = m["measured_s"] is None
+            m["time_s"] = est_s if m["estimated"] else m["measured_s"]
+            m["us_per_token"] = m["time_s"] / (L - P) * 1e6
+            rows[L]["methods"][k] = m
+            meas = "-" if m["measured_s"] is None else f"{m['measured_s']:.4g} s"
+            agree = m["tokens_vs_flash"]
+            agree = "" if agree is None else ("; tokens equal flash's" if agree["equal"]
+                                              else f"; tokens differ from flash's from position {agree['first_mismatch']}")
+            log(f"  L={L} {k:5s} est {est_s:.4g} s, measured {meas}{agree}")
+        del dec
+
+    out = []
+    for L in lengths:
+        r = rows[L]
+        r.pop("_flash_tokens", None)
+        m = r["methods"]
+        f = m["flash"]["time_s"]
+        r["ratios"] = {
+            "lazy/flash": m["lazy"]["time_s"] / f,
+            "naive/flash": m["naive"]["time_s"] / f,
+            "flash/floor": f / m["floor"]["time_s"],
+            "step/eager": m["flash"]["us_per_step"] * 1e-6 / eager_s,
+        }
+        out.append(r)
+    return out, fits
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def results_table(results):
+    headers = ["config", "L", "analyze_s", "build_s", "naive_s", "lazy_s", "flash_s", "floor_s", "flash_us/tok",
+               "eager_us", "lazy/fl", "naive/fl", "fl/floor", "step/eager", "flash_err", "MiB", "est"]
+    rows = []
+    for r in results:
+        m = r["methods"]
+        est = lambda k: m[k]["estimated"]
+        fl = m["flash"]
+        rows.append([
+            r["config"], r["L"], common.fmt_num(r["analyze_s"]), common.fmt_num(fl["build_s"]),
+            *(common.fmt_num(m[k]["time_s"], est(k)) for k in METHODS),
+            common.fmt_num(fl["us_per_token"]), common.fmt_num(r["eager_forward_s"] * 1e6),
+            common.fmt_num(r["ratios"]["lazy/flash"], est("lazy")),
+            common.fmt_num(r["ratios"]["naive/flash"], est("naive")),
+            common.fmt_num(r["ratios"]["flash/floor"], est("floor")),
+            common.fmt_num(r["ratios"]["step/eager"]),
+            f"{fl['rel_err']:.1e}" + ("!" if fl["wrong"] else ""),
+            common.fmt_num(fl["memory_bytes"] / 2**20),
+            ",".join(k for k in BASELINES if est(k)) or "-",
+        ])
+    return common.format_table(headers, rows)
+
+
+def validation_rows(results):
+    """Every (config, L, method) timed both ways: full run vs estimate, and the relative deviation."""
+    rows = []
+    for r in results:
+        for k in BASELINES:
+            m = r["methods"][k]
+            if m["measured_s"] is not None:
+                rows.append({"config": r["config"], "L": r["L"], "method": k, "measured_s": m["measured_s"],
+                             "estimated_s": m["estimate_s"],
+                             "deviation": (m["estimate_s"] - m["measured_s"]) / m["measured_s"]})
+    return rows
+
+
+def targets(results):
+    """The project's targets, informational: PASS / MISS / n/a (configuration not in this run)."""
+    find = lambda c, L: next((r for r in results if r["config"] == c and r["L"] == L), None)
+    out = []
+
+    def add(text, r, key, method, ok):
+        v = None if r is None else r["ratios"][key]
+        est = bool(r is not None and method is not None and r["methods"][method]["estimated"])
+        out.append({"target": text, "value": v, "estimated": est,
+                    "status": "n/a" if v is None else ("PASS" if ok(v) else "MISS")})
+
+    add("flash vs lazy >= 8x at L=32768 for 8x256", find("8x256", 32768), "lazy/flash", "lazy",
+        lambda v: v >= TARGETS["lazy_over_flash"])
+    configs = list(dict.fromkeys(r["config"] for r in results))
+    for c in configs:
+        add(f"flash within 1.25x of the floor at L=16384 for {c}", find(c, 16384), "flash/floor", "floor",
+            lambda v: v <= TARGETS["flash_over_floor"])
+    add("flash >= 50x faster than naive at L=8192 for 8x256", find("8x256", 8192), "naive/flash", "naive",
+        lambda v: v >= TARGETS["naive_over_flash"])
+    for c in configs:
+        r = max((r for r in results if r["config"] == c), key=lambda r: r["L"])
+        add(f"flash step <= 1.25x one eager forward on one position for {c} (L={r['L']})", r, "step/eager", None,
+            lambda v: v <= TARGETS["step_over_eager"])
+    return out
+
+
+def plot(results, path):
+    colors = {"naive": "tab:purple", "lazy": "tab:red", "flash": "tab:blue", "floor": "tab:gray"}
+    styles = ["-", "--", ":", "-."]
+    series = []
+    for i, c in enumerate(dict.fromkeys(r["config"] for r in results)):
+        rs = sorted((r for r in results if r["config"] == c), key=lambda r: r["L"])
+        for k in METHODS:
+            series.append({"x": [r["L"] for r in rs], "y": [r["methods"][k]["time_s"] for r in rs],
+                           "estimated": [r["methods"][k]["estimated"] for r in rs],
+                           "label": f"{k} {c}", "color": colors[k], "linestyle": styles[i % len(styles)]})
+    common.plot_loglog(path, series, ylabel="seconds to generate up to L tokens (hollow = estimated)",
+                       title="Hyena LM greedy generation time vs L (batch 1)")
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="lcsm-compile bench generate", description=__doc__.split("\n")[0])
+    p.add_argument("--configs", type=lambda s: [parse_config(c) for c in s.split(",") if c],
+                   default=[(4, 128), (8, 256)], help="LAYERSxD_MODEL,... (default 4x128,8x256)")
+    p.add_argument("--lengths", type=int_list, default=[4096, 8192, 16384, 32768],
+                   help="total sequence lengths L, comma separated (default 4096,8192,16384,32768)")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefilled)")
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--out", default="bench_out/")
+    p.add_argument("--full-limit-s", type=float, default=30.0,
+                   help="a baseline whose estimated run exceeds this many seconds is reported as the estimate")
+    p.add_argument("--validate-limit-s", type=float, default=90.0,
+                   help="the limit at the smallest L instead, so the estimator is checked against full runs")
+    p.add_argument("--compile", action="store_true",
+                   help="pass compile=True to lcsm_compile.Decoder (torch.compile of the step program)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes (2x32, vocab 64, prompt 16, L 128,256): a smoke test in seconds")
+    p.add_argument("--positions", type=int, default=4, help="estimator: windows per length segment")
+    p.add_argument("--window-steps", type=int, default=32, help="estimator: timed steps per window (at most)")
+    p.add_argument("--window-s", type=float, default=0.5, help="estimator: seconds per window (at most)")
+    p.add_argument("--eager-calls", type=int, default=20, help="eager forwards per timed batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default, all cores)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.quick:
+        # every baseline runs in full at the smallest L (estimator check) and is estimated above it
+        args.configs, args.lengths, args.prompt, args.vocab = [(2, 32)], [128, 256], 16, 64
+        args.full_limit_s, args.validate_limit_s = 0.0, float("inf")
+        args.positions, args.window_steps, args.window_s, args.eager_calls = 3, 12, 0.2, 5
+    if args.prompt < 1 or min(args.lengths) <= args.prompt + 1:
+        p.error(f"every length must exceed the prompt ({args.prompt}) + 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # analysis notes on the model are not the benchmark's output
+            return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # --threads must not leak into a caller's process (tests)
+
+
+def _run(args):
+    started = time.perf_counter()
+    log = lambda s: print(s, flush=True)
+    progress = lambda s: log(f"[{time.perf_counter() - started:7.1f} s] {s}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    info = common.machine_info()
+    opts = decoder_options(args)
+    log(f"generation benchmark: torch {info['torch']}, {info['threads']} threads, {info['cpu_model']}; "
+        f"prompt {args.prompt}, vocab {args.vocab}, full-limit {args.full_limit_s:g} s, decoder options {opts or '{}'}")
+
+    results, fits = [], {}
+    for layers, d in args.configs:
+        name = config_name(layers, d)
+        progress(f"config {name} (layers {layers}, d_model {d}), L {sorted(args.lengths)}")
+        rs, fits[name] = bench_config(layers, d, args, progress)
+        results += rs
+
+    log(f"\nSeconds to generate from a {args.prompt}-token prompt up to L tokens (batch 1, greedy; prefill + steps); "
+        "'~' = estimated from sampled steps (see 'est').\nanalyze_s: analysis per config; build_s: flash Decoder "
+        "per L; eager_us: one eager forward on one position; step/eager: flash us/step over it.")
+    log(results_table(results))
+
+    val = validation_rows(results)
+    log("\nEstimator check (estimate vs full run):")
+    log(common.format_table(["config", "L", "method", "measured_s", "estimated_s", "dev"],
+                            [[v["config"], v["L"], v["method"], common.fmt_num(v["measured_s"]),
+                              common.fmt_num(v["estimated_s"]), f"{v['deviation']:+.1%}"] for v in val])
+        if val else "  (no baseline run in full)")
+
+    log("\nExactness: flash logits teacher-forced on the generated sequence vs the float64 model's forward; "
+        "tokens vs every baseline run in full:")
+    for r in results:
+        fl = r["methods"]["flash"]
+        agree = []
+        for k in ("naive", "lazy"):
+            a = r["methods"][k]["tokens_vs_flash"]
+            if a is not None:
+                agree.append(f"{k} " + ("equal" if a["equal"] else f"differ from {a['first_mismatch']}"))
+        log(f"  {r['config']} L={r['L']}: rel err {fl['rel_err']:.2e} ({'WRONG' if fl['wrong'] else 'ok'}); "
+            f"tokens: {', '.join(agree) or 'no full baseline run'}; flash memory {fl['memory_bytes'] / 2**20:.1f} MiB")
+    for name, f in fits.items():
+        d = [f"{k} {f[k]['window_rel_diff_vs_flash']:.1e}" for k in ("naive", "lazy")]
+        log(f"  {name}: sampled baseline steps vs flash logits (teacher-forced) rel diff: {', '.join(d)}")
+
+    tg = targets(results)
+    log("\nTargets (informational):")
+    for t in tg:
+        v = "-" if t["value"] is None else common.fmt_num(t["value"], t["estimated"])
+        log(f"  {t['status']:4s}  {t['target']}: {v}")
+
+    wall = time.perf_counter() - started
+    os.makedirs(args.out, exist_ok=True)
+    json_path, png_path = os.path.join(args.out, "generate.json"), os.path.join(args.out, "generate.png")
+    config = dict(vars(args))
+    config["configs"] = [config_name(*c) for c in args.configs]
+    config = {k: (None if isinstance(v, float) and v == float("inf") else v) for k, v in config.items()}  # strict JSON
+    common.write_json(json_path, {
+        "benchmark": "generate", "machine": info, "config": config, "decoder_options": opts,
+        "results": results, "fits": fits, "validation": val, "targets": tg, "wall_s": wall,
+    })
+    plot(results, png_path)
+    log(f"\nwrote {json_path} and {png_path} ({wall:.1f} s)")
+    return 0
