@@ -5,6 +5,9 @@ from lcsm_compile.engine import OnlineConv
 from lcsm_compile.analysis import analyze, register_mixer
 from lcsm_compile.report import Candidate, Reason, Report, Verdict
 from lcsm_compile.decoder import Decoder, optimize
+from lcsm_compile.logs import configure_from_env as _configure_logs
+
+_configure_logs()  # LCSM_LOGS=detect,passes,schedule,kernels,backend (lcsm_compile/logs.py): reads the environment only
 
 __all__ = [
     "OnlineConv",

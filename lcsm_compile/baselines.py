@@ -57,8 +57,12 @@ class _Bank:
     def advance(self):
         self.position += 1
 
+    def memory_breakdown(self):
+        size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
+        return {"filters": size(self.h), "history": size(self.X)}
+
     def memory_bytes(self):
-        return sum(t.numel() * t.element_size() for t in (self.h, self.X) if t is not None)
+        return sum(self.memory_breakdown().values())
 
 
 class LazyConv(_Bank):

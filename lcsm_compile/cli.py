@@ -1,12 +1,751 @@
-"""`lcsm-compile`: the command line. Each subcommand prints a readable table, or JSON on request."""
+"""`lcsm-compile`: the command line. Each subcommand prints a readable table, or JSON with --json.
+
+MODEL is `module:factory` or `path.py:factory` (the current directory is on sys.path for module
+specs); the factory returns a model or a (model, example_inputs) pair. For a bare model describe
+the example inputs: `--input-shape 2,64 --vocab 256` (token ids) or `--input-shape 2,64,16`
+(floats, `--dtype`). Errors are one line `lcsm-compile: error: ...` with exit status 2.
+
+    detect MODEL            candidates, verdicts and reasons (exit 0 either way unless --strict)
+    explain MODEL NAME      source lines and subgraph behind one candidate's verdict
+    passes MODEL            every pass: --print-after-all, --print-before P, --stop-after P, --diff, --timing
+    schedule MODEL          the step program's layer schedule (--format text|dot|json)
+    kernels [MODEL]         Triton specialisations chosen; --dump DIR, --check (TRITON_INTERPRET=1 on CPU)
+    verify MODEL            teacher-forced exactness against the float64 model (exit 1 past --tol)
+    bench MODEL             greedy generation: eager recompute loop vs the lcsm decoder (--plot)
+    bench mixer [...]       the mixer benchmark (lcsm_compile.bench.mixer)
+    tune, demo
+
+LCSM_LOGS=detect,passes,schedule,kernels,backend (or all, +debug) logs each area to stderr.
+"""
 
 import argparse
+import ast
+import difflib
+import importlib.util
 import json
+import os
+import re
 import sys
+import time
+import warnings
 
 from lcsm_compile import demo
-from lcsm_compile.errors import LcsmError
+from lcsm_compile.errors import LcsmError, NotDecodable
+from lcsm_compile.logs import get_logger
 
+ANALYSIS_PASSES = ("capture", "canonicalize", "time_axis", "detect", "properties", "safety_net")
+DECODE_PASSES = ("decode_rewrite", "layer_schedule")
+PASS_NAMES = ANALYSIS_PASSES + DECODE_PASSES
+
+
+class CliError(LcsmError):
+    """A usage error found after parsing (unknown candidate, unknown pass, ...): exit 2."""
+
+
+def _quiet_warnings():
+    # torch's own deprecation noise when the decoder deep-copies exported graphs
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+
+
+def _dumps(data):
+    return json.dumps(data, indent=2, default=str)
+
+
+# -- loading and the shared pipeline ------------------------------------------------------------
+
+def _model_args(p, *, optional=False):
+    p.add_argument("model", metavar="MODEL", nargs="?" if optional else None,
+                   help="module:factory or path.py:factory; the factory returns a model or (model, example_inputs)")
+    g = p.add_argument_group("model inputs (needed when the factory returns a bare model)")
+    g.add_argument("--input-shape", metavar="B,L[,D...]", help="example input shape, the sequence on dim 1")
+    g.add_argument("--vocab", type=int, help="token ids are drawn from [0, VOCAB)")
+    g.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16", "int64", "int32"],
+                   help="example input dtype (default float32, or int64 with --vocab)")
+    g.add_argument("--max-len", type=int, help="longest sequence served (default: model.max_len, else the example length)")
+    g.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the factory (repeatable)")
+    g.add_argument("--seed", type=int, default=0, help="seed of generated inputs")
+
+
+def _load(args):
+    from lcsm_compile.loading import load
+
+    start = time.perf_counter()
+    loaded = load(args.model, input_shape=args.input_shape, vocab=args.vocab, dtype=args.dtype,
+                  max_len=args.max_len, kwargs=args.arg, seed=args.seed)
+    x = loaded.inputs[0]
+    get_logger("passes").info("loaded %s: %s, input %s %s, max_len %s (%.2f s)", args.model, type(loaded.model).__name__,
+                              list(x.shape), str(x.dtype).replace("torch.", ""), loaded.max_len, time.perf_counter() - start)
+    return loaded
+
+
+def _analyze(loaded, capture="export"):
+    from lcsm_compile.analysis import analyze
+
+    report = analyze(loaded.model, loaded.inputs, max_len=loaded.max_len, capture=capture)
+    plog, dlog = get_logger("passes"), get_logger("detect")
+    for name, dump, seconds in report.passes:
+        plog.info("pass %-13s %8.3f s  (%d dump lines)", name, seconds, dump.count("\n") + 1 if dump else 0)
+        plog.debug("after %s:\n%s", name, dump)
+    for c in report.candidates:
+        dlog.info("%s: %s %s %s%s%s", c.name, c.spelling, c.kind, c.verdict.value,
+                  f" {c.reason.value}" if c.reason else "", f" at {c.module_path}" if c.module_path else "")
+        dlog.debug("%s: %s | %s", c.name, c.explanation, c.source)
+    dlog.info("decodable=%s (%d accepted, %d rejected)", report.decodable, len(report.accepted), len(report.rejected))
+    return report
+
+
+def _optimize(loaded, **kwargs):
+    from lcsm_compile.decoder import Decoder
+
+    report = _analyze(loaded)
+    if not report.decodable:
+        raise NotDecodable(report)
+    start = time.perf_counter()
+    decoder = Decoder(report, max_len=report.capture.max_len, example_inputs=loaded.inputs, **kwargs)
+    get_logger("passes").info("decoder built in %.3f s (decode rewrite, bank, schedule)", time.perf_counter() - start)
+    return decoder
+
+
+def _long_sites(report):
+    return [c for c in report.accepted if c.kind == "long"]
+
+
+# -- detect -------------------------------------------------------------------------------------
+
+def _detect(args):
+    report = _analyze(_load(args), args.capture)
+    if args.json:
+        print(_dumps({"model": args.model, **json.loads(report.to_json())}))
+    else:
+        print(report.table())
+    return 1 if args.strict and not report.decodable else 0
+
+
+# -- explain ------------------------------------------------------------------------------------
+
+_TORCH_DIR = os.path.dirname(os.path.dirname(importlib.util.find_spec("torch").origin))
+_DETECT_LINE = re.compile(r"in=(\S+) out=(\S+) conv=(\S+)")
+
+
+def _ancestors(node, stop=()):
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in seen and a not in stop:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _user_frames(node):
+    """[(file, line, function, code)] of the stack trace outside torch, innermost last."""
+    lines = (node.meta.get("stack_trace") or "").splitlines()
+    frames = []
+    for i, ln in enumerate(lines):
+        m = re.match(r'\s*File "(.+)", line (\d+), in (\S+)', ln)
+        if m:
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].strip().startswith("File ") else ""
+            frames.append((m.group(1), int(m.group(2)), m.group(3), code))
+    return [f for f in frames if not f[0].startswith(_TORCH_DIR)]
+
+
+def _short_path(path):
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def _module_stack(node):
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, cls in stack.values():
+        path = path.replace("L['self'].", "").replace("L['self']", "")
+        cls = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+        if path:
+            out.append({"path": path, "class": cls.rsplit(".", 1)[-1]})
+    return out
+
+
+def _node_text(node):
+    def arg(a):
+        if hasattr(a, "name") and hasattr(a, "op"):
+            return "%" + a.name
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(arg(x) for x in a) + "]"
+        return str(a)
+
+    target = node.target if node.op != "call_function" else str(getattr(node.target, "__name__", node.target))
+    if node.op == "call_function" and hasattr(node.target, "_overloadpacket"):
+        target = str(node.target)
+    args = ", ".join([arg(a) for a in node.args] + [f"{k}={arg(v)}" for k, v in node.kwargs.items()])
+    text = f"{node.op}" if node.op in ("placeholder", "output") else f"{target}({args})"
+    if node.op == "get_attr":
+        text = f"get_attr {node.target}"
+    val = node.meta.get("val")
+    shape = ""
+    if hasattr(val, "shape") and hasattr(val, "dtype"):
+        shape = f"[{', '.join(str(d) for d in val.shape)}] {str(val.dtype).replace('torch.', '')}"
+    return text, shape
+
+
+def _explain_data(report, cand):
+    gm = getattr(report.captured, "gm", None)
+    data = {"name": cand.name, **cand.to_dict(), "decodable": report.decodable, "module_stack": [], "source_lines": [],
+            "stack_trace": "", "subgraph": []}
+    if gm is None or cand.name == "model":  # a capture failure, or the whole-model safety net
+        data["note"] = ("no graph: the model could not be captured" if gm is None else
+                        "whole-model check (causality under perturbation of the future, prefix stability): "
+                        + "; ".join(f"{k} {'passed' if v['passed'] else 'FAILED'} (rel err {v['rel_err']:.1e})"
+                                    for k, v in report.safety.items()))
+        return data
+    nodes = {n.name: n for n in gm.graph.nodes}
+    node = nodes.get(cand.name)
+    roles = {}
+    k = cand.conv
+    ends = None
+    if k is not None:
+        ends = (k.input, k.output)
+        roles.update({n.name: "filter" for n in k.filter_nodes})
+    else:  # the detect pass's dump names the rejected match's input and output
+        for name, dump, _ in report.passes:
+            for line in dump.splitlines() if name == "detect" else ():
+                m = _DETECT_LINE.search(line)
+                if m and m.group(3) == cand.name and m.group(1) in nodes and m.group(2) in nodes:
+                    ends = (nodes[m.group(1)], nodes[m.group(2)])
+    if ends is not None:  # everything the output needs that the input does not: data path + filter
+        inp, out = ends
+        region = ({out} | _ancestors(out)) - _ancestors(inp)
+        roles[inp.name], roles[out.name] = "input", "output"
+    elif node is not None:  # a time-mixing op: its ancestors inside its own module, and the op
+        path = cand.module_path
+        inside = lambda n: bool(_module_stack(n)) and _module_stack(n)[-1]["path"].startswith(path)  # noqa: E731
+        region = {node} | {a for a in _ancestors(node) if path and inside(a)} | set(node.all_input_nodes)
+    else:
+        region = set()
+    if node is not None:
+        roles[node.name] = "conv" if k is not None or ends is not None else "op"
+        data["module_stack"] = _module_stack(node)
+        data["stack_trace"] = (node.meta.get("stack_trace") or "").rstrip()
+    if cand.offending and cand.offending in nodes:
+        region.add(nodes[cand.offending])
+        roles[cand.offending] = "offending"
+    seen_src = set()
+    for n in gm.graph.nodes:
+        if n not in region:
+            continue
+        frames = _user_frames(n) if n.op == "call_function" else []
+        where = ""
+        if frames:
+            f, line, fn, code = frames[-1]
+            where = f"{_short_path(f)}:{line}"
+            if (f, line) not in seen_src:
+                seen_src.add((f, line))
+                data["source_lines"].append({"file": _short_path(f), "line": line, "function": fn, "code": code})
+        text, shape = _node_text(n)
+        data["subgraph"].append({"name": n.name, "role": roles.get(n.name, ""), "op": n.op, "code": text,
+                                 "shape": shape, "source": where})
+    return data
+
+
+_ROLE_MARK = {"input": ">", "output": "<", "conv": "*", "op": "*", "filter": "f", "offending": "!"}
+
+
+def _explain_text(d):
+    out = [f"{d['name']}: {d['spelling']} ({d['kind']}) {d['verdict']}" + (f" {d['reason']}" if d["reason"] else "")]
+    if d["module_stack"]:
+        out.append("  module: " + " > ".join(f"{m['path']} ({m['class']})" for m in d["module_stack"]))
+    if d["explanation"]:
+        out.append(f"  why: {d['explanation']}")
+    if d.get("offending"):
+        out.append(f"  offending node: %{d['offending']}")
+    if d.get("note"):
+        out.append(f"  {d['note']}")
+    if d["source_lines"]:
+        out.append("source lines (innermost user frame of each node, in graph order):")
+        for s in d["source_lines"]:
+            out.append(f"  {s['file']}:{s['line']} in {s['function']}")
+            if s["code"]:
+                out.append(f"      {s['code']}")
+    if d["subgraph"]:
+        out.append(f"subgraph: {len(d['subgraph'])} nodes  (> input, < output, * the op, f filter, ! offending)")
+        w = min(24, max(len(n["name"]) for n in d["subgraph"]))
+        cw = min(72, max(len(n["code"]) for n in d["subgraph"]))
+        sw = max(len(n["shape"]) for n in d["subgraph"])
+        cut = lambda s, k: s if len(s) <= k else s[: k - 3] + "..."  # noqa: E731
+        for n in d["subgraph"]:
+            out.append(f"  {_ROLE_MARK.get(n['role'], ' ')} %{cut(n['name'], w):<{w}} = {cut(n['code'], cw):<{cw}}  "
+                       f"{n['shape']:<{sw}}  {n['source']}".rstrip())
+    return "\n".join(out)
+
+
+def _explain(args):
+    report = _analyze(_load(args), args.capture)
+    by_name = {c.name: c for c in report.candidates}
+    if args.name not in by_name:
+        raise CliError(f"no candidate named {args.name!r}; valid names: {', '.join(by_name) or '(none)'}")
+    data = _explain_data(report, by_name[args.name])
+    print(_dumps({"model": args.model, **data}) if args.json else _explain_text(data))
+    return 0
+
+
+# -- passes -------------------------------------------------------------------------------------
+
+def _check_pass(name, flag):
+    if name is not None and name not in PASS_NAMES:
+        raise CliError(f"{flag}: unknown pass {name!r}; passes: {', '.join(PASS_NAMES)}")
+
+
+def _decode_passes(report, stop_after):
+    """decode_rewrite (and layer_schedule where this build has it), timed like the analysis passes."""
+    from lcsm_compile.passes import decode_rewrite
+    from lcsm_compile.tuning import crossover_for
+
+    entries, notes = [], []
+    start = time.perf_counter()
+    convs = [c for c in report.accepted if c.kind in ("long", "short")]
+    programs = decode_rewrite.run(report.captured, convs)
+    dump = "\n".join(f"# {name} program\n{text.rstrip()}" for name, text in programs.dumps.items())
+    entries.append(("decode_rewrite", dump, time.perf_counter() - start))
+    if stop_after == "decode_rewrite":
+        return entries, notes
+    try:
+        from lcsm_compile.passes import layer_schedule
+    except ImportError:
+        notes.append("layer_schedule: not in this build")
+        return entries, notes
+    start = time.perf_counter()
+    x = report.captured.user_inputs[0] if getattr(report.captured, "user_inputs", None) else None
+    device = getattr(x, "device", "cpu")
+    schedule = layer_schedule.run(programs.step, programs.sites, max_len=report.capture.max_len,
+                                  crossover=crossover_for(device),
+                                  bank_width=sum(s.width for s in programs.sites if s.kind == "long"))
+    entries.append(("layer_schedule", schedule.table(), time.perf_counter() - start))
+    return entries, notes
+
+
+def _passes(args):
+    for name, flag in [(args.stop_after, "--stop-after")] + [(p, "--print-before") for p in args.print_before] + \
+            [(p, "--print-after") for p in args.print_after]:
+        _check_pass(name, flag)
+    loaded = _load(args)
+    report = _analyze(loaded, args.capture)
+    entries, notes = list(report.passes), list(report.notes)
+    names = [e[0] for e in entries]
+    stop = args.stop_after
+    if stop in names:
+        entries = entries[: names.index(stop) + 1]
+    elif stop in ANALYSIS_PASSES:
+        notes.append(f"--stop-after {stop}: the analysis ended before that pass")
+    if stop is None or stop in DECODE_PASSES:
+        if report.decodable:
+            more, more_notes = _decode_passes(report, stop)
+            log = get_logger("passes")
+            for name, dump, seconds in more:
+                log.info("pass %-13s %8.3f s  (%d dump lines)", name, seconds, dump.count("\n") + 1)
+            entries += more
+            notes += more_notes
+        else:
+            notes.append("decode_rewrite, layer_schedule: skipped (the model is not decodable; see `lcsm-compile detect`)")
+    if stop in PASS_NAMES[PASS_NAMES.index("safety_net") + 1:] and stop not in [e[0] for e in entries]:
+        notes.append(f"--stop-after {stop}: that pass did not run")
+
+    show_dumps = args.print_after_all or args.print_before or args.print_after or args.diff
+    before = repr(loaded.model)  # what the first pass receives
+    prev = {}
+    for i, (name, _, _) in enumerate(entries):
+        prev[name] = entries[i - 1][1] if i else before
+    total = sum(s for _, _, s in entries)
+    if args.json:
+        data = {"model": args.model, "decodable": report.decodable, "stopped_after": stop,
+                "total_seconds": round(total, 4), "notes": notes, "passes": []}
+        for name, dump, seconds in entries:
+            e = {"name": name, "seconds": round(seconds, 4), "dump_lines": dump.count("\n") + 1 if dump else 0}
+            if args.print_after_all or name in args.print_after:
+                e["dump"] = dump
+            if name in args.print_before:
+                e["before"] = prev[name]
+            if args.diff:
+                e["diff"] = _diff(prev[name], dump, entries, name)
+            data["passes"].append(e)
+        print(_dumps(data))
+        return 0
+
+    out = []
+    for name, dump, seconds in entries:
+        if name in args.print_before:
+            out += [f"=== before {name} ===", prev[name].rstrip()]
+        if args.diff:
+            out += [f"=== diff {name} ===", _diff(prev[name], dump, entries, name).rstrip() or "(no change)"]
+        if args.print_after_all or name in args.print_after:
+            out += [f"=== after {name} ({seconds:.3f} s) ===", dump.rstrip()]
+    if not show_dumps or args.timing:
+        if out:
+            out.append("")
+        out.append(f"passes of {args.model}: decodable={report.decodable}")
+        head = f"{'pass':<16}{'dump lines':>11}" + (f"{'seconds':>10}{'share':>8}" if args.timing else "")
+        out += [head, "-" * len(head)]
+        for name, dump, seconds in entries:
+            row = f"{name:<16}{(dump.count(chr(10)) + 1 if dump else 0):>11}"
+            if args.timing:
+                row += f"{seconds:>10.3f}{100 * seconds / total if total else 0:>7.1f}%"
+            out.append(row)
+        if args.timing:
+            out.append(f"{'total':<16}{'':>11}{total:>10.3f}")
+    out += [f"note: {n}" for n in notes]
+    print("\n".join(out))
+    return 0
+
+
+def _diff(before, after, entries, name):
+    names = [e[0] for e in entries]
+    i = names.index(name)
+    a = f"after {names[i - 1]}" if i else "model"
+    return "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), a, f"after {name}", n=1))
+
+
+# -- schedule -----------------------------------------------------------------------------------
+
+def _schedule(args):
+    decoder = _optimize(_load(args))
+    sched = getattr(decoder, "schedule", None)
+    if sched is None:
+        raise CliError("this build's Decoder has no layer schedule (decoder.schedule)")
+    data = sched.to_json()
+    log = get_logger("schedule")
+    log.info("%d levels, critical path %s, %d tile groups", len(data["levels"]), " -> ".join(data["critical_path"]),
+             len(data["tile_groups"]))
+    fmt = "json" if args.json else args.format
+    if fmt == "json":
+        print(_dumps({"model": args.model, **data}))
+    elif fmt == "dot":
+        print(sched.to_dot())
+    else:
+        print(sched.table())
+    return 0
+
+
+# -- kernels ------------------------------------------------------------------------------------
+
+KERNEL_SOURCES = {"update": ("lcsm_compile.kernels.triton_update", "_update_kernel"),
+                  "direct_tile": ("lcsm_compile.kernels.triton_direct", "_direct_tile_kernel")}
+
+
+def kernel_plan(sites, *, max_len, crossover, state_dtype, bank_channels=None):
+    """The Triton specialisations a CUDA decode launches: the red cell once per long-conv site
+    (channel block from the site's width), the direct tile per size U <= crossover over the bank.
+    sites: [(name, channels, io dtype name)]. Returns (specs, fft tile sizes)."""
+    from lcsm_compile.kernels.triton_common import block_c_direct, block_c_update
+    from lcsm_compile.schedule import tile_sizes
+
+    C = bank_channels or sum(c for _, c, _ in sites)
+    specs = {}
+    for name, width, io in sites:
+        key = ("update", block_c_update(width), io)
+        spec = specs.setdefault(key, {"kernel": "update", "constexprs": {"BLOCK_C": block_c_update(width)},
+                                      "state_dtype": state_dtype, "io_dtype": io, "channels": width, "sites": [],
+                                      "when": "every step: the red cell of each site"})
+        spec["sites"].append(name)
+        spec["channels"] = max(spec["channels"], width)
+    ffts = []
+    for U in tile_sizes(0, max_len):
+        if U >= 2 * crossover:  # the engine: direct tiles below its block of 2 x crossover rows
+            ffts.append(U)
+            continue
+        specs[("direct_tile", U)] = {"kernel": "direct_tile", "constexprs": {"U": U, "BLOCK_C": block_c_direct(C, U)},
+                                     "state_dtype": state_dtype, "io_dtype": None, "channels": C,
+                                     "sites": [n for n, _, _ in sites],
+                                     "when": f"steps i with i & -i == {U} (one in {2 * U}), one call over the bank"}
+    return list(specs.values()), ffts
+
+
+def _spec_filename(spec):
+    ce = "_".join(f"{k}{v}" for k, v in spec["constexprs"].items())
+    io = f"_io-{spec['io_dtype']}" if spec.get("io_dtype") else ""
+    return f"{spec['kernel']}_{ce}_{spec['state_dtype']}{io}.py"
+
+
+def _kernel_source(kernel):
+    """(path, first line, source with decorator) of a @triton.jit function, read from its file
+    without importing triton."""
+    module, func = KERNEL_SOURCES[kernel]
+    path = importlib.util.find_spec(module).origin
+    with open(path) as f:
+        text = f.read()
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef) and node.name == func:
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+            lines = text.splitlines()[start - 1 : node.end_lineno]
+            return path, start, "\n".join(lines)
+    raise CliError(f"kernel source {module}.{func} not found")
+
+
+def dump_kernels(specs, folder):
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    for spec in specs:
+        path, line, src = _kernel_source(spec["kernel"])
+        constexprs = ", ".join(f"{k}={v}" for k, v in spec["constexprs"].items())
+        text = (f'"""lcsm_compile Triton kernel `{spec["kernel"]}`, specialisation {constexprs}\n'
+                f"state dtype {spec['state_dtype']}, io dtype {spec.get('io_dtype') or '-'}, {spec['channels']} channels\n"
+                f"{spec['when']}\nsource: {path}:{line}\n\"\"\"\n\n"
+                "import triton\nimport triton.language as tl\n\n"
+                f"SPECIALISATION = {json.dumps({k: spec[k] for k in ('kernel', 'constexprs', 'state_dtype', 'io_dtype', 'channels')})}\n\n\n"
+                f"{src}\n")
+        out = os.path.join(folder, _spec_filename(spec))
+        with open(out, "w") as f:
+            f.write(text)
+        written.append(out)
+    return written
+
+
+def _kernels(args):
+    from lcsm_compile.engine import state_dtype_for
+    from lcsm_compile.loading import DTYPES
+    from lcsm_compile import tuning
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    crossover = args.crossover or (tuning.crossover_for("cuda") if cuda else tuning.DEFAULTS["cuda"])
+    if args.model:
+        loaded = _load(args)
+        report = _analyze(loaded)
+        if not report.decodable:
+            raise NotDecodable(report)
+        sites = [(c.name, int(c.channels), c.dtype or "float32") for c in _long_sites(report)]
+        max_len, what = report.capture.max_len, args.model
+    else:
+        sites = [("conv", args.channels, args.io_dtype)]
+        max_len, what = args.max_len or 4096, f"one bank of {args.channels} channels"
+    if not sites:
+        raise CliError(f"{what} has no long convolution: no tile kernels to choose")
+    state = str(state_dtype_for(DTYPES[sites[0][2]])).replace("torch.", "")
+    specs, ffts = kernel_plan(sites, max_len=max_len, crossover=crossover, state_dtype=state)
+    log = get_logger("kernels")
+    for s in specs:
+        log.info("chosen %s %s state=%s io=%s C=%d", s["kernel"], s["constexprs"], s["state_dtype"], s["io_dtype"], s["channels"])
+    data = {"model": args.model, "channels": sum(c for _, c, _ in sites), "max_len": max_len, "crossover": crossover,
+            "state_dtype": state, "kernels": specs, "fft_tile_sizes": ffts, "cuda": cuda,
+            "note": ("the decoder launches these on CUDA tensors" if cuda else
+                     "no CUDA here: the decoder runs the torch kernels; these are what a CUDA decode launches")}
+    if args.dump:
+        data["dumped"] = dump_kernels(specs, args.dump)
+    failed = False
+    if args.check:
+        from lcsm_compile import verify
+
+        res = verify.check_kernels(specs)
+        data["check_device"], data["launched"] = res["device"], res["launched"]
+        for spec, r in zip(specs, res["results"]):
+            spec.update({k: r[k] for k in ("rel_err", "tol", "passed", "seconds", "error") if k in r})
+            log.info("check %s %s: rel err %s", spec["kernel"], spec["constexprs"], spec["rel_err"])
+        failed = not all(s["passed"] for s in specs)
+    if args.json:
+        print(_dumps(data))
+        return 1 if failed else 0
+    out = [f"Triton specialisations for {what}: bank of {data['channels']} channels, max_len {max_len}, "
+           f"crossover {crossover} (direct tiles U <= {crossover}), state {state}"]
+    head = f"{'kernel':<12} {'constexprs':<18} {'state':<8} {'io':<9} {'C':>5}" + \
+           (f" {'rel err':>9} {'tol':>7}  ok" if args.check else "") + "  when"
+    out += [head, "-" * len(head)]
+    for s in specs:
+        ce = ", ".join(f"{k}={v}" for k, v in s["constexprs"].items())
+        row = f"{s['kernel']:<12} {ce:<18} {s['state_dtype']:<8} {s['io_dtype'] or '-':<9} {s['channels']:>5}"
+        if args.check:
+            err = "error" if s.get("rel_err") is None else f"{s['rel_err']:.1e}"
+            row += f" {err:>9} {s['tol'] or 0:>7.0e}  {'yes' if s['passed'] else 'NO'}"
+        out.append(row + f"  {s['when']}")
+    if ffts:
+        out.append(f"FFT tiles U in {ffts} run torch.fft on the channel-major history (no Triton kernel)")
+    out.append(f"note: {data['note']}")
+    if args.check:
+        out.append(f"checked against lcsm_compile.kernels.reference on {data['check_device']}")
+        out += [f"error in {s['kernel']} {s['constexprs']}: {s['error']}" for s in specs if s.get("error")]
+    if args.dump:
+        out.append(f"wrote {len(data['dumped'])} kernel sources to {args.dump}")
+    print("\n".join(out))
+    return 1 if failed else 0
+
+
+# -- verify -------------------------------------------------------------------------------------
+
+def _progress(args):
+    if args.json or args.no_progress:
+        return None
+    from tqdm import tqdm
+
+    return lambda it, desc: tqdm(it, desc=desc, unit="pos", leave=False)
+
+
+def _ints(text, flag):
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise CliError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def _verify(args):
+    from lcsm_compile import verify
+    from lcsm_compile.loading import random_inputs
+
+    loaded = _load(args)
+    decoder = _optimize(loaded)
+    length = args.length or loaded.length
+    if length > decoder.max_len:
+        raise CliError(f"--length {length} exceeds the decoder's max_len {decoder.max_len}")
+    inputs = random_inputs(loaded, length, seed=args.seed + 1)  # fresh inputs, not the example ones
+    prompt_lens = _ints(args.prompt_lens, "--prompt-lens") if args.prompt_lens else verify.default_prompt_lens(length)
+    bad = [p for p in prompt_lens if not 1 <= p <= length]
+    if bad:
+        raise CliError(f"--prompt-lens: {bad} outside [1, {length}]")
+    res = verify.teacher_forced(loaded.model, decoder, inputs, prompt_lens, tol=args.tol, progress=_progress(args))
+    if args.json:
+        print(_dumps({"model": args.model, **res}))
+    else:
+        out = [f"teacher-forced decoding of {args.model}: {length} positions, batch {inputs[0].shape[0]}, "
+               f"reference = the model in float64, tol {args.tol:g}",
+               f"{'prompt':>7} {'steps':>6} {'max rel err':>12} {'at':>5} {'prefill err':>12} {'step err':>10} {'seconds':>8}"]
+        for r in res["runs"]:
+            step = "-" if r["step_max_rel_err"] is None else f"{r['step_max_rel_err']:.2e}"
+            out.append(f"{r['prompt_len']:>7} {r['steps']:>6} {r['max_rel_err']:>12.2e} {r['worst_position']:>5} "
+                       f"{r['prefill_max_rel_err']:>12.2e} {step:>10} {r['seconds']:>8.3f}")
+        out.append(f"{'PASS' if res['passed'] else 'FAIL'}: max relative error {res['max_rel_err']:.2e} "
+                   f"{'<=' if res['passed'] else '>'} {args.tol:g}")
+        print("\n".join(out))
+    return 0 if res["passed"] else 1
+
+
+# -- bench --------------------------------------------------------------------------------------
+
+def _bench_mixer(rest):
+    from lcsm_compile.bench import mixer
+
+    rc = mixer.main(rest)
+    return rc if isinstance(rc, int) else 0
+
+
+def _generate(step_fn, first, n, desc, show):
+    """n tokens, one step_fn(last) call each, timed per token. step_fn returns the next input."""
+    from tqdm import tqdm
+
+    times, x, outs = [], first, []
+    for _ in tqdm(range(n), desc=desc, unit="tok", leave=False, disable=not show):
+        start = time.perf_counter()
+        x = step_fn(x)
+        times.append(time.perf_counter() - start)
+        outs.append(x)
+    return outs, times
+
+
+def _bench(args):
+    import torch
+
+    loaded = _load(args)
+    decoder = _optimize(loaded)
+    length = args.length or min(decoder.max_len, 256)
+    P = args.prompt
+    if not 1 <= P < length <= decoder.max_len:
+        raise CliError(f"expected 1 <= --prompt ({P}) < --length ({length}) <= max_len ({decoder.max_len})")
+    from lcsm_compile.loading import random_inputs
+
+    x = random_inputs(loaded, length, seed=args.seed + 1)[0]
+    greedy = loaded.tokens
+    model, show = loaded.model, not (args.json or args.no_progress)
+
+    def pick(out):  # next input from the last position's output: greedy argmax, or teacher forcing
+        last = out if isinstance(out, torch.Tensor) else torch.utils._pytree.tree_leaves(out)[0]
+        return last[:, -1].argmax(-1, keepdim=True).to(x.dtype)
+
+    with torch.no_grad():
+        # eager: recompute the model on the whole prefix at every position
+        seq = [x[:, :P]]
+        start = time.perf_counter()
+        first = model(x[:, :P])
+        prefill_naive = time.perf_counter() - start
+        nxt = pick(first) if greedy else x[:, P : P + 1]
+
+        def naive_step(cur):
+            seq.append(cur)
+            t = sum(s.shape[1] for s in seq)
+            out = model(torch.cat(seq, 1))
+            return pick(out) if greedy else x[:, t : t + 1]
+
+        naive_outs, naive_t = _generate(naive_step, nxt, length - P - 1, "eager recompute", show)
+        naive_tokens = [nxt] + naive_outs
+
+        session = decoder.session()
+        start = time.perf_counter()
+        first = session.prefill(x[:, :P])
+        prefill_lcsm = time.perf_counter() - start
+        nxt = pick(first) if greedy else x[:, P : P + 1]
+        pos = [P]
+
+        def lcsm_step(cur):
+            out = session.step(cur)
+            pos[0] += 1
+            return pick(out) if greedy else x[:, pos[0] : pos[0] + 1]
+
+        lcsm_outs, lcsm_t = _generate(lcsm_step, nxt, length - P - 1, "lcsm decoder", show)
+        lcsm_tokens = [nxt] + lcsm_outs
+
+    match = bool(torch.equal(torch.cat(naive_tokens, 1), torch.cat(lcsm_tokens, 1))) if greedy else None
+    n = len(naive_t)
+    rows = {"eager_recompute": (prefill_naive, naive_t), "lcsm": (prefill_lcsm, lcsm_t)}
+    data = {"model": args.model, "mode": "greedy" if greedy else "teacher-forced", "prompt": P, "length": length,
+            "batch": int(x.shape[0]), "steps": n, "threads": torch.get_num_threads(), "tokens_match": match}
+    for k, (pf, ts) in rows.items():
+        total = pf + sum(ts)
+        data[k] = {"prefill_s": round(pf, 5), "steps_s": round(sum(ts), 5), "total_s": round(total, 5),
+                   "ms_per_token": round(1e3 * sum(ts) / max(n, 1), 4), "tokens_per_s": round(n / max(sum(ts), 1e-12), 2),
+                   "last_token_ms": round(1e3 * ts[-1], 4) if ts else None}
+    data["speedup_steps"] = round(sum(naive_t) / max(sum(lcsm_t), 1e-12), 3)
+    if args.plot:
+        _plot(args.plot, P, rows, args.model)
+        data["plot"] = args.plot
+    if args.json:
+        print(_dumps(data))
+        return 0
+    out = [f"greedy generation of {args.model}: prompt {P}, {n} steps to {length}, batch {data['batch']}, "
+           f"{data['threads']} threads" if greedy else
+           f"teacher-forced decoding of {args.model}: prompt {P}, {n} steps to {length}, batch {data['batch']}",
+           f"{'method':<16} {'prefill s':>10} {'steps s':>9} {'ms/token':>9} {'tokens/s':>9} {'last ms':>8}"]
+    for k in rows:
+        d = data[k]
+        out.append(f"{k:<16} {d['prefill_s']:>10.4f} {d['steps_s']:>9.3f} {d['ms_per_token']:>9.3f} "
+                   f"{d['tokens_per_s']:>9.1f} {d['last_token_ms'] or 0:>8.3f}")
+    out.append(f"speedup (steps): {data['speedup_steps']:.2f}x" +
+               (f"; same tokens: {'yes' if match else 'NO'}" if greedy else ""))
+    if args.plot:
+        out.append(f"plot written to {args.plot}")
+    print("\n".join(out))
+    return 0
+
+
+def _plot(path, P, rows, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CliError("--plot needs matplotlib (pip install 'lcsm-compile[bench]')") from None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (_, ts) in rows.items():
+        ax.plot(range(P + 1, P + 1 + len(ts)), [1e3 * t for t in ts], label=name, linewidth=1)
+    ax.set_xlabel("position")
+    ax.set_ylabel("ms per token")
+    ax.set_yscale("log")
+    ax.set_title(f"per-token latency: {title}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- tune ---------------------------------------------------------------------------------------
 
 def _tune(args):
     from lcsm_compile import tuning
@@ -22,16 +761,75 @@ def _tune(args):
     print(f"crossover = {crossover} (largest tile computed directly; {where})")
 
 
-def _bench(args):
-    if args.which == "mixer":
-        from lcsm_compile.bench import mixer
-
-        mixer.main(args.rest)
-
+# -- parser -------------------------------------------------------------------------------------
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="lcsm-compile", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lcsm-compile", description=__doc__.split("\n")[0],
+                                     epilog="`lcsm-compile bench mixer --help` for the mixer benchmark's options")
+    parser.add_argument("--traceback", action="store_true", help="print the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
+    capture = dict(choices=["export", "dynamo"], default="export", help="capture level of the analysis")
+
+    p = sub.add_parser("detect", help="candidates, verdicts and reasons of the legality analysis")
+    _model_args(p)
+    p.add_argument("--capture", **capture)
+    p.add_argument("--strict", action="store_true", help="exit 1 when the model is not decodable")
+    p.add_argument("--json", action="store_true", help="the Report as JSON (top-level `decodable`)")
+    p.set_defaults(run=_detect)
+
+    p = sub.add_parser("explain", help="source lines and subgraph behind one candidate's verdict")
+    _model_args(p)
+    p.add_argument("name", metavar="NAME", help="candidate name, as `detect` lists it")
+    p.add_argument("--capture", **capture)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_explain)
+
+    p = sub.add_parser("passes", help="run the passes and print their dumps, diffs and timings")
+    _model_args(p)
+    p.add_argument("--capture", **capture)
+    p.add_argument("--print-after-all", action="store_true", help="each pass's dump")
+    p.add_argument("--print-after", action="append", default=[], metavar="PASS")
+    p.add_argument("--print-before", action="append", default=[], metavar="PASS", help="the input of PASS")
+    p.add_argument("--stop-after", metavar="PASS", help=f"one of {', '.join(PASS_NAMES)}")
+    p.add_argument("--diff", action="store_true", help="unified diff of consecutive pass dumps")
+    p.add_argument("--timing", action="store_true", help="seconds per pass")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_passes)
+
+    p = sub.add_parser("schedule", help="layer schedule of the step program: levels, critical path, tile groups")
+    _model_args(p)
+    p.add_argument("--format", choices=["text", "dot", "json"], default="text")
+    p.add_argument("--json", action="store_true", help="same as --format json")
+    p.set_defaults(run=_schedule)
+
+    p = sub.add_parser("kernels", help="Triton specialisations chosen for a model (or a bank); --dump, --check")
+    _model_args(p, optional=True)
+    p.add_argument("--channels", type=int, default=512, help="without MODEL: channels of the bank")
+    p.add_argument("--io-dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
+                   help="without MODEL: activation dtype")
+    p.add_argument("--crossover", type=int, help="largest direct tile (default: the CUDA tuned value or default)")
+    p.add_argument("--dump", metavar="DIR", help="write each specialisation's Triton source to DIR")
+    p.add_argument("--check", action="store_true", help="run each against its torch reference (TRITON_INTERPRET=1 without CUDA)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_kernels)
+
+    p = sub.add_parser("verify", help="teacher-forced exactness of the decoder against the float64 model")
+    _model_args(p)
+    p.add_argument("--length", type=int, help="positions to decode (default: the example length)")
+    p.add_argument("--prompt-lens", metavar="P1,P2,...", help="prefill lengths (default 1, L/2, L-1)")
+    p.add_argument("--tol", type=float, default=1e-5, help="max relative error allowed (default 1e-5)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_verify)
+
+    p = sub.add_parser("bench", help="greedy generation: eager recompute vs lcsm decoder (`bench mixer ...`: the mixer benchmark)")
+    _model_args(p)
+    p.add_argument("--length", type=int, help="generate up to this many positions (default min(max_len, 256))")
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--plot", metavar="OUT.png", help="per-token latency plot (matplotlib)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_bench)
 
     p = sub.add_parser("tune", help="calibrate the direct/FFT tile crossover on this machine")
     p.add_argument("--device", default="cpu")
@@ -41,25 +839,41 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_tune)
 
-    p = sub.add_parser("bench", help="run a benchmark (mixer); arguments after it go to the benchmark")
-    p.add_argument("which", choices=["mixer"])
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(run=_bench)
-
     p = sub.add_parser("demo", help="decode a Hyena-style filter bank, verify exactness, time it against the lazy loop")
     demo.add_arguments(p)
     p.set_defaults(run=demo.main)
     return parser
 
 
+def _one_line(exc):
+    text = " ".join(s.strip() for s in str(exc).strip().splitlines() if s.strip())
+    return text or type(exc).__name__
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_warnings()
+    lead = [a for a in argv[:2] if a != "--traceback"]
+    if lead[:2] == ["bench", "mixer"]:  # `bench mixer ...` forwards everything after it
+        return _bench_mixer(argv[argv.index("mixer") + 1 :])
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        rc = args.run(args)
     except LcsmError as e:  # our errors are meant for the user: one clear line, no traceback
-        print(f"lcsm-compile: error: {e}", file=sys.stderr)
+        print(f"lcsm-compile: error: {_one_line(e)}", file=sys.stderr)
+        if args.traceback:
+            raise
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("lcsm-compile: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a failure inside the pipeline: one line unless asked
+        if args.traceback:
+            raise
+        print(f"lcsm-compile: error: {type(e).__name__}: {_one_line(e)} (rerun with --traceback for details)",
+              file=sys.stderr)
+        return 1
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -137,12 +137,26 @@ class OnlineConv:
         self.prefill_len = 0
         self._block_start = -1  # first position of the block loaded into Xb/Ab
 
-    def memory_bytes(self) -> int:
-        """Bytes held: filters, tile operators, and (once bound) history and accumulators."""
-        tensors = [self.h, self.h0, *self.toeplitz.values(), *self.spectra.values()]
+    def memory_breakdown(self) -> dict:
+        """Bytes held per part: filters (time domain, for the prefill and direct tiles), Toeplitz
+        blocks (direct tiles), spectra (FFT tiles), and once bound the history, accumulators and
+        the time-major block (the last 2 x crossover positions, both as inputs and accumulators)."""
+        size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        parts = {
+            "filters": size(self.h, self.h0),
+            "toeplitz": size(*self.toeplitz.values()),
+            "spectra": size(*self.spectra.values()),
+            "history": 0,
+            "accumulators": 0,
+            "block": 0,
+        }
         if self.Xc is not None:
-            tensors += [self.Xc, self.Ac, self.Xb, self.Ab]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            parts.update(history=size(self.Xc), accumulators=size(self.Ac), block=size(self.Xb, self.Ab))
+        return parts
+
+    def memory_bytes(self) -> int:
+        """Bytes held: the sum of memory_breakdown()."""
+        return sum(self.memory_breakdown().values())
 
     # -- decoding ----------------------------------------------------------------------------
     def prefill(self, x, channels=None):

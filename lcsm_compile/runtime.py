@@ -59,8 +59,9 @@ class SessionState:
         self.rings[index] = window[1:]
         return y.unsqueeze(-1)
 
-    def memory_bytes(self):
-        return self.bank.memory_bytes() + sum(r.numel() * r.element_size() for r in self.rings.values())
+    def memory_breakdown(self):
+        rings = sum(r.untyped_storage().nbytes() for r in self.rings.values())  # a ring is a view of its window
+        return {**self.bank.memory_breakdown(), "rings": rings}
 
 
 class Program:
@@ -135,6 +136,11 @@ class Session:
         pos = torch.tensor([self.position], device=self.decoder.device)
         return self.decoder.step_fn(self.handle, pos, inputs=(x,))
 
-    def memory_bytes(self):
-        """Bytes this session holds: history, accumulators, ring buffers, and the shared spectra."""
-        return self.state.memory_bytes()
+    def memory_breakdown(self) -> dict:
+        """Bytes per part: the bank's (history, accumulators, block, spectra, Toeplitz blocks,
+        filters; the last three shared by every session of the decoder) and the ring buffers."""
+        return self.state.memory_breakdown()
+
+    def memory_bytes(self) -> int:
+        """Bytes this session holds, shared filter operators included: sum of memory_breakdown()."""
+        return sum(self.memory_breakdown().values())

@@ -58,6 +58,15 @@ class Captured:
                 expr = sym_expr(size)
                 if isinstance(expr, sympy.Symbol):
                     out[expr] = length if expr == self.length_symbol else _example_size(self, node, d)
+        # a view input (ids[:, :t] of a longer ids) has stride symbols of its own: bound to the example's
+        for node, role in self.roles.items():
+            val = meta_value(node)
+            if role == "input" and isinstance(val, torch.Tensor):
+                for d, st in enumerate(val.stride()):
+                    expr = sym_expr(st)
+                    if isinstance(expr, sympy.Symbol) and expr not in out:
+                        idx = [n for n, r in self.roles.items() if r == "input"].index(node)
+                        out[expr] = int(self.user_inputs[idx].stride(d))
         return out
 
     def size_at(self, expr, length):

@@ -154,3 +154,70 @@ def test_not_decodable_carries_the_report(name):
         lcsm_compile.optimize(model, inputs)
     assert info.value.report.decodable is False
     assert get(name).reason in str(info.value)
+
+
+def test_compiled_step_is_exact_and_never_recompiles(decoders):
+    model, inputs, _ = decoders("hyena_order2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decoder = lcsm_compile.optimize(model, inputs, compile=True)
+    L = decoder.max_len
+    a, b = random_inputs(inputs[0], L), random_inputs(inputs[0], L)
+    with torch.no_grad():
+        sa, sb = decoder.session(), decoder.session()
+        ya, yb = [sa.prefill(a[:, :3])], [sb.prefill(b[:, :40])]
+        ya.append(sa.step(a[:, 3:4]))  # the one compilation
+        with torch.compiler.set_stance("fail_on_recompile"):  # any recompile raises
+            for t in range(4, L):
+                ya.append(sa.step(a[:, t : t + 1]))
+                if t >= 40:  # a second session, interleaved, at other positions
+                    yb.append(sb.step(b[:, t : t + 1]))
+        assert rel_err(torch.cat(ya, 1), model(a)) < 1e-5
+        assert rel_err(torch.cat(yb, 1), model(b)) < 1e-5
+
+
+def test_custom_ops_pass_opcheck(decoders):
+    _, inputs, decoder = decoders("hyena_order2")
+    session = decoder.session()
+    session.prefill(random_inputs(inputs[0], 10))
+    ops = torch.ops.lcsm
+    for i, site in enumerate(decoder.sites):
+        prefill, step = (ops.conv_prefill, ops.conv_step) if site.kind == "long" else (ops.short_conv_prefill, ops.short_conv_step)
+        torch.library.opcheck(prefill.default, (session.handle, torch.randn(2, site.width, 10), i))
+        torch.library.opcheck(step.default, (session.handle, torch.randn(2, site.width, 1), i))
+    torch.library.opcheck(ops.advance.default, (session.handle, [torch.randn(2, 3, 1)]))
+
+
+def test_memory_bytes_matches_the_state_it_should_hold():
+    """history + accumulators + ring buffers + spectra (+ the filters and Toeplitz blocks the
+    prefill and direct tiles use), computed from the sizes alone, within 10%."""
+    from lcsm_compile.models import demo_lm
+
+    L, B, d, layers = 1024, 3, 32, 2
+    model = demo_lm(n_layer=layers, d_model=d, vocab=64, max_len=L)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decoder = lcsm_compile.optimize(model, (torch.randint(0, 64, (B, 32)),), max_len=L)
+    session = decoder.session()
+    session.prefill(torch.randint(0, 64, (B, 7)))
+    C, f32 = layers * d, 4  # order 2: one long conv of width d per layer
+    block = 2 * decoder.bank.crossover
+    fft_sizes = [U for U in (2**k for k in range(20)) if block <= U < L]
+    expected = {
+        "history": B * C * L * f32,
+        "accumulators": B * C * L * f32,
+        "block": 2 * block * B * C * f32,
+        "spectra": sum((U + 1) * C * 2 * f32 for U in fft_sizes),
+        "toeplitz": sum(U * U * C * f32 for U in (2**k for k in range(20)) if U < block),
+        "filters": (L + 1) * C * f32,
+        "rings": layers * 2 * B * (3 * d) * f32,  # the K-1 = 2 last inputs of 3d channels per layer
+    }
+    got = session.memory_breakdown()
+    assert set(got) == set(expected)
+    total = sum(expected.values())
+    assert abs(session.memory_bytes() - total) <= 0.1 * total, (got, expected)
+    for part in ("history", "accumulators", "spectra", "rings"):
+        assert abs(got[part] - expected[part]) <= 0.1 * expected[part], part
+    with torch.no_grad():
+        session.step(torch.randint(0, 64, (B, 1)))
+    assert session.memory_breakdown()["rings"] == expected["rings"] * 3 // 2  # a step keeps its K-window

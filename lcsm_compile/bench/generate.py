@@ -182,12 +182,12 @@ def segments(first, lengths):
     return out
 
 
-def sample_cost(step, segs, basis, args):
+def sample_cost(step, segs, basis, args, clock=time.perf_counter):
     """Time windows of step(t) in every segment, fit cost(t) over all of them. Returns the fit dict."""
     samples = []
     for a, b in segs:
         win = common.sample_windows(lambda k: step(a + k), b - a, positions=args.positions,
-                                    steps=args.window_steps, max_window_s=args.window_s)
+                                    steps=args.window_steps, max_window_s=args.window_s, clock=clock)
         samples += [(a + k, c) for k, c in win]
     ts, costs = zip(*samples)
     coef = common.fit_cost(ts, costs, basis)

@@ -1,0 +1,154 @@
+"""The generation benchmark's deterministic pieces and a --quick run's outputs.
+
+No timing assertions (these machines are noisy) beyond a generous estimator-vs-full-run factor.
+"""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from lcsm_compile.bench import common, generate
+
+
+class FakeClock:
+    """A clock that advances only when a fake step runs: step t costs cost(t) seconds."""
+
+    def __init__(self, cost):
+        self.now, self.cost = 0.0, cost
+
+    def __call__(self):
+        return self.now
+
+    def step(self, t):
+        self.now += self.cost(t)
+
+
+def test_segments_cover_every_step_once():
+    assert generate.segments(16, [256, 128]) == [(16, 127), (127, 255)]
+    assert generate.segments(127, [128]) == []  # no step position left
+
+
+@pytest.mark.parametrize("method", ["lazy", "naive"])
+def test_sampled_fit_recovers_the_total_over_every_length(method):
+    basis = generate.BASIS[method]
+    coef = {"lazy": [4e-4, 2e-8], "naive": [1e-3, 3e-7, 2e-8]}[method]
+    cost = lambda t: float(common.basis_values(basis, [t])[0] @ coef)
+    clock = FakeClock(cost)
+    args = argparse.Namespace(positions=4, window_steps=16, window_s=0.5)
+    P, lengths = 128, [1024, 4096, 8192]
+    fit = generate.sample_cost(clock.step, generate.segments(P, lengths), basis, args, clock=clock)
+    assert len(fit["samples"]) == 4 * len(lengths)
+    assert fit["coef"] == pytest.approx(coef, rel=1e-4)
+    for L in lengths:
+        exact = sum(cost(t) for t in range(P, L - 1))
+        assert generate.fitted_total(fit, P, L - 1) == pytest.approx(exact, rel=1e-6)
+
+
+def test_token_agreement():
+    a = torch.tensor([[1, 2, 3, 4, 5]])
+    assert generate.token_agreement(a, a, 2) == {"equal": True, "first_mismatch": None}
+    b = torch.tensor([[1, 2, 3, 9, 5, 7]])  # a longer reference: compared on a's length
+    assert generate.token_agreement(a, b, 2) == {"equal": False, "first_mismatch": 3}
+
+
+def test_parse_config_and_decoder_options():
+    assert generate.parse_config("8x256") == (8, 256)
+    with pytest.raises(argparse.ArgumentTypeError):
+        generate.parse_config("8-256")
+    args = generate.parse_args(["--configs", "4x128,8x256", "--lengths", "4096,8192"])
+    assert args.configs == [(4, 128), (8, 256)] and args.lengths == [4096, 8192]
+    assert generate.decoder_options(args) == {}
+    assert generate.decoder_options(generate.parse_args(["--compile"])) == {"compile": True}
+
+
+def test_an_unknown_decoder_option_is_a_clear_error(monkeypatch):
+    import lcsm_compile
+
+    def decoder(*a, max_len, example_inputs, conv):  # a Decoder without compile=
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(lcsm_compile, "Decoder", decoder)
+    with pytest.raises(SystemExit, match="compile"):
+        generate.make_decoder(None, 64, torch.zeros(1, 4, dtype=torch.long), "flash", {"compile": True})
+
+
+def _fake_record(config, L, estimated):
+    m = {k: {"time_s": 1.0, "estimated": k in estimated} for k in generate.METHODS}
+    m["flash"].update(build_s=0.01, rel_err=1e-7, wrong=False, us_per_token=100.0, memory_bytes=2**20)
+    ratios = {"lazy/flash": 1.0, "naive/flash": 1.0, "flash/floor": 1.0, "step/eager": 1.0}
+    return {"config": config, "L": L, "analyze_s": 1.0, "eager_forward_s": 1e-4, "methods": m, "ratios": ratios}
+
+
+def test_results_table_marks_estimates():
+    table = generate.results_table([_fake_record("4x128", 64, {"lazy", "naive"}), _fake_record("4x128", 128, set())])
+    est_row, measured_row = table.splitlines()[2:4]
+    assert est_row.count("~") == 4  # lazy and naive times, and their ratios to flash
+    assert est_row.rstrip().endswith("naive,lazy")
+    assert "~" not in measured_row and measured_row.rstrip().endswith("-")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # one thread: on a loaded machine two-thread FFTs can stall; only outputs are checked here
+    assert generate.main(["--quick", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    with open(out / "generate.json") as f:
+        return out, json.load(f)
+
+
+def test_quick_run_covers_every_method_config_and_length(quick_run):
+    _, data = quick_run
+    assert {"benchmark", "machine", "config", "decoder_options", "results", "fits", "validation", "targets",
+            "wall_s"} <= set(data)
+    assert [(r["config"], r["L"]) for r in data["results"]] == [("2x32", 128), ("2x32", 256)]
+    for r in data["results"]:
+        assert set(r["methods"]) == set(generate.METHODS)
+        assert set(r["ratios"]) == {"lazy/flash", "naive/flash", "flash/floor", "step/eager"}
+        assert r["analyze_s"] > 0 and r["eager_forward_s"] > 0
+        for k, m in r["methods"].items():
+            assert m["time_s"] > 0 and m["us_per_token"] > 0, (r["L"], k)
+        for v in r["ratios"].values():
+            assert v > 0 and math.isfinite(v)
+        assert r["methods"]["flash"]["memory_bytes"] > 0 and r["methods"]["flash"]["build_s"] > 0
+    assert set(data["fits"]["2x32"]) == set(generate.BASELINES)
+
+
+def test_quick_run_flash_is_exact(quick_run):
+    _, data = quick_run
+    for r in data["results"]:
+        fl = r["methods"]["flash"]
+        assert fl["estimated"] is False
+        assert fl["rel_err"] < 1e-5 and not fl["wrong"]
+    for k in ("naive", "lazy"):  # the sampled baseline steps agree with flash's logits
+        assert data["fits"]["2x32"][k]["window_rel_diff_vs_flash"] < 1e-5
+
+
+def test_quick_run_flags_estimates(quick_run):
+    _, data = quick_run
+    small, large = data["results"]
+    for k in generate.BASELINES:
+        # --quick: every baseline runs in full at the smallest L and is estimated above it
+        assert small["methods"][k]["estimated"] is False and small["methods"][k]["measured_s"] > 0
+        assert large["methods"][k]["estimated"] is True and large["methods"][k]["measured_s"] is None
+        assert large["methods"][k]["time_s"] == large["methods"][k]["estimate_s"]
+    for k in ("naive", "lazy"):  # exact baselines run in full generate flash's tokens
+        assert small["methods"][k]["tokens_vs_flash"]["equal"]
+
+
+def test_quick_run_estimator_is_consistent_with_full_runs(quick_run):
+    _, data = quick_run
+    rows = {(v["L"], v["method"]): v for v in data["validation"]}
+    assert set(rows) == {(128, k) for k in generate.BASELINES}
+    for v in rows.values():
+        assert 0.25 < v["estimated_s"] / v["measured_s"] < 4.0, v  # generous: a shared, noisy machine
+
+
+def test_quick_run_writes_png(quick_run):
+    out, _ = quick_run
+    png = out / "generate.png"
+    assert png.exists() and png.stat().st_size > 1000
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
