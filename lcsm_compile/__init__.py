@@ -5,6 +5,7 @@ from lcsm_compile.engine import OnlineConv
 from lcsm_compile.analysis import analyze, register_mixer
 from lcsm_compile.report import Candidate, Reason, Report, Verdict
 from lcsm_compile.decoder import Decoder, optimize
+from lcsm_compile import backend  # noqa: F401  registers torch.compile(model, backend="lcsm")
 from lcsm_compile.logs import configure_from_env as _configure_logs
 
 _configure_logs()  # LCSM_LOGS=detect,passes,schedule,kernels,backend (lcsm_compile/logs.py): reads the environment only

@@ -43,6 +43,16 @@ sequence axis, ...) runs through inductor, with the reason logged on the `lcsm_c
 logger at WARNING. A graph whose sequence length is static (torch.compile without dynamic=True,
 first call) runs eagerly: dynamo recompiles it with a symbolic length at the next new length.
 
+Compile cost: the first call runs dynamo, the analysis of the dynamo graph, torch.export of it,
+the export-level analysis and the decoder build (filters materialised at max_len): ~3.5 s for the
+4-layer demo LM at max_len 8192 on a 2-core CPU, ~5-15 s for the small zoo models (their numeric
+checks dominate). Every compile is recorded in `lcsm_compile.backend.records` (kind, reason, the
+Report, the runner with its prefill/step/restart counts, build times).
+
+Recompiles: dynamo itself recompiles on a changed guard, e.g. grad mode or inference mode toggled,
+a batch of 1 (specialised), a view input that becomes contiguous, or a first length equal to some
+static size of the model (duck sizing makes it static). A recompiled graph starts a fresh session.
+
 Options (torch.compile(model, backend="lcsm", options={...})):
     max_len   longest sequence served (buffers, filters). Default: the model's `max_len` attribute,
               else the length of a parameter/buffer table the graph slices by the sequence length.
@@ -54,6 +64,8 @@ Unknown options raise ValueError naming the allowed keys.
 
 import collections
 import logging
+import operator
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,15 +120,17 @@ def parse_options(options):
 
 
 def lcsm_backend(gm, example_inputs, *, options=None, mode=None):
-    """torch.compile backend: decode the graph (see the module docstring) or fall back."""
-    import time
-
+    """torch.compile backend: decode the graph (see the module docstring) or fall back.
+    `mode` (torch.compile's) is accepted and ignored."""
     opts = parse_options(options)
     t0 = time.perf_counter()
     record = CompileRecord("decode")
     try:
         plan = _plan(gm, example_inputs)
-        runner = DecodedGraph(gm, example_inputs, plan, opts, record)
+        # analysis and torch.export run outside dynamo's tracing context: guards they would add
+        # there (about their own inputs) would be installed on the user's frame
+        with torch._guards.tracing(None), torch._guards.compile_context(None):
+            runner = DecodedGraph(gm, example_inputs, plan, opts, record)
     except _Static as exc:
         log.warning("lcsm backend: %s; running this graph eagerly (torch.compile(..., dynamic=True) compiles "
                     "one graph for every length)", exc)
@@ -158,10 +172,11 @@ def _reason_report(reason, opts):
 
 def register():
     """Register "lcsm" with dynamo (idempotent); done on `import lcsm_compile`."""
-    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+    from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_backend
 
-    if _BACKENDS.get("lcsm") is None:
-        register_backend(name="lcsm")(lcsm_backend)
+    # an entry point already listed (pyproject's torch_dynamo_backends) is loaded by lookup_backend
+    if "lcsm" not in _COMPILER_FNS and _BACKENDS.get("lcsm") is None:
+        register_backend(lcsm_backend, name="lcsm")
 
 
 # -- the graph's inputs ------------------------------------------------------------------------------
@@ -173,7 +188,8 @@ class _Static(Exception):
 
 @dataclass
 class InputPlan:
-    """Per placeholder: ("state", None) model state | ("sym", dim) a size of the user input |
+    """Per placeholder: ("state", "tensor" | "scalar") model state (a scalar is a Python float
+    dynamo passes as a fresh 0-d tensor) | ("sym", dim) a size of the user input |
     ("stride", dim) a stride of it | ("input", None) the user's sequence input."""
 
     roles: list
@@ -186,6 +202,11 @@ class InputPlan:
 def _source(node):
     ga = node.meta.get("grapharg")
     return getattr(ga, "source", None)
+
+
+def _is_scalar(node):
+    """A Python float dynamo passes as a 0-d tensor (a fresh one at every call)."""
+    return bool(getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False))
 
 
 def _plan(gm, example_inputs):
@@ -208,7 +229,7 @@ def _plan(gm, example_inputs):
             continue
         src = _source(node)
         is_user = isinstance(src, LocalSource) if src is not None else not _is_attribute(node, val)
-        if is_user and not isinstance(val, nn.Parameter):
+        if is_user and not isinstance(val, nn.Parameter) and not _is_scalar(node):
             users.append(i)
     if len(users) != 1:
         raise _Fallback(f"the graph has {len(users)} user tensor inputs; the decoder takes exactly one "
@@ -227,7 +248,7 @@ def _plan(gm, example_inputs):
         if i == index:
             roles.append(("input", None))
         elif isinstance(val, torch.Tensor):
-            roles.append(("state", None))
+            roles.append(("state", "scalar" if _is_scalar(node) else "tensor"))
         elif isinstance(val, (int, torch.SymInt)):
             expr = sym_expr(meta_value(node)) if meta_value(node) is not None else None
             if expr in dims:
@@ -248,11 +269,11 @@ def _plan(gm, example_inputs):
         if len(sdims) != 1:
             raise _Fallback(f"graph output {o} of shape {tuple(val.shape)} has no single sequence axis")
         out_dims.append(sdims[0])
-    module = None
-    if tx is not None:
-        cands = [v for v in getattr(tx, "f_locals", {}).values() if isinstance(v, nn.Module)]
-        module = getattr(tx, "f_locals", {}).get("self") if isinstance(getattr(tx, "f_locals", {}).get("self"), nn.Module) else (cands[0] if cands else None)
-    return InputPlan(roles, index, length, out_dims, module)
+    # the module compiled: `self` of the frame (torch.compile(model)), else a module among its locals
+    frame_locals = getattr(tx, "f_locals", None) or {}
+    modules = [frame_locals["self"]] if isinstance(frame_locals.get("self"), nn.Module) else []
+    modules += [v for v in frame_locals.values() if isinstance(v, nn.Module)]
+    return InputPlan(roles, index, length, out_dims, modules[0] if modules else None)
 
 
 def _current_tx():
@@ -275,10 +296,11 @@ def _default_max_len(gm, plan, example_inputs):
     state = {n: t for (kind, _), n, t in zip(plan.roles, placeholders, example_inputs) if kind == "state"}
     sizes = []
     for node in gm.graph.nodes:
-        # table[..., :L] spelled getitem(table, (slice(None), ..., slice(None, L)))
-        if node.op == "call_function" and node.args and node.args[0] in state and isinstance(node.args[1:2], tuple):
-            idx = node.args[1] if len(node.args) > 1 else None
-            idx = idx if isinstance(idx, tuple) else (idx,)
+        # table[:, :L] spelled getitem(table, (slice(None), slice(None, L))) (no Ellipsis / None)
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in state:
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if any(i is Ellipsis or i is None for i in idx):
+                continue
             for d, s in enumerate(idx):
                 if isinstance(s, slice) and s.start is None and isinstance(s.stop, torch.fx.Node):
                     val = s.stop.meta.get("example_value")
@@ -301,6 +323,9 @@ class GraphAsModule(nn.Module):
         super().__init__()
         self.graph_module = gm
         self._roles = plan.roles
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self._item_of = {placeholders[i].name: state[i].item() for i, (kind, _) in enumerate(plan.roles)
+                         if kind == "state" and state[i].numel() == 1}
         for i, (kind, _) in enumerate(plan.roles):
             if kind == "state":
                 t = state[i]
@@ -310,6 +335,9 @@ class GraphAsModule(nn.Module):
                     self.register_buffer(f"state_{i}", t, persistent=False)
 
     def forward(self, x):
+        return _Interpreter(self.graph_module, self._item_of).run(*self._args(x))
+
+    def _args(self, x):
         args = []
         for i, (kind, dim) in enumerate(self._roles):
             if kind == "state":
@@ -320,7 +348,21 @@ class GraphAsModule(nn.Module):
                 args.append(x.stride(dim))
             else:
                 args.append(x)
-        return self.graph_module(*args)
+        return args
+
+
+class _Interpreter(torch.fx.Interpreter):
+    """Runs the graph with `state.item()` replaced by its value: dynamo passes a float attribute
+    (eps) as a 0-d tensor and calls .item() on it, which torch.export would see as data-dependent."""
+
+    def __init__(self, gm, item_of):
+        super().__init__(gm)
+        self.item_of = item_of
+
+    def run_node(self, n):
+        if n.op == "call_method" and n.target == "item" and n.args[0].name in self.item_of:
+            return self.item_of[n.args[0].name]
+        return super().run_node(n)
 
 
 # -- the runtime -------------------------------------------------------------------------------------
@@ -331,8 +373,6 @@ class DecodedGraph:
     the graph's outputs as views of [B, max_len, ...] buffers (see the module docstring)."""
 
     def __init__(self, gm, example_inputs, plan, opts, record):
-        import time
-
         from lcsm_compile.analysis import analyze_graph
 
         self.gm, self.plan, self.opts = gm, plan, opts
@@ -341,7 +381,10 @@ class DecodedGraph:
         if x.shape[1] > self.max_len:
             raise _Fallback(f"the input is longer ({x.shape[1]}) than max_len={self.max_len}")
         t0 = time.perf_counter()
-        report = analyze_graph(gm, example_inputs, max_len=self.max_len, user_inputs=[x])
+        try:
+            report = analyze_graph(gm, example_inputs, max_len=self.max_len, user_inputs=[x])
+        except Exception as exc:  # noqa: BLE001 - an analysis that cannot run falls back
+            raise _Fallback(f"the analysis failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
         record.report, record.times["analyze_graph_s"] = report, time.perf_counter() - t0
         if not report.decodable:
             raise _Fallback("the analysis says the graph is not decodable: " + _reasons(report), report)
@@ -354,8 +397,6 @@ class DecodedGraph:
         self.stats = collections.Counter()  # prefill / step / reuse / restart counts
 
     def _build(self, state, x, record=None):
-        import time
-
         from lcsm_compile.decoder import optimize
 
         t0 = time.perf_counter()
@@ -367,14 +408,18 @@ class DecodedGraph:
         except Exception as exc:  # noqa: BLE001 - any failure to build the decoder falls back
             raise _Fallback(f"building the decoder failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
         self.state = list(state)
-        self.versions = [t._version for t in state]
+        self.versions = [t.item() if self.plan.roles[i][1] == "scalar" else t._version
+                         for i, t in zip(self.state_index, state)]
         if record is not None:
             record.times["decoder_s"] = time.perf_counter() - t0
 
     def _state_changed(self, args):
         for k, i in enumerate(self.state_index):
             t = args[i]
-            if t is not self.state[k] or t._version != self.versions[k]:
+            if self.plan.roles[i][1] == "scalar":
+                if t.item() != self.versions[k]:
+                    return True
+            elif t is not self.state[k] or t._version != self.versions[k]:
                 return True
         return False
 
@@ -383,7 +428,8 @@ class DecodedGraph:
         if self._state_changed(args):
             log.info("lcsm backend: the model's parameters changed; rebuilding the decoder")
             try:
-                self._build([args[i] for i in self.state_index], x)
+                with torch._guards.tracing(None), torch._guards.compile_context(None):
+                    self._build([args[i] for i in self.state_index], x)
             except _Fallback as exc:
                 raise NotDecodable(exc.report or _reason_report(exc.reason, self.opts)) from None
             self.session, self.n = None, 0

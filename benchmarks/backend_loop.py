@@ -1,0 +1,3 @@
+from lcsm_compile.bench.loop import main
+
+raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""torch.compile(model, backend="lcsm"): the naive generation loop stays exact, reuses one buffer,
+restarts on a changed prefix, never recompiles while the sequence grows, and falls back (logged)
+on graphs it cannot decode."""
+
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lcsm_compile
+from examples.models import get
+from lcsm_compile import backend
+from lcsm_compile.errors import NotDecodable
+
+LOGGER = "lcsm_compile.backend"
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def random_inputs(example, length, batch=2):
+    if example.is_floating_point():
+        return torch.randn(batch, length, *example.shape[2:])
+    return torch.randint(0, int(example.max()) + 1, (batch, length))
+
+
+def compiled(model, **options):
+    torch._dynamo.reset()
+    backend.records.clear()
+    return torch.compile(model, backend="lcsm", dynamic=True, options=options or None)
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    yield
+    torch._dynamo.reset()
+
+
+def test_registered_by_name():
+    assert torch._dynamo.lookup_backend("lcsm") is backend.lcsm_backend
+    assert "lcsm" in torch._dynamo.list_backends()
+
+
+# one Hyena LM, one S4D LM (modal SSM kernel), one continuous-input Hyena regressor
+@pytest.mark.parametrize("name", ["hyena_order2", "s4d", "hyena_regressor"])
+def test_naive_loop_is_exact_and_compiles_once(name):
+    model, inputs = get(name).build()
+    P, L = 10, 72  # P is not a size of any weight: dynamo's duck sizing would make it static
+    x = random_inputs(inputs[0], L + 1)  # every call is a view x[:, :t] of one longer tensor
+    c = compiled(model, max_len=128)
+    outs = []
+    with torch.no_grad():
+        first = c(x[:, :P])
+        assert rel_err(first, model(x[:, :P])) < 1e-5
+        (record,) = backend.records
+        assert record.kind == "decode", record.reason
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for t in range(P, L):
+                out = c(x[:, : t + 1])
+                assert out.shape[1] == t + 1
+                assert rel_err(out, model(x[:, : t + 1])) < 1e-5, (name, t)
+                outs.append(out)
+    assert len(backend.records) == 1  # the backend ran once for 60+ lengths
+    runner = record.runner
+    assert runner.stats["prefill"] == 1 and runner.stats["step"] == L - P
+    # every result is a view of the one [B, max_len, ...] buffer
+    ptr = runner.out_bufs[0].untyped_storage().data_ptr()
+    assert all(o._base is not None and o.untyped_storage().data_ptr() == ptr for o in outs + [first])
+    assert runner.out_bufs[0].shape[1] == 128
+
+
+def test_prefix_change_shorter_input_and_new_batch_restart_exactly():
+    model, inputs = get("hyena_order2").build()
+    x = random_inputs(inputs[0], 64)
+    c = compiled(model, max_len=128)
+    with torch.no_grad():
+        for t in range(10, 20):
+            c(x[:, : t + 1])
+        runner = backend.records[-1].runner
+        x2 = x.clone()
+        x2[:, 5] = (x2[:, 5] + 1) % int(inputs[0].max() + 1)  # an earlier position changes
+        out = c(x2[:, :21])
+        assert runner.stats["restart"] == 1
+        assert rel_err(out, model(x2[:, :21])) < 1e-5
+        out = c(x2[:, :22])  # and it keeps stepping from the new prefix
+        assert rel_err(out, model(x2[:, :22])) < 1e-5 and runner.stats["restart"] == 1
+        out = c(x2[:, :15])  # shorter: start over
+        assert runner.stats["restart"] == 2 and rel_err(out, model(x2[:, :15])) < 1e-5
+        x3 = random_inputs(inputs[0], 30, batch=3)  # another batch size: new buffers
+        out = c(x3[:, :17])
+        assert out.shape[0] == 3 and rel_err(out, model(x3[:, :17])) < 1e-5
+        out = c(x3[:, :18])
+        assert rel_err(out, model(x3[:, :18])) < 1e-5
+        assert out.shape == runner.out_bufs[0][:, :18].shape
+    assert len(backend.records) == 1
+
+
+def test_in_place_growing_ids_and_verify_last():
+    """The caller writes each new token into a preallocated ids tensor: the backend's own copy of
+    the inputs keeps the comparison right; verify="last" checks only the last old position."""
+    model, inputs = get("hyena_order2").build()
+    ids = random_inputs(inputs[0], 40)
+    c = compiled(model, max_len=64, verify="last")
+    with torch.no_grad():
+        buf = torch.zeros_like(ids)
+        buf[:, :10] = ids[:, :10]
+        for t in range(10, 30):
+            out = c(buf[:, :t])
+            assert rel_err(out, model(ids[:, :t])) < 1e-5
+            buf[:, t] = ids[:, t]
+        runner = backend.records[-1].runner
+        assert runner.stats["restart"] == 0
+        buf[:, 28] = (buf[:, 28] + 1) % int(inputs[0].max() + 1)  # the last old position (t = 29 seen)
+        out = c(buf[:, :31])
+        assert runner.stats["restart"] == 1 and rel_err(out, model(buf[:, :31])) < 1e-5
+
+
+def test_parameter_change_rebuilds_the_decoder():
+    model, inputs = get("s4d").build()
+    x = random_inputs(inputs[0], 40)
+    c = compiled(model, max_len=64)
+    with torch.no_grad():
+        c(x[:, :20])
+        model.blocks[0].mixer.D.mul_(2.0)  # weights updated in place: no recompile, a new decoder
+        out = c(x[:, :21])
+        assert rel_err(out, model(x[:, :21])) < 1e-5
+
+
+def test_non_decodable_graph_runs_through_inductor_with_the_reason_logged(caplog):
+    model, inputs = get("neg_attention").build()
+    x = random_inputs(inputs[0], 40)
+    c = compiled(model)
+    with caplog.at_level(logging.WARNING, logger=LOGGER), torch.no_grad():
+        outs = [(c(x[:, :t]), model(x[:, :t])) for t in (20, 21)]
+    for got, want in outs:
+        assert rel_err(got, want) < 1e-5
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert any("TIME_MIXING_OP" in m and "inductor" in m for m in messages), messages
+    assert backend.records[0].kind == "fallback" and not backend.records[0].report.decodable
+
+
+class GraphBreak(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.max_len = inner, inner.max_len
+
+    def forward(self, ids):
+        torch._dynamo.graph_break()
+        return self.inner(ids) * 1.0
+
+
+def test_graph_breaks_fall_back(caplog):
+    model, inputs = get("hyena_order2").build()
+    model = GraphBreak(model)
+    x = random_inputs(inputs[0], 30)
+    c = compiled(model, fallback="eager")
+    with caplog.at_level(logging.WARNING, logger=LOGGER), torch.no_grad():
+        assert rel_err(c(x[:, :12]), model(x[:, :12])) < 1e-6
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert any("graph break" in m for m in messages), messages
+    assert all(r.kind == "fallback" for r in backend.records)
+
+
+def test_fallback_error_raises_not_decodable():
+    model, inputs = get("neg_mean_pool").build()
+    c = compiled(model, fallback="error")
+    with pytest.raises(NotDecodable) as info, torch.no_grad():
+        c(random_inputs(inputs[0], 20))
+    assert info.value.report.rejected
+
+
+def test_unknown_or_bad_options_are_errors():
+    model, inputs = get("hyena_order2").build()
+    x = random_inputs(inputs[0], 20)
+    for options, match in (({"max_length": 64}, "allowed keys"), ({"verify": "some"}, "verify")):
+        c = compiled(model, **options)
+        with pytest.raises(Exception, match=match) as info, torch.no_grad():
+            c(x)
+        inner = getattr(info.value, "inner_exception", info.value)
+        assert isinstance(inner, ValueError)
+    with pytest.raises(ValueError, match="allowed keys"):
+        backend.parse_options({"max_length": 64})
+
+
+def test_static_length_graph_runs_eagerly_until_dynamo_makes_it_dynamic():
+    model, inputs = get("hyena_order2").build()
+    x = random_inputs(inputs[0], 40)
+    torch._dynamo.reset()
+    backend.records.clear()
+    c = torch.compile(model, backend="lcsm", options={"max_len": 64})  # dynamic=None: static first
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in (10, 11, 12):
+            assert rel_err(c(x[:, :t]), model(x[:, :t])) < 1e-5
+    kinds = [r.kind for r in backend.records]
+    assert kinds[0] == "static" and kinds[-1] == "decode"
+
+
+def test_import_registers_through_the_package():
+    assert lcsm_compile.backend.lcsm_backend is backend.lcsm_backend
+
+
+def test_loop_benchmark_smoke():
+    from lcsm_compile.bench import loop
+    from lcsm_compile.models.hyena import demo_lm
+
+    model = demo_lm(n_layer=1, d_model=16, vocab=32, max_len=64)
+    prompt = torch.randint(0, 32, (1, 8))
+    out = loop.compare(model, prompt, 40, ("eager", "lcsm"), progress=False, full_len=40, max_len=64)
+    eager = out["methods"]["eager"]
+    assert eager["tokens_agree"] and eager["tokens_checked"] == 32
+    assert out["methods"]["lcsm"]["backend"]["kind"] == "decode"
+    assert set(eager["over_lcsm"]) == set(out["checkpoints"]) and "eager_s" in loop.table(out)
