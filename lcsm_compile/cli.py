@@ -12,7 +12,7 @@ the example inputs: `--input-shape 2,64 --vocab 256` (token ids) or `--input-sha
     kernels [MODEL]         Triton specialisations chosen; --dump DIR, --check (TRITON_INTERPRET=1 on CPU)
     verify MODEL            teacher-forced exactness against the float64 model (exit 1 past --tol)
     bench MODEL             greedy generation: eager recompute loop vs the lcsm decoder (--plot)
-    bench mixer [...]       the mixer benchmark (lcsm_compile.bench.mixer)
+    bench mixer|generate    the full benchmarks (lcsm_compile.bench.mixer / .generate), options forwarded
     tune, demo
 
 LCSM_LOGS=detect,passes,schedule,kernels,backend (or all, +debug) logs each area to stderr.
@@ -123,7 +123,7 @@ def _detect(args):
 
 # -- explain ------------------------------------------------------------------------------------
 
-_TORCH_DIR = os.path.dirname(os.path.dirname(importlib.util.find_spec("torch").origin))
+_TORCH_DIR = os.path.dirname(importlib.util.find_spec("torch").origin) + os.sep
 _DETECT_LINE = re.compile(r"in=(\S+) out=(\S+) conv=(\S+)")
 
 
@@ -147,7 +147,7 @@ def _user_frames(node):
         if m:
             code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].strip().startswith("File ") else ""
             frames.append((m.group(1), int(m.group(2)), m.group(3), code))
-    return [f for f in frames if not f[0].startswith(_TORCH_DIR)]
+    return [f for f in frames if not (f[0].startswith(_TORCH_DIR) or f[0].startswith("torch" + os.sep))]
 
 
 def _short_path(path):
@@ -218,6 +218,8 @@ def _explain_data(report, cand):
     if ends is not None:  # everything the output needs that the input does not: data path + filter
         inp, out = ends
         region = ({out} | _ancestors(out)) - _ancestors(inp)
+        data_path = {n for n in region if n is inp or inp in _ancestors(n)}
+        roles.update({n.name: "filter" for n in region - data_path if n.op != "placeholder" and n.name not in roles})
         roles[inp.name], roles[out.name] = "input", "output"
     elif node is not None:  # a time-mixing op: its ancestors inside its own module, and the op
         path = cand.module_path
@@ -519,7 +521,7 @@ def _kernels(args):
         max_len, what = report.capture.max_len, args.model
     else:
         sites = [("conv", args.channels, args.io_dtype)]
-        max_len, what = args.max_len or 4096, f"one bank of {args.channels} channels"
+        max_len, what = args.max_len or 4096, "--channels"
     if not sites:
         raise CliError(f"{what} has no long convolution: no tile kernels to choose")
     state = str(state_dtype_for(DTYPES[sites[0][2]])).replace("torch.", "")
@@ -546,7 +548,7 @@ def _kernels(args):
     if args.json:
         print(_dumps(data))
         return 1 if failed else 0
-    out = [f"Triton specialisations for {what}: bank of {data['channels']} channels, max_len {max_len}, "
+    out = [f"Triton specialisations for {what}: {len(sites)} long conv(s), bank of {data['channels']} channels, max_len {max_len}, "
            f"crossover {crossover} (direct tiles U <= {crossover}), state {state}"]
     head = f"{'kernel':<12} {'constexprs':<18} {'state':<8} {'io':<9} {'C':>5}" + \
            (f" {'rel err':>9} {'tol':>7}  ok" if args.check else "") + "  when"
@@ -620,10 +622,14 @@ def _verify(args):
 
 # -- bench --------------------------------------------------------------------------------------
 
-def _bench_mixer(rest):
-    from lcsm_compile.bench import mixer
+BENCHMARKS = {"mixer": "lcsm_compile.bench.mixer", "generate": "lcsm_compile.bench.generate"}
 
-    rc = mixer.main(rest)
+
+def _bench_forward(which, rest):
+    """`bench mixer ...` / `bench generate ...`: the benchmark module's own main(argv)."""
+    import importlib
+
+    rc = importlib.import_module(BENCHMARKS[which]).main(rest)
     return rc if isinstance(rc, int) else 0
 
 
@@ -765,7 +771,7 @@ def _tune(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="lcsm-compile", description=__doc__.split("\n")[0],
-                                     epilog="`lcsm-compile bench mixer --help` for the mixer benchmark's options")
+                                     epilog="`lcsm-compile bench mixer --help`, `lcsm-compile bench generate --help`: the benchmarks' options")
     parser.add_argument("--traceback", action="store_true", help="print the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
     capture = dict(choices=["export", "dynamo"], default="export", help="capture level of the analysis")
@@ -822,7 +828,12 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_verify)
 
-    p = sub.add_parser("bench", help="greedy generation: eager recompute vs lcsm decoder (`bench mixer ...`: the mixer benchmark)")
+    p = sub.add_parser("bench", help="greedy generation on MODEL: eager recompute vs the lcsm decoder "
+                                     "(`bench mixer ...`, `bench generate ...`: the full benchmarks)",
+                       description="Greedy generation on MODEL to --length (teacher-forced for float inputs): the eager "
+                                   "loop recomputing the model on the whole prefix per token vs an lcsm decoder session. "
+                                   "`lcsm-compile bench mixer ...` and `lcsm-compile bench generate ...` run the full "
+                                   "benchmarks instead (their own options).")
     _model_args(p)
     p.add_argument("--length", type=int, help="generate up to this many positions (default min(max_len, 256))")
     p.add_argument("--prompt", type=int, default=16)
@@ -839,7 +850,7 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_tune)
 
-    p = sub.add_parser("demo", help="decode a Hyena-style filter bank, verify exactness, time it against the lazy loop")
+    p = sub.add_parser("demo", help=(demo.__doc__ or "the demo").split("\n")[0].split(": ", 1)[-1].rstrip("."))
     demo.add_arguments(p)
     p.set_defaults(run=demo.main)
     return parser
@@ -853,9 +864,9 @@ def _one_line(exc):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_warnings()
-    lead = [a for a in argv[:2] if a != "--traceback"]
-    if lead[:2] == ["bench", "mixer"]:  # `bench mixer ...` forwards everything after it
-        return _bench_mixer(argv[argv.index("mixer") + 1 :])
+    lead = [a for a in argv[:3] if a != "--traceback"]
+    if lead[:1] == ["bench"] and len(lead) > 1 and lead[1] in BENCHMARKS:  # forwards everything after it
+        return _bench_forward(lead[1], argv[argv.index(lead[1]) + 1 :])
     args = build_parser().parse_args(argv)
     try:
         rc = args.run(args)

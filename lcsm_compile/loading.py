@@ -207,7 +207,7 @@ def load(spec, *, input_shape=None, vocab=None, dtype=None, max_len=None, kwargs
 def _kind(obj) -> str:
     if isinstance(obj, (tuple, list)):
         return f"a {type(obj).__name__} of {len(obj)} ({', '.join(type(o).__name__ for o in obj[:4])})"
-    return "None" if obj is None else f"a {type(obj).__name__}"
+    return "None" if obj is None else f"{'an' if type(obj).__name__[0] in 'aeiouAEIOU' else 'a'} {type(obj).__name__}"
 
 
 def _first_line(exc) -> str:
