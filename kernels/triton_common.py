@@ -10,6 +10,7 @@ import os
 import torch
 
 from lcsm_compile.errors import DeviceError, DTypeError, ShapeError
+from lcsm_compile.logs import get_logger
 
 STATE_DTYPES = (torch.float32, torch.float64)
 
@@ -59,6 +60,8 @@ def check_block_c(block_c) -> int:
 
 def record_launch(kernel: str, constexprs: dict, state_dtype, io_dtype=None) -> None:
     key = (kernel, tuple(sorted(constexprs.items())), str(state_dtype), None if io_dtype is None else str(io_dtype))
+    if key not in _LAUNCHED:
+        get_logger("kernels").info("first launch of %s %s (state %s, io %s)", kernel, dict(key[1]), key[2], key[3])
     _LAUNCHED[key] = _LAUNCHED.get(key, 0) + 1
 
 

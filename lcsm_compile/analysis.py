@@ -6,11 +6,13 @@ Each pass is `run(graph, ctx) -> result` in its own file under passes/; the Cont
 pass's text dump and time, which the Report carries for the CLI.
 """
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from lcsm_compile.logs import get_logger
 from lcsm_compile.passes import canonicalize, detect, properties, time_axis
 from lcsm_compile.passes import capture as capture_pass  # `capture` is analyze()'s argument
 from lcsm_compile.passes.capture import CaptureError, Runner
@@ -40,7 +42,12 @@ class Context:
         t0 = time.perf_counter()
         out = fn(*args)
         dt = time.perf_counter() - t0
-        self.passes.append((name, dump(out) if dump else "", dt))
+        text = dump(out) if dump else ""
+        self.passes.append((name, text, dt))
+        area = "detect" if name in ("detect", "properties") else "passes"
+        get_logger(area).info("%s: %.3f s", name, dt)
+        if text and get_logger(area).isEnabledFor(logging.DEBUG):
+            get_logger(area).debug("after %s:\n%s", name, text)
         return out
 
 

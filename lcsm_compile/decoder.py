@@ -9,6 +9,7 @@ from lcsm_compile.baselines import FloorConv, LazyConv
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.passes import decode_rewrite, layer_schedule
 from lcsm_compile.errors import NotDecodable
+from lcsm_compile.logs import get_logger
 from lcsm_compile.runtime import Program, Session
 
 BANKS = {"flash": OnlineConv, "lazy": LazyConv, "floor": FloorConv}
@@ -49,6 +50,9 @@ class Decoder:
             self.programs.step, self.sites, max_len=self.max_len, crossover=getattr(self.bank, "crossover", None), bank_width=start
         )
         self.short_filters = {i: self._short_filter(s.conv) for i, s in enumerate(self.sites) if s.kind == "short"}
+        get_logger("passes").info("decode_rewrite: %d sites (%d long in one bank of %d channels), %s bank, max_len %d",
+                                  len(self.sites), len(self.bank_slices), start, conv, self.max_len)
+        get_logger("schedule").info("layer schedule:\n%s", self.schedule.table())
 
     def _short_filter(self, conv):
         """(conv1d weight [W, 1, K], step taps [K, 1, W], bias [W] or None), oldest input first."""

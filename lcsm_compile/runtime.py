@@ -81,6 +81,14 @@ class Program:
         return pytree.tree_unflatten(list(self.fn(*prefix, *inputs)), self.out_spec)
 
 
+def _contiguous_strides(shape):
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= size
+    return tuple(reversed(strides))
+
+
 class Session:
     """One decode: `prefill(prompt)` then `step(x)` per position. Outputs follow the model's layout."""
 
@@ -133,6 +141,9 @@ class Session:
         self._check(x, 1)
         if x.shape[0] != self._batch:
             raise ShapeError(f"input: expected batch {self._batch} (fixed by the prompt), got {x.shape[0]}")
+        if x.stride() != _contiguous_strides(x.shape):
+            # e.g. ids[:, t:t+1] of a longer buffer: the compiled step is specialised on strides
+            x = x.clone(memory_format=torch.contiguous_format)
         pos = torch.tensor([self.position], device=self.decoder.device)
         return self.decoder.step_fn(self.handle, pos, inputs=(x,))
 

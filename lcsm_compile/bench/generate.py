@@ -77,7 +77,8 @@ def make_decoder(report, L, prompt, conv, options):
         return lcsm_compile.Decoder(report, max_len=L, example_inputs=(prompt,), conv=conv, **options)
     except TypeError as e:
         if options and any(k in str(e) for k in options):
-            raise SystemExit(f"decoder options {sorted(options)}: not accepted by this lcsm_compile.Decoder ({e})") from None
+            msg = f"decoder options {sorted(options)}: not accepted by this lcsm_compile.Decoder ({e})"
+            raise SystemExit(msg) from None
         raise
 
 
@@ -108,11 +109,13 @@ def generate_session(decoder, prompt, L, bar=None, keep_logits=False):
     outs = []
     t0 = time.perf_counter()
     first = session.prefill(prompt)
-    seq[:, P] = first[:, -1].argmax(-1)
+    nxt = first[:, -1:].argmax(-1)  # [1, 1]: the next input is the new token tensor itself, as in
+    seq[:, P : P + 1] = nxt  # gpt-fast / HF (a slice of seq would carry seq's stride into the step)
     t1 = time.perf_counter()
     for t in range(P, L - 1):
-        out = session.step(seq[:, t : t + 1])
-        seq[:, t + 1] = out[:, -1].argmax(-1)
+        out = session.step(nxt)
+        nxt = out[:, -1:].argmax(-1)
+        seq[:, t + 1 : t + 2] = nxt
         if keep_logits:
             outs.append(out)
         if bar is not None and (t - P) % BAR_EVERY == BAR_EVERY - 1:
@@ -157,7 +160,10 @@ class SessionStepper:
     def __call__(self, t):
         if self.pos != t:
             self.session.prefill(self.tokens[:, :t])
-        self.outputs[t] = self.session.step(self.tokens[:, t : t + 1])[0, -1]
+        # clone: a fresh [1, 1] tensor like generate_session's input (same strides: no recompilation)
+        out = self.session.step(self.tokens[:, t : t + 1].clone(memory_format=torch.contiguous_format))
+        out[:, -1:].argmax(-1)  # the greedy pick, as in generate_session
+        self.outputs[t] = out[0, -1]
         self.pos = t + 1
 
 
@@ -168,7 +174,9 @@ class NaiveStepper:
         self.model, self.tokens, self.outputs = model, tokens, {}
 
     def __call__(self, t):
-        self.outputs[t] = self.model(self.tokens[:, : t + 1])[0, -1]
+        out = self.model(self.tokens[:, : t + 1])[:, -1]
+        out.argmax(-1)  # the greedy pick, as in generate_naive
+        self.outputs[t] = out[0]
 
 
 def segments(first, lengths):
@@ -258,18 +266,20 @@ def bench_config(layers, d, args, log):
         t0 = time.perf_counter()
         dec = make_decoder(report, L, prompt, "flash", opts)
         build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         warm(dec, prompt, L)
+        warm_s = time.perf_counter() - t0  # includes compilation under --compile
         with progress_bar(args, L - 1 - P, f"{name} L={L} flash") as bar:
             run = generate_session(dec, prompt, L, bar, keep_logits=True)
         del dec
         err = teacher_forced_err(model64, run["tokens"], run["logits"])
-        m = {"time_s": run["time_s"], "estimated": False, "build_s": build_s, "prefill_s": run["prefill_s"],
-             "step_s": run["step_s"], "us_per_token": run["time_s"] / (L - P) * 1e6,
+        m = {"time_s": run["time_s"], "estimated": False, "build_s": build_s, "warm_s": warm_s,
+             "prefill_s": run["prefill_s"], "step_s": run["step_s"], "us_per_token": run["time_s"] / (L - P) * 1e6,
              "us_per_step": run["step_s"] / max(run["steps"], 1) * 1e6, "memory_bytes": run["memory_bytes"],
              "rel_err": err, "wrong": not err <= MAX_REL_ERR}
         rows[L]["methods"]["flash"] = m
         log(f"  L={L} flash {run['time_s']:.4g} s ({m['us_per_step']:.0f} us/step, build {build_s:.3g} s, "
-            f"{run['memory_bytes'] / 2**20:.1f} MiB), teacher-forced rel err {err:.2e}"
+            f"warm-up {warm_s:.3g} s, {run['memory_bytes'] / 2**20:.1f} MiB), teacher-forced rel err {err:.2e}"
             + ("  WRONG: does not match the model's forward" if m["wrong"] else ""))
         rows[L]["_flash_tokens"] = run["tokens"]  # compared with the baselines' tokens below
         if L == Lmax:
@@ -279,6 +289,7 @@ def bench_config(layers, d, args, log):
     # baselines: sample cost(t) once per configuration on flash's sequence, then per L full or estimated
     fits = {}
     for k in BASELINES:
+        log(f"  {k}: sampling the per-step cost ({args.positions} windows per length segment)")
         t0 = time.perf_counter()
         if k == "naive":
             stepper, dec, prefill_s, build_s = NaiveStepper(model, flash_tokens), None, 0.0, None
@@ -296,11 +307,13 @@ def bench_config(layers, d, args, log):
         fit["sampling_s"] = time.perf_counter() - t0
         if k != "floor":  # the sampled steps, teacher-forced, against flash's logits at the same positions
             ts = sorted(stepper.outputs)
-            fit["window_rel_diff_vs_flash"] = rel_err(flash_logits[ts], torch.stack([stepper.outputs[t] for t in ts]))
+            got = torch.stack([stepper.outputs[t] for t in ts])
+            fit["window_rel_diff_vs_flash"] = rel_err(flash_logits[ts], got)
         del stepper
         fits[k] = fit
+        diff = fit.get("window_rel_diff_vs_flash")
         log(f"  {k} cost sampled at {len(fit['samples'])} windows in {fit['sampling_s']:.3g} s"
-            + (f", rel diff vs flash {fit['window_rel_diff_vs_flash']:.1e}" if "window_rel_diff_vs_flash" in fit else ""))
+            + ("" if diff is None else f", rel diff vs flash {diff:.1e}"))
 
         for L in lengths:
             first = P - 1 if k == "naive" else P
@@ -309,7 +322,10 @@ def bench_config(layers, d, args, log):
             m = {"estimate_s": est_s, "measured_s": None, "build_s": build_s, "tokens_vs_flash": None}
             if est_s <= limit:
                 with progress_bar(args, L - P, f"{name} L={L} {k}") as bar:
-                    run = generate_naive(model, prompt, L, bar) if k == "naive" else generate_session(dec, prompt, L, bar)
+                    if k == "naive":
+                        run = generate_naive(model, prompt, L, bar)
+                    else:
+                        run = generate_session(dec, prompt, L, bar)
                 m["measured_s"] = run["time_s"]
                 if k != "floor":  # floor is not the model: its tokens are not expected to match
                     m["tokens_vs_flash"] = token_agreement(run["tokens"], rows[L]["_flash_tokens"], P)
@@ -319,9 +335,9 @@ def bench_config(layers, d, args, log):
             m["us_per_token"] = m["time_s"] / (L - P) * 1e6
             rows[L]["methods"][k] = m
             meas = "-" if m["measured_s"] is None else f"{m['measured_s']:.4g} s"
-            agree = m["tokens_vs_flash"]
-            agree = "" if agree is None else ("; tokens equal flash's" if agree["equal"]
-                                              else f"; tokens differ from flash's from position {agree['first_mismatch']}")
+            a = m["tokens_vs_flash"]
+            agree = "" if a is None else ("; tokens equal flash's" if a["equal"]
+                                          else f"; tokens differ from flash's from position {a['first_mismatch']}")
             log(f"  L={L} {k:5s} est {est_s:.4g} s, measured {meas}{agree}")
         del dec
 
