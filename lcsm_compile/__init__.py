@@ -1,5 +1,17 @@
 """lcsm_compile: exact, near-linear-time autoregressive decoding for long-convolution sequence models."""
 
+import os as _os
+import sys as _sys
+
+import torch as _torch
+
+# Triton reads TRITON_INTERPRET once, when first imported (its own tl.zeros & co. are decorated then),
+# and torch._dynamo, imported below for the backend, imports triton. Without CUDA the interpreter is
+# the only way the Triton kernels run at all, so enable it before that first import; an explicit
+# TRITON_INTERPRET=0 is kept. The engine uses Triton only on CUDA unless asked (kernels="triton").
+if "triton" not in _sys.modules and not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, NotDecodable, SessionFinished, ShapeError
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.analysis import analyze, register_mixer
