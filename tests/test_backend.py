@@ -11,20 +11,11 @@ import torch.nn as nn
 
 import lcsm_compile
 from examples.models import get
+from helpers import random_inputs, rel_err
 from lcsm_compile import backend
 from lcsm_compile.errors import NotDecodable
 
 LOGGER = "lcsm_compile.backend"
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def random_inputs(example, length, batch=2):
-    if example.is_floating_point():
-        return torch.randn(batch, length, *example.shape[2:])
-    return torch.randint(0, int(example.max()) + 1, (batch, length))
 
 
 def compiled(model, **options):

@@ -8,20 +8,11 @@ import torch
 
 import lcsm_compile
 from examples.models import ZOO, get
+from helpers import random_inputs, rel_err
 from lcsm_compile import generation
 from lcsm_compile.errors import DTypeError, MaxLenExceeded, NotDecodable, SessionFinished, ShapeError
 
 POSITIVES = [e for e in ZOO if e.decodable]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def random_inputs(example, length, batch=2):
-    if example.is_floating_point():
-        return torch.randn(batch, length, *example.shape[2:])
-    return torch.randint(0, int(example.max()) + 1, (batch, length))
 
 
 @pytest.fixture(scope="module")
