@@ -160,8 +160,7 @@ class SessionStepper:
     def __call__(self, t):
         if self.pos != t:
             self.session.prefill(self.tokens[:, :t])
-        # clone: a fresh [1, 1] tensor like generate_session's input (same strides: no recompilation)
-        out = self.session.step(self.tokens[:, t : t + 1].clone(memory_format=torch.contiguous_format))
+        out = self.session.step(self.tokens[:, t : t + 1])  # Session.step makes a strided slice contiguous
         out[:, -1:].argmax(-1)  # the greedy pick, as in generate_session
         self.outputs[t] = out[0, -1]
         self.pos = t + 1
