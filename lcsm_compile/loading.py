@@ -56,24 +56,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def import_target(target: str):
     """Import a module by dotted name (the current directory first on sys.path) or a .py file."""
     if target.endswith(".py") or os.sep in target or "/" in target:
-        path = os.path.abspath(target)
-        if not os.path.isfile(path):
-            raise LoadError(f"MODEL: no such file {target!r}")
-        folder = os.path.dirname(path)
-        if folder not in sys.path:  # the file's own imports of its neighbours
-            sys.path.insert(0, folder)
-        name = "_lcsm_user_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_").replace(".", "_")
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise LoadError(f"MODEL: cannot import {target!r} as a Python file")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - the user's file: report it in one line
-            sys.modules.pop(name, None)
-            raise LoadError(f"importing {target} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
-        return module
+        return _import_file(target)
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
@@ -86,6 +69,45 @@ def import_target(target: str):
         raise LoadError(f"importing {target} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001
         raise LoadError(f"importing {target} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _import_file(target: str):
+    """A .py file. Inside packages (folders with __init__.py) it is imported under its dotted name
+    with the folder above the outermost package on sys.path, as pytest's prepend mode does, so its
+    absolute imports of its own package (`from examples.models.common import ...`) resolve; a
+    loose file is imported from its folder under a private name."""
+    path = os.path.abspath(target)
+    if not os.path.isfile(path):
+        raise LoadError(f"MODEL: no such file {target!r}")
+    root, parts = os.path.split(os.path.splitext(path)[0])
+    parts = [parts]
+    while os.path.isfile(os.path.join(root, "__init__.py")):
+        root, package = os.path.split(root)
+        parts.insert(0, package)
+    dotted = ".".join(parts)
+    if root not in sys.path:  # the package's (or the loose file's neighbours') imports
+        sys.path.insert(0, root)
+    if len(parts) > 1 and all(p.isidentifier() for p in parts):
+        try:
+            module = importlib.import_module(dotted)
+        except Exception as exc:  # noqa: BLE001 - the user's file: report it in one line
+            raise LoadError(f"importing {target} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+        if os.path.abspath(getattr(module, "__file__", "") or "") != path:
+            raise LoadError(f"MODEL: {target!r} imports as {dotted!r}, but that name is already the module "
+                            f"{getattr(module, '__file__', None)!r}; rename the file or use module:factory")
+        return module
+    name = "_lcsm_user_" + "_".join(parts).replace("-", "_").replace(".", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise LoadError(f"MODEL: cannot import {target!r} as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file: report it in one line
+        sys.modules.pop(name, None)
+        raise LoadError(f"importing {target} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    return module
 
 
 def resolve_factory(module, target: str, factory: str):

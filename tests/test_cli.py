@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lcsm_compile import cli, logs
+from lcsm_compile import cli, loading, logs
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER2 = "examples.models.hyena:build_order2"
@@ -342,3 +342,20 @@ def test_lcsm_logs_parsing():
     assert logs.parse("all+debug")[0] == {a: 10 for a in logs.AREAS}
     assert logs.parse("schedule,+debug")[0] == {"schedule": 10}
     assert logs.parse("")[0] == {}
+
+
+def test_path_form_imports_a_package_file_under_its_dotted_name(tmp_path, monkeypatch):
+    """examples/models/hyena.py imports `examples.models.common`: loading it by path from another
+    directory works because the folder above its outermost package goes on sys.path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    loaded = loading.load(f"{ROOT}/examples/models/hyena.py:build_order2")
+    module = sys.modules["examples.models.hyena"]
+    assert Path(module.__file__) == ROOT / "examples" / "models" / "hyena.py" and loaded.length > 1
+    clash = tmp_path / "examples" / "models"  # a different file under an already-imported dotted name
+    clash.mkdir(parents=True)
+    for init in (tmp_path / "examples" / "__init__.py", clash / "__init__.py"):
+        init.write_text("")
+    (clash / "hyena.py").write_text(FACTORIES)
+    with pytest.raises(loading.LoadError, match="imports as 'examples.models.hyena', but that name is already"):
+        loading.load(f"{clash}/hyena.py:bare")
