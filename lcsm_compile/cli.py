@@ -650,7 +650,7 @@ def _bench(args):
     import torch
 
     loaded = _load(args)
-    decoder = _optimize(loaded)
+    decoder = _optimize(loaded, compile=args.compile)
     length = args.length or min(decoder.max_len, 256)
     P = args.prompt
     if not 1 <= P < length <= decoder.max_len:
@@ -658,6 +658,14 @@ def _bench(args):
     from lcsm_compile.loading import random_inputs
 
     x = random_inputs(loaded, length, seed=args.seed + 1)[0]
+    compile_s = None
+    if args.compile:  # compile the step on a throwaway session so the timed steps measure decoding only
+        start = time.perf_counter()
+        with torch.no_grad():
+            warm = decoder.session()
+            warm.prefill(x[:, :P])
+            warm.step(x[:, P : P + 1])
+        compile_s = time.perf_counter() - start
     greedy = loaded.tokens
     model, show = loaded.model, not (args.json or args.no_progress)
 
@@ -701,7 +709,8 @@ def _bench(args):
     n = len(naive_t)
     rows = {"eager_recompute": (prefill_naive, naive_t), "lcsm": (prefill_lcsm, lcsm_t)}
     data = {"model": args.model, "mode": "greedy" if greedy else "teacher-forced", "prompt": P, "length": length,
-            "batch": int(x.shape[0]), "steps": n, "threads": torch.get_num_threads(), "tokens_match": match}
+            "batch": int(x.shape[0]), "steps": n, "threads": torch.get_num_threads(), "tokens_match": match,
+            "compiled_step": args.compile, "compile_s": None if compile_s is None else round(compile_s, 3)}
     for k, (pf, ts) in rows.items():
         total = pf + sum(ts)
         data[k] = {"prefill_s": round(pf, 5), "steps_s": round(sum(ts), 5), "total_s": round(total, 5),
@@ -722,6 +731,8 @@ def _bench(args):
         d = data[k]
         out.append(f"{k:<16} {d['prefill_s']:>10.4f} {d['steps_s']:>9.3f} {d['ms_per_token']:>9.3f} "
                    f"{d['tokens_per_s']:>9.1f} {d['last_token_ms'] or 0:>8.3f}")
+    if compile_s is not None:
+        out.append(f"lcsm step compiled by torch.compile beforehand in {compile_s:.1f} s (not in the timings)")
     out.append(f"speedup (steps): {data['speedup_steps']:.2f}x" +
                (f"; same tokens: {'yes' if match else 'NO'}" if greedy else ""))
     if args.plot:
@@ -837,6 +848,8 @@ def build_parser():
     _model_args(p)
     p.add_argument("--length", type=int, help="generate up to this many positions (default min(max_len, 256))")
     p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--compile", action="store_true", help="run the lcsm step through torch.compile (compiled once, "
+                                                         "before timing; the time is reported)")
     p.add_argument("--plot", metavar="OUT.png", help="per-token latency plot (matplotlib)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")

@@ -56,6 +56,7 @@ COMMANDS = {
     "verify": (["verify", ORDER2, "--json", "--prompt-lens", "1,20,63"], {}),
     "verify_fail": (["verify", BARE, *BARE_OPTS, "--tol", "0", "--prompt-lens", "30", "--no-progress"], {}),
     "bench": (["bench", ORDER2, "--length", "40", "--prompt", "8", "--json", "--plot", str(WORKDIR / "bench.png")], {}),
+    "bench_compiled": (["bench", BARE, *BARE_OPTS, "--length", "24", "--prompt", "4", "--compile", "--json"], {}),
     "bad_spec": (["detect", "no_colon_here"], {}),
 }
 
@@ -299,7 +300,14 @@ def test_bench_greedy(runs):
     assert proc.returncode == 0 and data["mode"] == "greedy" and data["steps"] == 40 - 8 - 1
     assert data["tokens_match"] is True  # the decoder generates what the eager model generates
     assert data["lcsm"]["tokens_per_s"] > 0 and data["eager_recompute"]["tokens_per_s"] > 0
-    assert (WORKDIR / "bench.png").stat().st_size > 1000
+    assert (WORKDIR / "bench.png").stat().st_size > 1000 and data["compiled_step"] is False
+
+
+@uses("bench_compiled")
+def test_bench_compiled_step(runs):
+    data = _json(runs["bench_compiled"])
+    assert data["compiled_step"] is True and data["compile_s"] > 0 and data["steps"] == 24 - 4 - 1
+    assert data["tokens_match"] is True
 
 
 @pytest.mark.parametrize("argv,usage", [(["bench", "mixer", "--help"], "usage: lcsm-compile bench mixer"),
