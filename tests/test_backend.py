@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import lcsm_compile
-from examples.models import get
+from examples.models import ZOO, get
 from helpers import random_inputs, rel_err
 from lcsm_compile import backend
 from lcsm_compile.errors import NotDecodable
@@ -35,8 +35,8 @@ def test_registered_by_name():
     assert "lcsm" in torch._dynamo.list_backends()
 
 
-# one Hyena LM, one S4D LM (modal SSM kernel), one continuous-input Hyena regressor
-@pytest.mark.parametrize("name", ["hyena_order2", "s4d", "hyena_regressor"])
+# every decodable zoo model: the naive loop under the backend equals the model at every length
+@pytest.mark.parametrize("name", [e.name for e in ZOO if e.decodable])
 def test_naive_loop_is_exact_and_compiles_once(name):
     model, inputs = get(name).build()
     P, L = 10, 72  # P is not a size of any weight: dynamo's duck sizing would make it static
