@@ -6,6 +6,7 @@ a few thousand tokens with a progress bar, and time the same generation with the
 recomputes the model on the growing prefix. Exits 1 if the decoder is not exact.
 """
 
+import json
 import time
 import warnings
 
@@ -27,59 +28,72 @@ def add_arguments(parser):
     parser.add_argument("--no-compile", action="store_true", help="run the step program eagerly")
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON summary instead of the report")
 
 
 def main(args):
     L = args.prompt + args.tokens
     if args.prompt < 1 or args.tokens < 1:
         raise lcsm_compile.LcsmError("demo: --prompt and --tokens must be at least 1")
+    say = (lambda *a: None) if args.json else print  # --json: one JSON object on stdout, nothing else
     g = torch.Generator().manual_seed(args.seed)
     model = demo_lm(args.layers, args.d_model, args.vocab, max_len=L, seed=args.seed)
-    print(f"lcsm-compile demo: Hyena LM, {args.layers} layers, d_model {args.d_model}, vocab {args.vocab}, max_len {L}, {torch.get_num_threads()} threads")
+    say(f"lcsm-compile demo: Hyena LM, {args.layers} layers, d_model {args.d_model}, vocab {args.vocab}, max_len {L}, {torch.get_num_threads()} threads")
+    result = {"layers": args.layers, "d_model": args.d_model, "vocab": args.vocab, "prompt": args.prompt,
+              "tokens": args.tokens, "max_len": L, "threads": torch.get_num_threads()}
 
     start = time.perf_counter()
     example = torch.randint(0, args.vocab, (1, min(64, L)), generator=g)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export's deprecation chatter; the report says what matters
         decoder = lcsm_compile.optimize(model, (example,), max_len=L, compile=not args.no_compile)
-    print(f"\n== report (analysis + decode rewrite: {time.perf_counter() - start:.1f} s)")
-    print(decoder.report.table())
-    print("\n== layer schedule")
-    print(decoder.schedule.table())
+    result["optimize_s"] = round(time.perf_counter() - start, 3)
+    result["long_convs"] = len([c for c in decoder.report.accepted if c.kind == "long"])
+    say(f"\n== report (analysis + decode rewrite: {result['optimize_s']:.1f} s)")
+    say(decoder.report.table())
+    say("\n== layer schedule")
+    say(decoder.schedule.table())
 
     n = min(args.verify_len, L)
     ids = torch.randint(0, args.vocab, (1, n), generator=g)
     start = time.perf_counter()
     check = verify.teacher_forced(model, decoder, (ids,), (1, min(37, n)))
     ok = check["passed"]
-    print(f"\n== exactness (teacher-forced against the float64 model, {n} positions; the first session "
-          f"compiles the step: {time.perf_counter() - start:.1f} s)")
+    result["exactness"] = {"positions": n, "tol": check["tol"], "passed": ok,
+                           "runs": [{k: r[k] for k in ("prompt_len", "steps", "max_rel_err")} for r in check["runs"]]}
+    say(f"\n== exactness (teacher-forced against the float64 model, {n} positions; the first session "
+        f"compiles the step: {time.perf_counter() - start:.1f} s)")
     for run in check["runs"]:
-        print(f"prefill {run['prompt_len']:>3} + {run['steps']} steps: max relative error per position "
-              f"{run['max_rel_err']:.1e}")
-    print(f"exact (< {check['tol']:.0e})" if ok else "NOT EXACT")
+        say(f"prefill {run['prompt_len']:>3} + {run['steps']} steps: max relative error per position "
+            f"{run['max_rel_err']:.1e}")
+    say(f"exact (< {check['tol']:.0e})" if ok else "NOT EXACT")
 
     prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=g)
-    print(f"\n== generating {args.tokens} tokens after a {args.prompt}-token prompt")
+    say(f"\n== generating {args.tokens} tokens after a {args.prompt}-token prompt")
     session = decoder.session()
     with torch.no_grad():
         start = time.perf_counter()
-        ours = generation.generate(session.prefill, session.step, prompt, args.tokens, progress=True)
+        ours = generation.generate(session.prefill, session.step, prompt, args.tokens, progress=not args.json)
         ours_s = time.perf_counter() - start
+    result["state_bytes"] = session.memory_bytes()
     parts = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in session.memory_breakdown().items())
-    print(f"state held by the session: {session.memory_bytes() / 2**20:.1f} MiB ({parts})")
+    say(f"state held by the session: {session.memory_bytes() / 2**20:.1f} MiB ({parts})")
     rows = [("lcsm (flash)", ours_s)]
+    result["lcsm_s"] = round(ours_s, 4)
     if not args.no_naive:
         with torch.no_grad():
             start = time.perf_counter()
-            naive = generation.naive_generate(model, prompt, args.tokens, progress=True)
+            naive = generation.naive_generate(model, prompt, args.tokens, progress=not args.json)
             rows.append(("naive loop", time.perf_counter() - start))
         same = int((naive == ours).all(0).sum()) - args.prompt
-        print(f"tokens identical to the naive loop: {same}/{args.tokens}")
-    print(f"\n{'method':<14} {'seconds':>9} {'ms/token':>9}")
+        result.update(naive_s=round(rows[1][1], 4), tokens_identical=same, speedup=round(rows[1][1] / ours_s, 3))
+        say(f"tokens identical to the naive loop: {same}/{args.tokens}")
+    say(f"\n{'method':<14} {'seconds':>9} {'ms/token':>9}")
     for name, s in rows:
-        print(f"{name:<14} {s:>9.2f} {s / args.tokens * 1e3:>9.2f}")
+        say(f"{name:<14} {s:>9.2f} {s / args.tokens * 1e3:>9.2f}")
     if len(rows) == 2:
-        print(f"speedup over the naive loop: {rows[1][1] / ours_s:.1f}x")
+        say(f"speedup over the naive loop: {rows[1][1] / ours_s:.1f}x")
+    if args.json:
+        print(json.dumps(result))
     if not ok:
         raise SystemExit(1)

@@ -5,6 +5,7 @@ time, one torch thread each) so the file stays quick on a small machine.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lcsm_compile import cli, loading, logs
+from lcsm_compile import cli, loading, logs, tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER2 = "examples.models.hyena:build_order2"
@@ -57,6 +58,9 @@ COMMANDS = {
     "verify_fail": (["verify", BARE, *BARE_OPTS, "--tol", "0", "--prompt-lens", "30", "--no-progress"], {}),
     "bench": (["bench", ORDER2, "--length", "40", "--prompt", "8", "--json", "--plot", str(WORKDIR / "bench.png")], {}),
     "bench_compiled": (["bench", BARE, *BARE_OPTS, "--length", "24", "--prompt", "4", "--compile", "--json"], {}),
+    "tune": (["tune", "--channels", "64", "--max-size", "16", "--json"], {"LCSM_CACHE_DIR": str(WORKDIR / "cache")}),
+    "demo": (["demo", "--layers", "1", "--d-model", "16", "--vocab", "32", "--prompt", "8", "--tokens", "40",
+              "--verify-len", "48", "--json"], {}),
     "bad_spec": (["detect", "no_colon_here"], {}),
 }
 
@@ -76,6 +80,7 @@ class Runs:
     def __init__(self, names):
         WORKDIR.mkdir(parents=True, exist_ok=True)
         (WORKDIR / "factories.py").write_text(FACTORIES)
+        shutil.rmtree(WORKDIR / "cache", ignore_errors=True)  # `tune` must write the cache itself
         self.pool = ThreadPoolExecutor(max_workers=3)
         self.futures = {n: self.pool.submit(_run, *COMMANDS[n]) for n in names}
 
@@ -311,12 +316,33 @@ def test_bench_compiled_step(runs):
 
 
 @pytest.mark.parametrize("argv,usage", [(["bench", "mixer", "--help"], "usage: lcsm-compile bench mixer"),
-                                        (["bench", "generate", "--help"], "usage: lcsm-compile bench generate"),
-                                        (["demo", "--help"], "usage: lcsm-compile demo")])
-def test_bench_mixer_and_demo_are_wired(argv, usage, capsys):
+                                        (["bench", "generate", "--help"], "usage: lcsm-compile bench generate")])
+def test_bench_mixer_and_generate_are_wired(argv, usage, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 0 and capsys.readouterr().out.startswith(usage)
+
+
+# -- tune, demo ---------------------------------------------------------------------------------
+
+@uses("tune")
+def test_tune_measures_chooses_and_caches(runs):
+    data = _json(runs["tune"])
+    assert [r[0] for r in data["rows"]] == [1, 2, 4, 8, 16]
+    assert all(direct > 0 and fft > 0 for _, direct, fft in data["rows"])
+    assert data["crossover"] == tuning.choose_crossover(data["rows"])
+    cache = json.loads((WORKDIR / "cache" / "tuning.json").read_text())
+    (entry,) = cache.values()
+    assert entry["crossover"] == data["crossover"] and entry["channels"] == 64
+
+
+@uses("demo")
+def test_demo_is_exact_and_matches_the_naive_loop(runs):
+    data = _json(runs["demo"])
+    assert data["exactness"]["passed"] is True and data["long_convs"] == 1
+    assert [r["prompt_len"] for r in data["exactness"]["runs"]] == [1, 37]
+    assert all(0 < r["max_rel_err"] < 1e-5 for r in data["exactness"]["runs"])
+    assert data["tokens_identical"] == 40 and data["lcsm_s"] > 0 and data["state_bytes"] > 0
 
 
 # -- errors -------------------------------------------------------------------------------------
