@@ -57,7 +57,8 @@ def _model_args(p, *, optional=False):
     p.add_argument("model", metavar="MODEL", nargs="?" if optional else None,
                    help="module:factory or path.py:factory; the factory returns a model or (model, example_inputs)")
     g = p.add_argument_group("model inputs (needed when the factory returns a bare model)")
-    g.add_argument("--input-shape", metavar="B,L[,D...]", help="example input shape, the sequence on dim 1")
+    g.add_argument("--input-shape", metavar="B,L[,D...]", help="example input shape, the sequence on dim 1 (token ids when the "
+                   "model has an nn.Embedding and neither --vocab nor --dtype is given, else floats)")
     g.add_argument("--vocab", type=int, help="token ids are drawn from [0, VOCAB)")
     g.add_argument("--dtype", choices=["float32", "float64", "float16", "bfloat16", "int64", "int32"],
                    help="example input dtype (default float32, or int64 with --vocab)")

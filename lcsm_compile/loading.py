@@ -3,7 +3,8 @@
 The factory is called with no arguments (or the `--arg key=value` ones) and returns either a
 model or a `(model, example_inputs)` pair. A bare model needs its example inputs described:
 `--input-shape 2,64 --vocab 256` (token ids in [0, 256)) or `--input-shape 2,64,16 --dtype float32`
-(floats), the sequence on dim 1. Every problem is a LoadError: one line naming what was expected.
+(floats), the sequence on dim 1. Without --vocab or --dtype, a model with an nn.Embedding gets token
+ids in [0, num_embeddings) of its first one, any other model standard normal floats. Every problem is a LoadError: one line naming what was expected.
 """
 
 import ast
@@ -212,6 +213,8 @@ def load(spec, *, input_shape=None, vocab=None, dtype=None, max_len=None, kwargs
         shape = parse_shape(input_shape) if isinstance(input_shape, str) else tuple(input_shape)
         if vocab is None and inputs is not None and not inputs[0].is_floating_point() and (dtype is None or dtype.startswith("int")):
             vocab = infer_vocab(model, inputs)
+        elif vocab is None and inputs is None and dtype is None:  # a bare model that embeds tokens takes ids
+            vocab = next((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), None)
         inputs = make_inputs(shape, vocab=vocab, dtype=dtype, seed=seed) + (tuple(inputs[1:]) if inputs else ())
     elif inputs is None:
         raise LoadError(f"factory {spec} returned a bare model: describe its example inputs with --input-shape "

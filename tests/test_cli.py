@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from lcsm_compile import cli, loading, logs, tuning
 
@@ -393,3 +394,12 @@ def test_path_form_imports_a_package_file_under_its_dotted_name(tmp_path, monkey
     (clash / "hyena.py").write_text(FACTORIES)
     with pytest.raises(loading.LoadError, match="imports as 'examples.models.hyena', but that name is already"):
         loading.load(f"{clash}/hyena.py:bare")
+
+
+def test_bare_embedding_model_gets_token_ids_without_vocab(tmp_path):
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    loaded = loading.load(f"{tmp_path}/factories.py:bare", input_shape="1,8")
+    assert loaded.tokens and loaded.vocab == 32 and loaded.inputs[0].dtype == torch.int64
+    assert 0 <= int(loaded.inputs[0].min()) and int(loaded.inputs[0].max()) < 32
+    floats = loading.load(f"{tmp_path}/factories.py:bare", input_shape="1,8,4", dtype="float32")
+    assert not floats.tokens and floats.inputs[0].shape == (1, 8, 4)

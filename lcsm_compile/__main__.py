@@ -1,0 +1,7 @@
+"""`python -m lcsm_compile`: the `lcsm-compile` command line."""
+
+import sys
+
+from lcsm_compile.cli import main
+
+sys.exit(main())
