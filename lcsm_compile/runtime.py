@@ -5,6 +5,8 @@ a Session holds one decode's state (one bank with every long convolution of ever
 buffers for short convolutions) and its position. Sessions are independent and can be interleaved.
 """
 
+import copy
+
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
@@ -67,18 +69,39 @@ class SessionState:
 class Program:
     """A rewritten graph; calls rebuild the model's output structure from its flat outputs.
 
-    compile=True runs it through torch.compile (inductor fuses the time-local ops; the lcsm custom
-    ops stay opaque calls). Shapes are static: the session and position are tensor inputs, so one
-    compilation serves every position and session of a batch size; a new batch size compiles again.
+    compile=True compiles it with inductor directly (compile_fx, what torch.compile's default
+    backend runs), not through dynamo: the program is already an FX graph with static shapes, so
+    there is nothing to trace and no guards to evaluate on every call (on the 4x128 demo model a
+    step takes ~0.96 ms this way against ~1.34 ms through torch.compile). Inductor fuses the
+    time-local ops; the lcsm custom ops stay opaque calls. One compilation per input signature
+    (shapes, strides, dtypes, devices): the session and position are tensor inputs, so one serves
+    every position and session of a batch size; `compilations` counts them.
     """
 
     def __init__(self, gm, out_spec, compile=False):
         self.gm = gm
         self.out_spec = out_spec
-        self.fn = torch.compile(gm, dynamic=False, fullgraph=True) if compile else gm
+        self.compile = compile
+        self.compiled = {}  # input signature -> inductor-compiled callable
+
+    @property
+    def compilations(self) -> int:
+        return len(self.compiled)
 
     def __call__(self, *prefix, inputs):
-        return pytree.tree_unflatten(list(self.fn(*prefix, *inputs)), self.out_spec)
+        args = (*prefix, *inputs)
+        if not self.compile:
+            return pytree.tree_unflatten(list(self.gm(*args)), self.out_spec)
+        key = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in args)
+        fn = self.compiled.get(key)
+        with torch.no_grad():  # decoding never needs autograd; an inference graph is the fast one
+            if fn is None:
+                from torch._inductor.compile_fx import compile_fx
+
+                # a fresh graph over the same module: inductor's passes may rewrite the graph in place
+                gm = torch.fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+                fn = self.compiled[key] = compile_fx(gm, list(args))
+            return pytree.tree_unflatten(list(fn(*args)), self.out_spec)
 
 
 def _contiguous_strides(shape):

@@ -57,6 +57,7 @@ def test_naive_loop_is_exact_and_compiles_once(name):
     assert len(backend.records) == 1  # the backend ran once for 60+ lengths
     runner = record.runner
     assert runner.stats["prefill"] == 1 and runner.stats["step"] == L - P
+    assert runner.decoder.step_fn.compilations == 1  # inductor compiled the step program once
     # every result is a view of the one [B, max_len, ...] buffer
     ptr = runner.out_bufs[0].untyped_storage().data_ptr()
     assert all(o._base is not None and o.untyped_storage().data_ptr() == ptr for o in outs + [first])
@@ -66,7 +67,7 @@ def test_naive_loop_is_exact_and_compiles_once(name):
 def test_prefix_change_shorter_input_and_new_batch_restart_exactly():
     model, inputs = get("hyena_order2").build()
     x = random_inputs(inputs[0], 64)
-    c = compiled(model, max_len=128)
+    c = compiled(model, max_len=128, compile_step=False)  # the eager step program, same semantics
     with torch.no_grad():
         for t in range(10, 20):
             c(x[:, : t + 1])
@@ -86,6 +87,7 @@ def test_prefix_change_shorter_input_and_new_batch_restart_exactly():
         out = c(x3[:, :18])
         assert rel_err(out, model(x3[:, :18])) < 1e-5
         assert out.shape == runner.out_bufs[0][:, :18].shape
+    assert runner.decoder.step_fn.compilations == 0
     assert len(backend.records) == 1
 
 
@@ -166,7 +168,8 @@ def test_fallback_error_raises_not_decodable():
 def test_unknown_or_bad_options_are_errors():
     model, inputs = get("hyena_order2").build()
     x = random_inputs(inputs[0], 20)
-    for options, match in (({"max_length": 64}, "allowed keys"), ({"verify": "some"}, "verify")):
+    for options, match in (({"max_length": 64}, "allowed keys"), ({"verify": "some"}, "verify"),
+                           ({"compile_step": "yes"}, "compile_step")):
         c = compiled(model, **options)
         with pytest.raises(Exception, match=match) as info, torch.no_grad():
             c(x)
