@@ -733,7 +733,7 @@ def _bench(args):
         out.append(f"{k:<16} {d['prefill_s']:>10.4f} {d['steps_s']:>9.3f} {d['ms_per_token']:>9.3f} "
                    f"{d['tokens_per_s']:>9.1f} {d['last_token_ms'] or 0:>8.3f}")
     if compile_s is not None:
-        out.append(f"lcsm step compiled by torch.compile beforehand in {compile_s:.1f} s (not in the timings)")
+        out.append(f"lcsm step program compiled by inductor beforehand in {compile_s:.1f} s (not in the timings)")
     out.append(f"speedup (steps): {data['speedup_steps']:.2f}x" +
                (f"; same tokens: {'yes' if match else 'NO'}" if greedy else ""))
     if args.plot:
@@ -849,7 +849,7 @@ def build_parser():
     _model_args(p)
     p.add_argument("--length", type=int, help="generate up to this many positions (default min(max_len, 256))")
     p.add_argument("--prompt", type=int, default=16)
-    p.add_argument("--compile", action="store_true", help="run the lcsm step through torch.compile (compiled once, "
+    p.add_argument("--compile", action="store_true", help="compile the lcsm step program with inductor (once, "
                                                          "before timing; the time is reported)")
     p.add_argument("--plot", metavar="OUT.png", help="per-token latency plot (matplotlib)")
     p.add_argument("--no-progress", action="store_true")

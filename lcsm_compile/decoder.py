@@ -76,8 +76,8 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     op that mixes positions is not an accepted causal convolution.
 
     conv: "flash" (ours), or the "lazy"/"floor" baselines on the same step program.
-    compile: torch.compile the step program (once per batch size, tens of seconds on CPU) so a
-    step is not dominated by Python dispatch; worth it for long generations."""
+    compile: compile the step program with inductor (once per batch size, a few seconds on CPU) so
+    a step is not dominated by Python dispatch; worth it for long generations."""
     report = analyze(model, tuple(example_inputs), max_len=max_len)
     if not report.decodable:
         raise NotDecodable(report)

@@ -66,7 +66,7 @@ def decoder_options(args):
     """Every keyword the benchmark passes to lcsm_compile.Decoder, built in one place from the flags."""
     opts = {}
     if args.compile:
-        opts["compile"] = True  # torch.compile of the step program (a Decoder option, when it exists)
+        opts["compile"] = True  # the step program compiled by inductor
     return opts
 
 
@@ -452,7 +452,7 @@ def parse_args(argv):
     p.add_argument("--validate-limit-s", type=float, default=90.0,
                    help="the limit at the smallest L instead, so the estimator is checked against full runs")
     p.add_argument("--compile", action="store_true",
-                   help="pass compile=True to lcsm_compile.Decoder (torch.compile of the step program)")
+                   help="pass compile=True to lcsm_compile.Decoder (the step program compiled by inductor)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes (2x32, vocab 64, prompt 16, L 128,256): a smoke test in seconds")
     p.add_argument("--positions", type=int, default=4, help="estimator: windows per length segment")
