@@ -203,8 +203,12 @@ def test_loop_benchmark_smoke():
 
     model = demo_lm(n_layer=1, d_model=16, vocab=32, max_len=64)
     prompt = torch.randint(0, 32, (1, 8))
-    out = loop.compare(model, prompt, 40, ("eager", "lcsm"), progress=False, full_len=40, max_len=64)
-    eager = out["methods"]["eager"]
-    assert eager["tokens_agree"] and eager["tokens_checked"] == 32
+    out = loop.compare(model, prompt, 40, ("eager", "lcsm", "lcsm_eager_step"), progress=False, full_len=16, max_len=64)
+    eager, uncompiled = out["methods"]["eager"], out["methods"]["lcsm_eager_step"]
+    assert out["checkpoints"] == [16, 32, 40]
+    assert eager["tokens_agree"] and eager["tokens_checked"] == 8  # run in full to 16 ...
+    assert eager["estimated"] == {16: False, 32: True, 40: True}  # ... and estimated beyond,
+    assert eager["cum"][16] < eager["cum"][32] < eager["cum"][40]  # never below what was measured
+    assert uncompiled["tokens_agree"] and uncompiled["tokens_checked"] == 32 and not any(uncompiled["estimated"].values())
     assert out["methods"]["lcsm"]["backend"]["kind"] == "decode"
-    assert set(eager["over_lcsm"]) == set(out["checkpoints"]) and "eager_s" in loop.table(out)
+    assert set(eager["over_lcsm"]) == set(out["checkpoints"]) and "lcsm_eager_step/lcsm" in loop.table(out)

@@ -8,13 +8,16 @@
 Methods (all in one run, same model, same prompt):
 - eager:    m = model;
 - lcsm:     m = torch.compile(model, backend="lcsm", dynamic=True): only the new position is
-            computed, through the decode programs (lcsm_compile.backend);
+            computed, through the decode programs (lcsm_compile.backend), the step program
+            compiled by inductor at the second call;
+- lcsm_eager_step: the same with options compile_step=False (no compile time, slower steps);
 - inductor: m = torch.compile(model, backend="inductor", dynamic=True): the same O(t log t)
             forward per step, compiled.
 Every method runs in full up to --full-len (its tokens are checked against lcsm's there); beyond
 it, eager and inductor are ESTIMATED from timed windows of teacher-forced calls spread over [P, L)
-(common.estimate_total with the t log t basis), marked '~' and listed in the "est" column. lcsm
-always runs in full to L. "first_s" is the first call: compile (dynamo + the backend) + prompt.
+(common.estimate_total with the t log t basis), marked '~' and listed in the "est" column. Both
+lcsm methods always run in full to L. "first_s" is the first call: compile (dynamo + the backend) +
+prompt; the step program's compilation (lcsm) falls in the loop's second call.
 
 Run: python benchmarks/backend_loop.py [--length 8192] [--out bench_out/backend_loop]
 """
@@ -29,17 +32,18 @@ import torch
 
 from lcsm_compile.bench import common
 
-METHODS = ("eager", "lcsm", "inductor")
+METHODS = ("eager", "lcsm", "lcsm_eager_step", "inductor")
 
 
 def make_callable(model, method, max_len):
     if method == "eager":
         return model
     torch._dynamo.reset()  # a fresh cache per method: no graph is shared between them
-    if method == "lcsm":
+    if method in ("lcsm", "lcsm_eager_step"):
         import lcsm_compile.backend  # noqa: F401  registers "lcsm"
 
-        return torch.compile(model, backend="lcsm", dynamic=True, options={"max_len": max_len})
+        options = {"max_len": max_len, "compile_step": method == "lcsm"}
+        return torch.compile(model, backend="lcsm", dynamic=True, options=options)
     if method == "inductor":
         return torch.compile(model, backend="inductor", dynamic=True)
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -71,15 +75,17 @@ def greedy_loop(m, prompt, length, checkpoints=(), clock=time.perf_counter, prog
     return ids, first, cum
 
 
-def estimate_loop(m, tokens, P, length, checkpoints, budget_window_s=0.5):
-    """Estimated cumulative seconds of the loop's calls m(tokens[:, :t]) for t in (P, c] per checkpoint c."""
+def estimate_loop(m, tokens, P, length, checkpoints, full, full_s, budget_window_s=0.5):
+    """Cumulative seconds of the loop's calls m(tokens[:, :t]) for t in (P, c] per checkpoint c past
+    `full`: the `full_s` seconds measured up to `full` plus the fitted cost of the calls from there
+    (the fit serves the tail only, so an estimate never undercuts what was measured)."""
     def step(t):
         with torch.no_grad():
             m(tokens[:, : max(t + 1, P + 1)])
 
     est = common.estimate_total(step, length, basis=common.NLOGN, max_window_s=budget_window_s)
-    first = common.integrate_cost(est["coef"], est["basis"], P + 1)
-    cum = {c: common.integrate_cost(est["coef"], est["basis"], c) - first for c in checkpoints}
+    done = common.integrate_cost(est["coef"], est["basis"], full)
+    cum = {c: full_s + common.integrate_cost(est["coef"], est["basis"], c) - done for c in checkpoints}
     return cum, est
 
 
@@ -100,7 +106,7 @@ def compare(model, example_ids, length, methods=METHODS, progress=True, *, full_
         if say:
             say(f"{method}: compiling / first call")
         m = make_callable(model, method, max_len)
-        full = length if method == "lcsm" else min(full_len, length)
+        full = length if method.startswith("lcsm") else min(full_len, length)
         ids, first, cum = greedy_loop(m, example_ids, full, checkpoints, progress=say)
         tokens[method] = ids
         res = {"first_s": first, "full_len": full, "cum": {}, "estimated": {}}
@@ -112,7 +118,8 @@ def compare(model, example_ids, length, methods=METHODS, progress=True, *, full_
                 raise ValueError("estimating a baseline past --full-len needs the lcsm run's tokens (include lcsm)")
             if say:
                 say(f"{method}: estimating the loop to {length} from timed windows")
-            est_cum, est = estimate_loop(m, tokens["lcsm"], P, length, [c for c in checkpoints if c > full])
+            est_cum, est = estimate_loop(m, tokens["lcsm"], P, length, [c for c in checkpoints if c > full],
+                                         full, cum[full])
             for c, v in est_cum.items():
                 res["cum"][c], res["estimated"][c] = v, True
             res["estimate"] = est
