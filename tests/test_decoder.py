@@ -213,3 +213,19 @@ def test_memory_bytes_matches_the_state_it_should_hold():
     with torch.no_grad():
         session.step(torch.randint(0, 64, (B, 1)))
     assert session.memory_breakdown()["rings"] == expected["rings"] * 3 // 2  # a step keeps its K-window
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "enable_grad"])
+def test_compiled_step_under_inference_mode_and_grad(mode):
+    """The compiled step runs its inference graph whatever the caller's autograd mode."""
+    from lcsm_compile.models import demo_lm
+
+    model = demo_lm(n_layer=1, d_model=16, vocab=32, max_len=48)
+    ids = torch.randint(0, 32, (1, 48))
+    decoder = lcsm_compile.optimize(model, (ids[:, :16],), compile=True)
+    with getattr(torch, mode)():
+        session = decoder.session()
+        ys = [session.prefill(ids[:, :8])] + [session.step(ids[:, t : t + 1]) for t in range(8, 48)]
+    with torch.no_grad():
+        assert rel_err(torch.cat(ys, 1).detach(), model(ids)) < 1e-5
+    assert decoder.step_fn.compilations == 1
