@@ -48,8 +48,9 @@ the export-level analysis and the decoder build (filters materialised at max_len
 4-layer demo LM at max_len 8192 on a 2-core CPU, ~5-15 s for the small zoo models (their numeric
 checks dominate). Every compile is recorded in `lcsm_compile.backend.records` (kind, reason, the
 Report, the runner with its prefill/step/restart counts, build times). The step program itself is
-compiled by inductor at the first step of each batch size (option `compile_step`, ~2-4 s for the
-demo LM here); it halves the per-call time of that model on this CPU (2.5 -> 1.3 ms).
+compiled by inductor at the first step of each batch size (option `compile_step`, ~4 s for the
+demo LM here); it halves the per-call time of that model on this CPU (3.3 -> 1.6 ms from 4096 to
+8192 positions in benchmarks/backend_loop.py).
 
 Recompiles: dynamo itself recompiles on a changed guard, e.g. grad mode or inference mode toggled,
 a batch of 1 (specialised), a view input that becomes contiguous, or a first length equal to some

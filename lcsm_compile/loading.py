@@ -4,7 +4,8 @@ The factory is called with no arguments (or the `--arg key=value` ones) and retu
 model or a `(model, example_inputs)` pair. A bare model needs its example inputs described:
 `--input-shape 2,64 --vocab 256` (token ids in [0, 256)) or `--input-shape 2,64,16 --dtype float32`
 (floats), the sequence on dim 1. Without --vocab or --dtype, a model with an nn.Embedding gets token
-ids in [0, num_embeddings) of its first one, any other model standard normal floats. Every problem is a LoadError: one line naming what was expected.
+ids in [0, num_embeddings) of its first one, any other model standard normal floats. Every problem
+is a LoadError: one line naming what was expected.
 """
 
 import ast

@@ -33,13 +33,14 @@ import torch
 from lcsm_compile.bench import common
 
 METHODS = ("eager", "lcsm", "lcsm_eager_step", "inductor")
+LCSM_METHODS = ("lcsm", "lcsm_eager_step")  # the backend, with and without its compiled step: run in full
 
 
 def make_callable(model, method, max_len):
     if method == "eager":
         return model
     torch._dynamo.reset()  # a fresh cache per method: no graph is shared between them
-    if method in ("lcsm", "lcsm_eager_step"):
+    if method in LCSM_METHODS:
         import lcsm_compile.backend  # noqa: F401  registers "lcsm"
 
         options = {"max_len": max_len, "compile_step": method == "lcsm"}
@@ -106,7 +107,7 @@ def compare(model, example_ids, length, methods=METHODS, progress=True, *, full_
         if say:
             say(f"{method}: compiling / first call")
         m = make_callable(model, method, max_len)
-        full = length if method.startswith("lcsm") else min(full_len, length)
+        full = length if method in LCSM_METHODS else min(full_len, length)
         ids, first, cum = greedy_loop(m, example_ids, full, checkpoints, progress=say)
         tokens[method] = ids
         res = {"first_s": first, "full_len": full, "cum": {}, "estimated": {}}
