@@ -30,12 +30,12 @@ matched to the dim of the user input whose size it is. The decodable case is one
 the sequence on dim 1 as a symbol (torch.compile(..., dynamic=True): one graph for every length,
 so no recompiles while generating).
 
-How the decoder is built. The dynamo graph is analysed as captured (`analyze_graph`, the Report the
-backend keeps: `backend.records[-1].report`). The decode rewrite works on an ATen-level export
-graph, so the dynamo graph is wrapped as a module of the user input alone (state held as
-attributes, SymInts read off the input's shape) and handed to `optimize` (torch.export + analysis +
-Decoder). If the model's parameters change in place after compiling (their `_version` moves, or
-dynamo passes other tensors), the decoder is rebuilt at the next call.
+How the decoder is built. The dynamo graph goes through every pass once (lcsm_compile.pipeline,
+the same passes `optimize` runs): it is wrapped as a module of the user input alone (state held as
+attributes, SymInts read off the input's shape) and exported to the one canonical ATen graph, then
+analysed, rewritten and validated teacher-forced against that module. The Report is kept in
+`backend.records[-1].report`. If the model's parameters change in place after compiling (their
+`_version` moves, or dynamo passes other tensors), the decoder is rebuilt at the next call.
 
 Fallback. A graph the backend cannot decode (the analysis says it is not decodable, the model is
 split into several graphs by graph breaks, it has several user inputs, an output without the
@@ -64,7 +64,9 @@ Options (torch.compile(model, backend="lcsm", options={...})):
     conv      "flash" | "lazy": the decoder's convolution bank.
     compile_step  True (default) | False: compile the step program with inductor (Decoder(compile=True)),
               or run it eagerly (no compile time; slower per position).
-Unknown options raise ValueError naming the allowed keys.
+Unknown or invalid options raise BackendOptionError (a ValueError) naming the allowed values, at
+the first call of the compiled model: torch.compile hands a backend its options only then. It is
+raised as itself, not wrapped in dynamo's BackendCompilerFailed.
 """
 
 import collections
@@ -78,7 +80,8 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from lcsm_compile.errors import MaxLenExceeded, NotDecodable
+from lcsm_compile.errors import LcsmError, MaxLenExceeded, NotDecodable
+from lcsm_compile.passes import capture
 
 log = logging.getLogger("lcsm_compile.backend")
 
@@ -108,17 +111,25 @@ class _Fallback(Exception):
         self.reason, self.report = reason, report
 
 
+class BackendOptionError(LcsmError, ValueError, torch._dynamo.exc.ShortenTraceback):
+    """An unknown or invalid option of the lcsm backend. Dynamo re-raises a ShortenTraceback as it is,
+    so the user sees this ValueError rather than a BackendCompilerFailed around it."""
+
+    def __init__(self, message):
+        torch._dynamo.exc.ShortenTraceback.__init__(self, message, first_useful_frame=None)
+
+
 def parse_options(options):
     opts = dict(OPTIONS)
     unknown = sorted(set(options or {}) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"lcsm backend: unknown option(s) {unknown}; allowed keys: {sorted(OPTIONS)}")
+        raise BackendOptionError(f"lcsm backend: unknown option(s) {unknown}; allowed keys: {sorted(OPTIONS)}")
     opts.update(options or {})
     for key, allowed in CHOICES.items():
         if opts[key] not in allowed:
-            raise ValueError(f"lcsm backend: option {key}={opts[key]!r}; expected one of {allowed}")
+            raise BackendOptionError(f"lcsm backend: option {key}={opts[key]!r}; expected one of {allowed}")
     if opts["max_len"] is not None and (not isinstance(opts["max_len"], int) or opts["max_len"] < 1):
-        raise ValueError(f"lcsm backend: option max_len={opts['max_len']!r}; expected a positive int")
+        raise BackendOptionError(f"lcsm backend: option max_len={opts['max_len']!r}; expected a positive int")
     return opts
 
 
@@ -193,32 +204,17 @@ class _Static(Exception):
 
 
 @dataclass
-class InputPlan:
-    """Per placeholder: ("state", "tensor" | "scalar") model state (a scalar is a Python float
-    dynamo passes as a fresh 0-d tensor) | ("sym", dim) a size of the user input |
-    ("stride", dim) a stride of it | ("input", None) the user's sequence input."""
+class InputPlan(capture.InputPlan):
+    """capture.InputPlan (the role of each graph input) plus what the runtime needs: the length
+    symbol, each output's sequence dim and the module compiled."""
 
-    roles: list
-    input_index: int  # position of the user input among the graph inputs
-    length_symbol: Any  # sympy symbol of the sequence length
-    out_dims: list  # per graph output: its sequence dim
+    length_symbol: Any = None  # sympy symbol of the sequence length
+    out_dims: list = field(default_factory=list)  # per graph output: its sequence dim
     frame_module: Any = None  # the nn.Module whose forward was compiled, if any
 
 
-def _source(node):
-    ga = node.meta.get("grapharg")
-    return getattr(ga, "source", None)
-
-
-def _is_scalar(node):
-    """A Python float dynamo passes as a 0-d tensor (a fresh one at every call)."""
-    return bool(getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False))
-
-
 def _plan(gm, example_inputs):
-    from torch._dynamo.source import LocalSource
-
-    from lcsm_compile.passes.capture import _is_attribute, meta_value, sym_expr
+    from lcsm_compile.passes.capture import meta_value, sym_expr
 
     tx = _current_tx()
     reason = getattr(gm, "compile_subgraph_reason", None)
@@ -226,45 +222,14 @@ def _plan(gm, example_inputs):
     if getattr(reason, "graph_break", False) or code.startswith("torch_dynamo_resume_in_"):
         why = reason.reason.splitlines()[0] if getattr(reason, "graph_break", False) else f"resumes after a graph break ({code})"
         raise _Fallback(f"the model is split into several graphs by graph breaks: {why}")
+    try:
+        plan = capture.plan_inputs(gm, example_inputs)
+    except capture.CaptureError as exc:
+        raise _Fallback(str(exc)) from None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(example_inputs):
-        raise _Fallback(f"{len(placeholders)} graph inputs but {len(example_inputs)} example inputs")
-    users = []
-    for i, (node, val) in enumerate(zip(placeholders, example_inputs)):
-        if not isinstance(val, torch.Tensor):
-            continue
-        src = _source(node)
-        is_user = isinstance(src, LocalSource) if src is not None else not _is_attribute(node, val)
-        if is_user and not isinstance(val, nn.Parameter) and not _is_scalar(node):
-            users.append(i)
-    if len(users) != 1:
-        raise _Fallback(f"the graph has {len(users)} user tensor inputs; the decoder takes exactly one "
-                        f"(the sequence input, sequence on dim 1)")
-    (index,) = users
-    x_meta = meta_value(placeholders[index])
-    if x_meta is None or x_meta.dim() < 2:
-        raise _Fallback("the user input has no sequence dim (dim 1)")
-    length = sym_expr(x_meta.shape[1])
+    length = sym_expr(meta_value(placeholders[plan.input_index]).shape[1])
     if isinstance(length, int):
         raise _Static(f"the sequence length is static in this graph (L={length})")
-    dims = [sym_expr(s) for s in x_meta.shape]
-    strides = [sym_expr(s) for s in x_meta.stride()]
-    roles = []
-    for i, (node, val) in enumerate(zip(placeholders, example_inputs)):
-        if i == index:
-            roles.append(("input", None))
-        elif isinstance(val, torch.Tensor):
-            roles.append(("state", "scalar" if _is_scalar(node) else "tensor"))
-        elif isinstance(val, (int, torch.SymInt)):
-            expr = sym_expr(meta_value(node)) if meta_value(node) is not None else None
-            if expr in dims:
-                roles.append(("sym", dims.index(expr)))
-            elif expr in strides:  # a view's stride (ids[:, :t] of a longer ids)
-                roles.append(("stride", strides.index(expr)))
-            else:
-                raise _Fallback(f"graph input {node.name} is a symbolic int that is not a size or stride of the user input")
-        else:
-            raise _Fallback(f"graph input {node.name} of type {type(val).__name__} is not supported")
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     out_dims = []
     for o in pytree.tree_leaves(out_node.args[0]):
@@ -279,7 +244,7 @@ def _plan(gm, example_inputs):
     frame_locals = getattr(tx, "f_locals", None) or {}
     modules = [frame_locals["self"]] if isinstance(frame_locals.get("self"), nn.Module) else []
     modules += [v for v in frame_locals.values() if isinstance(v, nn.Module)]
-    return InputPlan(roles, index, length, out_dims, modules[0] if modules else None)
+    return InputPlan(plan.roles, plan.input_index, length, out_dims, modules[0] if modules else None)
 
 
 def _current_tx():
@@ -318,59 +283,6 @@ def _default_max_len(gm, plan, example_inputs):
                     "(or give the model an int attribute `max_len`)")
 
 
-# -- the graph as a module of the user input ---------------------------------------------------------
-
-
-class GraphAsModule(nn.Module):
-    """The dynamo graph as a module of the user input alone: the state dynamo lifted to graph
-    inputs is held as parameters/buffers again, SymInts are read off the input's shape."""
-
-    def __init__(self, gm, plan, state):
-        super().__init__()
-        self.graph_module = gm
-        self._roles = plan.roles
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self._item_of = {placeholders[i].name: state[i].item() for i, (kind, _) in enumerate(plan.roles)
-                         if kind == "state" and state[i].numel() == 1}
-        for i, (kind, _) in enumerate(plan.roles):
-            if kind == "state":
-                t = state[i]
-                if isinstance(t, nn.Parameter):
-                    self.register_parameter(f"state_{i}", t)
-                else:
-                    self.register_buffer(f"state_{i}", t, persistent=False)
-
-    def forward(self, x):
-        return _Interpreter(self.graph_module, self._item_of).run(*self._args(x))
-
-    def _args(self, x):
-        args = []
-        for i, (kind, dim) in enumerate(self._roles):
-            if kind == "state":
-                args.append(getattr(self, f"state_{i}"))
-            elif kind == "sym":
-                args.append(x.shape[dim])
-            elif kind == "stride":
-                args.append(x.stride(dim))
-            else:
-                args.append(x)
-        return args
-
-
-class _Interpreter(torch.fx.Interpreter):
-    """Runs the graph with `state.item()` replaced by its value: dynamo passes a float attribute
-    (eps) as a 0-d tensor and calls .item() on it, which torch.export would see as data-dependent."""
-
-    def __init__(self, gm, item_of):
-        super().__init__(gm)
-        self.item_of = item_of
-
-    def run_node(self, n):
-        if n.op == "call_method" and n.target == "item" and n.args[0].name in self.item_of:
-            return self.item_of[n.args[0].name]
-        return super().run_node(n)
-
-
 # -- the runtime -------------------------------------------------------------------------------------
 
 
@@ -379,46 +291,40 @@ class DecodedGraph:
     the graph's outputs as views of [B, max_len, ...] buffers (see the module docstring)."""
 
     def __init__(self, gm, example_inputs, plan, opts, record):
-        from lcsm_compile.analysis import analyze_graph
-
         self.gm, self.plan, self.opts = gm, plan, opts
         self.max_len = opts["max_len"] or _default_max_len(gm, plan, example_inputs)
         x = example_inputs[plan.input_index]
         if x.shape[1] > self.max_len:
             raise _Fallback(f"the input is longer ({x.shape[1]}) than max_len={self.max_len}")
-        t0 = time.perf_counter()
-        try:
-            report = analyze_graph(gm, example_inputs, max_len=self.max_len, user_inputs=[x])
-        except Exception as exc:  # noqa: BLE001 - an analysis that cannot run falls back
-            raise _Fallback(f"the analysis failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
-        record.report, record.times["analyze_graph_s"] = report, time.perf_counter() - t0
-        if not report.decodable:
-            raise _Fallback("the analysis says the graph is not decodable: " + _reasons(report), report)
         self.state_index = [i for i, (kind, _) in enumerate(plan.roles) if kind == "state"]
-        self._build([example_inputs[i] for i in self.state_index], x, record)
+        self._build(list(example_inputs), record)
         self.session = None
         self.n = 0  # positions in the session (and in the buffers)
         self.in_buf = self.out_bufs = None
         self.key = None  # (batch, trailing dims, dtype, device) of the session's input
         self.stats = collections.Counter()  # prefill / step / reuse / restart counts
 
-    def _build(self, state, x, record=None):
-        from lcsm_compile.decoder import optimize
+    def _build(self, inputs, record=None):
+        """Every pass once on this graph (lcsm_compile.pipeline): analysis, rewrite, validation."""
+        from lcsm_compile import pipeline
+        from lcsm_compile.analysis import quiet
 
         t0 = time.perf_counter()
-        module = GraphAsModule(self.gm, self.plan, dict(zip(self.state_index, state)))
-        try:
-            self.decoder = optimize(module, (x.detach().clone(),), max_len=self.max_len, conv=self.opts["conv"],
-                                    compile=self.opts["compile_step"])
-        except NotDecodable as exc:
-            raise _Fallback("the export-level analysis of the graph says it is not decodable: " + _reasons(exc.report), exc.report) from None
-        except Exception as exc:  # noqa: BLE001 - any failure to build the decoder falls back
-            raise _Fallback(f"building the decoder failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
-        self.state = list(state)
+        x = inputs[self.plan.input_index]
+        source = capture.DynamoSource(self.gm, inputs, None, self.plan)
+        options = {"conv": self.opts["conv"], "compile": self.opts["compile_step"], "validate": True}
+        with quiet():
+            ctx = pipeline.run(pipeline.Context(source, (x.detach().clone(),), self.max_len, "dynamo", options))
+        if record is not None:
+            record.report, record.times["pipeline_s"] = ctx.report, time.perf_counter() - t0
+            record.times.update({f"{name}_s": round(s, 4) for name, _, s in ctx.passes})
+        if ctx.decoder is None:
+            raise _Fallback("not decodable: " + _reasons(ctx.report), ctx.report)
+        self.decoder = ctx.decoder
+        state = [inputs[i] for i in self.state_index]
+        self.state = state
         self.versions = [t.item() if self.plan.roles[i][1] == "scalar" else t._version
                          for i, t in zip(self.state_index, state)]
-        if record is not None:
-            record.times["decoder_s"] = time.perf_counter() - t0
 
     def _state_changed(self, args):
         for k, i in enumerate(self.state_index):
@@ -436,7 +342,7 @@ class DecodedGraph:
             log.info("lcsm backend: the model's parameters changed; rebuilding the decoder")
             try:
                 with torch._guards.tracing(None), torch._guards.compile_context(None):
-                    self._build([args[i] for i in self.state_index], x)
+                    self._build(list(args))
             except _Fallback as exc:
                 raise NotDecodable(exc.report or _reason_report(exc.reason, self.opts)) from None
             self.session, self.n = None, 0

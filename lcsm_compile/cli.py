@@ -33,9 +33,7 @@ from lcsm_compile import demo
 from lcsm_compile.errors import LcsmError, NotDecodable
 from lcsm_compile.logs import get_logger
 
-ANALYSIS_PASSES = ("capture", "canonicalize", "time_axis", "detect", "properties", "safety_net")
-DECODE_PASSES = ("decode_rewrite", "layer_schedule")
-PASS_NAMES = ANALYSIS_PASSES + DECODE_PASSES
+from lcsm_compile.pipeline import ANALYSIS_PASSES, PASS_NAMES
 
 
 class CliError(LcsmError):
@@ -96,14 +94,11 @@ def _analyze(loaded, capture="export"):
 
 
 def _optimize(loaded, **kwargs):
-    from lcsm_compile.decoder import Decoder
+    from lcsm_compile.decoder import optimize
 
-    report = _analyze(loaded)
-    if not report.decodable:
-        raise NotDecodable(report)
     start = time.perf_counter()
-    decoder = Decoder(report, max_len=report.capture.max_len, example_inputs=loaded.inputs, **kwargs)
-    get_logger("passes").info("decoder built in %.3f s (decode rewrite, bank, schedule)", time.perf_counter() - start)
+    decoder = optimize(loaded.model, loaded.inputs, max_len=loaded.max_len, **kwargs)
+    get_logger("passes").info("optimized in %.3f s (analysis, decode rewrite, schedule, validation)", time.perf_counter() - start)
     return decoder
 
 
@@ -125,7 +120,6 @@ def _detect(args):
 # -- explain ------------------------------------------------------------------------------------
 
 _TORCH_DIR = os.path.dirname(importlib.util.find_spec("torch").origin) + os.sep
-_DETECT_LINE = re.compile(r"in=(\S+) out=(\S+) conv=(\S+)")
 
 
 def _ancestors(node, stop=()):
@@ -210,12 +204,8 @@ def _explain_data(report, cand):
     if k is not None:
         ends = (k.input, k.output)
         roles.update({n.name: "filter" for n in k.filter_nodes})
-    else:  # the detect pass's dump names the rejected match's input and output
-        for name, dump, _ in report.passes:
-            for line in dump.splitlines() if name == "detect" else ():
-                m = _DETECT_LINE.search(line)
-                if m and m.group(3) == cand.name and m.group(1) in nodes and m.group(2) in nodes:
-                    ends = (nodes[m.group(1)], nodes[m.group(2)])
+    elif cand.input in nodes and cand.output in nodes:  # a rejected convolution: its match's ends
+        ends = (nodes[cand.input], nodes[cand.output])
     if ends is not None:  # everything the output needs that the input does not: data path + filter
         inp, out = ends
         region = ({out} | _ancestors(out)) - _ancestors(inp)
@@ -301,60 +291,29 @@ def _check_pass(name, flag):
         raise CliError(f"{flag}: unknown pass {name!r}; passes: {', '.join(PASS_NAMES)}")
 
 
-def _decode_passes(report, stop_after):
-    """decode_rewrite (and layer_schedule where this build has it), timed like the analysis passes."""
-    from lcsm_compile.passes import decode_rewrite
-    from lcsm_compile.tuning import crossover_for
-
-    entries, notes = [], []
-    start = time.perf_counter()
-    convs = [c for c in report.accepted if c.kind in ("long", "short")]
-    programs = decode_rewrite.run(report.captured, convs)
-    dump = "\n".join(f"# {name} program\n{text.rstrip()}" for name, text in programs.dumps.items())
-    entries.append(("decode_rewrite", dump, time.perf_counter() - start))
-    if stop_after == "decode_rewrite":
-        return entries, notes
-    try:
-        from lcsm_compile.passes import layer_schedule
-    except ImportError:
-        notes.append("layer_schedule: not in this build")
-        return entries, notes
-    start = time.perf_counter()
-    x = report.captured.user_inputs[0] if getattr(report.captured, "user_inputs", None) else None
-    device = getattr(x, "device", "cpu")
-    schedule = layer_schedule.run(programs.step, programs.sites, max_len=report.capture.max_len,
-                                  crossover=crossover_for(device),
-                                  bank_width=sum(s.width for s in programs.sites if s.kind == "long"))
-    entries.append(("layer_schedule", schedule.table(), time.perf_counter() - start))
-    return entries, notes
-
-
 def _passes(args):
     for name, flag in [(args.stop_after, "--stop-after")] + [(p, "--print-before") for p in args.print_before] + \
             [(p, "--print-after") for p in args.print_after]:
         _check_pass(name, flag)
     loaded = _load(args)
-    report = _analyze(loaded, args.capture)
-    entries, notes = list(report.passes), list(report.notes)
-    names = [e[0] for e in entries]
-    stop = args.stop_after
-    if stop in names:
-        entries = entries[: names.index(stop) + 1]
-    elif stop in ANALYSIS_PASSES:
-        notes.append(f"--stop-after {stop}: the analysis ended before that pass")
-    if stop is None or stop in DECODE_PASSES:
-        if report.decodable:
-            more, more_notes = _decode_passes(report, stop)
-            log = get_logger("passes")
-            for name, dump, seconds in more:
-                log.info("pass %-13s %8.3f s  (%d dump lines)", name, seconds, dump.count("\n") + 1)
-            entries += more
-            notes += more_notes
-        else:
-            notes.append("decode_rewrite, layer_schedule: skipped (the model is not decodable; see `lcsm-compile detect`)")
-    if stop in PASS_NAMES[PASS_NAMES.index("safety_net") + 1:] and stop not in [e[0] for e in entries]:
-        notes.append(f"--stop-after {stop}: that pass did not run")
+    from lcsm_compile import pipeline
+    from lcsm_compile.analysis import check_args, quiet
 
+    inputs, max_len = check_args(loaded.model, loaded.inputs, loaded.max_len, args.capture)
+    with quiet():
+        ctx = pipeline.run(pipeline.Context(loaded.model, inputs, max_len, args.capture), stop_after=args.stop_after)
+    report = ctx.report
+    entries, notes = list(ctx.passes), list(report.notes)
+    log = get_logger("passes")
+    for name, dump, seconds in entries:
+        log.info("pass %-18s %8.3f s  (%d dump lines)", name, seconds, dump.count("\n") + 1 if dump else 0)
+    ran = [e[0] for e in entries]
+    stop = args.stop_after
+    if stop is not None and stop not in ran:
+        notes.append(f"--stop-after {stop}: that pass did not run"
+                     + ("" if report.decodable or stop in ANALYSIS_PASSES else " (the model is not decodable; see `lcsm-compile detect`)"))
+    elif stop is None and not report.decodable and ran and ran[-1] in ANALYSIS_PASSES:
+        notes.append("decode passes: skipped (the model is not decodable; see `lcsm-compile detect`)")
     show_dumps = args.print_after_all or args.print_before or args.print_after or args.diff
     before = repr(loaded.model)  # what the first pass receives
     prev = {}

@@ -47,5 +47,5 @@ class NotDecodable(LcsmError):
         super().__init__(f"model is not decodable: {detail}")
 
 
-class SessionFinished(LcsmError):
-    """A step on a session that reached max_len or was closed."""
+class SessionNotStarted(LcsmError, RuntimeError):
+    """A step on a session that has no prompt yet: call `session.prefill(prompt)` first."""

@@ -29,7 +29,9 @@ class Reason(str, Enum):
     NUMERIC_MISMATCH = "NUMERIC_MISMATCH"  # extracted filter + skip do not reproduce the subgraph
     TIME_MIXING_OP = "TIME_MIXING_OP"  # mixes positions and is not an accepted convolution
     CAUSALITY_CHECK_FAILED = "CAUSALITY_CHECK_FAILED"  # whole-model safety net failed
-    CAPTURE_FAILED = "CAPTURE_FAILED"  # the model could not be captured to a graph
+    LENGTH_DEPENDENT = "LENGTH_DEPENDENT"  # a value computed from the length L changes with L beyond slicing
+    CAPTURE_FAILED = "CAPTURE_FAILED"  # the model could not be captured / a pass failed on it
+    DECODE_MISMATCH = "DECODE_MISMATCH"  # the built decoder does not reproduce the model (translation validation)
 
 
 @dataclass
@@ -84,6 +86,8 @@ class Candidate:
     filter_length: str = ""
     dtype: str = ""
     conv: ConvStructure | None = None
+    input: str | None = None  # convolution candidates: the fx node names of the match's input and output
+    output: str | None = None
 
     def to_dict(self):
         return {
@@ -91,7 +95,7 @@ class Candidate:
             "reason": self.reason.value if self.reason else None, "explanation": self.explanation,
             "module_path": self.module_path, "source": self.source, "offending": self.offending,
             "length": self.length, "max_len": self.max_len, "channels": self.channels,
-            "filter_length": self.filter_length, "dtype": self.dtype,
+            "filter_length": self.filter_length, "dtype": self.dtype, "input": self.input, "output": self.output,
         }
 
 
@@ -114,10 +118,17 @@ class Report:
     safety: dict = field(default_factory=dict)  # whole-model checks: name -> {passed, rel_err}
     notes: list[str] = field(default_factory=list)
     captured: Any = field(default=None, repr=False)  # the Captured graph the candidates' nodes live in
+    position_constants: list = field(default_factory=list, repr=False)  # PositionConstants the step indexes
+    time_info: Any = field(default=None, repr=False)  # node -> TimeInfo of the captured graph
 
     @property
     def accepted(self):
         return [c for c in self.candidates if c.verdict is Verdict.ACCEPTED]
+
+    @property
+    def sites(self):
+        """The accepted convolutions the decoder runs on state (long, short and delays)."""
+        return [c for c in self.accepted if c.kind in ("long", "short")]
 
     @property
     def rejected(self):
@@ -130,6 +141,7 @@ class Report:
             "candidates": [c.to_dict() for c in self.candidates],
             "safety": self.safety,
             "notes": self.notes,
+            "position_constants": [{"name": c.name, "axis": c.axis, "table": list(c.table.shape)} for c in self.position_constants],
             "passes": [{"name": n, "seconds": round(s, 4)} for n, _, s in self.passes],
         }, indent=indent, default=str)
 

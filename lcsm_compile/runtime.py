@@ -12,21 +12,22 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from lcsm_compile import ops
-from lcsm_compile.errors import DeviceError, DTypeError, MaxLenExceeded, SessionFinished, ShapeError
+from lcsm_compile.errors import DeviceError, DTypeError, MaxLenExceeded, SessionNotStarted, ShapeError
 
 
 class SessionState:
     """What the custom ops of one session act on."""
 
     def __init__(self, decoder):
-        self.bank = decoder.bank.fork()
+        self.bank = decoder.bank.fork() if decoder.bank is not None else None  # None: short convolutions only
         self.slices = decoder.bank_slices  # site index -> channel slice of the bank (long convs)
         self.sites = decoder.sites
         self.rings = {}  # site index -> [K-1, B, W] last inputs of a short convolution
         self.short_filters = decoder.short_filters  # site index -> (taps [W, K] causal, bias or None)
 
     def reset(self):
-        self.bank.reset()
+        if self.bank is not None:
+            self.bank.reset()
         self.rings.clear()
 
     # long convolutions: one bank, red cells per site, one tile call per position
@@ -37,7 +38,8 @@ class SessionState:
         return self._plus_bias(index, self.bank.red_cell(u[..., 0], channels=self.slices[index]).unsqueeze(-1))
 
     def advance(self):
-        self.bank.advance()
+        if self.bank is not None:
+            self.bank.advance()
 
     def _plus_bias(self, index, y):
         bias = self.sites[index].conv.bias
@@ -63,7 +65,7 @@ class SessionState:
 
     def memory_breakdown(self):
         rings = sum(r.untyped_storage().nbytes() for r in self.rings.values())  # a ring is a view of its window
-        return {**self.bank.memory_breakdown(), "rings": rings}
+        return {**(self.bank.memory_breakdown() if self.bank is not None else {}), "rings": rings}
 
 
 class Program:
@@ -133,6 +135,9 @@ class Session:
         if x.dim() != d.input_ndim or x.shape[1] != length and length is not None:
             want = f"{d.input_ndim}-D with the sequence on dim 1" + ("" if length is None else f" of length {length}")
             raise ShapeError(f"input: expected {want} (like the example input {tuple(d.example_shape)}), got {tuple(x.shape)}")
+        if not d.batch_dynamic and x.shape[0] != d.example_shape[0]:
+            raise ShapeError(f"input: expected batch {d.example_shape[0]}: the model's capture fixed the batch size "
+                             f"(torch.export could not keep it symbolic), got {x.shape[0]}")
         if tuple(x.shape[2:]) != tuple(d.example_shape[2:]):
             raise ShapeError(f"input: expected trailing dims {tuple(d.example_shape[2:])}, got {tuple(x.shape[2:])}")
         if x.dtype != d.input_dtype:
@@ -158,7 +163,7 @@ class Session:
         """Take the input at the next position (a length-1 slice along the sequence dim, e.g. ids
         [B, 1]); returns the model's outputs for that position in the same layout (e.g. [B, 1, V])."""
         if self._batch is None:
-            raise SessionFinished("step: call prefill(prompt) first")
+            raise SessionNotStarted("step: call prefill(prompt) first")
         if self.position >= self.decoder.max_len:
             raise MaxLenExceeded(f"step: position {self.position} is past max_len = {self.decoder.max_len}")
         self._check(x, 1)

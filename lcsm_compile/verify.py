@@ -25,16 +25,28 @@ def _leaves(out):
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def position_errors(out, ref):
-    """Per position t (dim 1): ||out[:, t] - ref[:, t]|| / ||ref[:, t]||, the worst over output
-    leaves, in float64. A position whose reference is exactly zero uses the absolute error."""
+def position_errors(out, ref, dims=None, scale="position"):
+    """Per position t: the error of `out` against `ref` at t, the worst over output leaves, in
+    float64. dims: each leaf's positions dim (default 1). scale "position": relative to ||ref[t]||
+    (absolute where that is zero); "rms": relative to the root-mean-square norm of a position of
+    ref, so that a position whose reference is tiny is not blown up. Positions where both are
+    equally non-finite match; other non-finite errors are inf."""
     worst = None
-    for o, r in zip(_leaves(out), _leaves(ref)):
-        o, r = o.double(), r.double()
-        T = r.shape[1]
-        d = (o - r).transpose(0, 1).reshape(T, -1).norm(dim=1)
-        n = r.transpose(0, 1).reshape(T, -1).norm(dim=1)
-        e = torch.where(n > 0, d / n.clamp_min(torch.finfo(torch.float64).tiny), d)
+    for i, (o, r) in enumerate(zip(_leaves(out), _leaves(ref))):
+        d = 1 if dims is None else dims[i]
+        if d is None:
+            continue
+        o, r = o.double().movedim(d, 0), r.double().movedim(d, 0)
+        T = r.shape[0]
+        same = (o == r) | (torch.isnan(o) & torch.isnan(r))
+        diff = torch.where(same, torch.zeros_like(o), o - r)
+        dn = diff.reshape(T, -1).norm(dim=1)
+        rn = torch.where(torch.isfinite(r), r, torch.zeros_like(r)).reshape(T, -1).norm(dim=1)
+        if scale == "rms":
+            n = (rn.square().mean().sqrt()).expand_as(rn)
+        else:
+            n = rn
+        e = torch.where(n > 0, dn / n.clamp_min(torch.finfo(torch.float64).tiny), dn)
         e = torch.where(torch.isfinite(e), e, torch.full_like(e, float("inf")))
         worst = e if worst is None else torch.maximum(worst, e)
     return worst
@@ -52,20 +64,25 @@ def default_prompt_lens(length: int) -> tuple:
     return tuple(sorted({1, max(1, length // 2), max(1, length - 1)}))
 
 
-def teacher_forced(model, decoder, inputs, prompt_lens=(1,), *, tol=TOL, progress=None) -> dict:
+def teacher_forced(model, decoder, inputs, prompt_lens=(1,), *, tol=TOL, progress=None, reference=None,
+                   out_dims=None, scale="position") -> dict:
     """Decode `inputs` (the sequence on dim 1 of the first) teacher-forced with `decoder`, once per
     prompt length P: prefill(inputs[:, :P]) then one step per position up to the end, and compare
-    every position with the float64 model on the whole sequence.
+    every position with the model on the whole sequence: `reference` (its outputs, when given),
+    else the model in float64.
 
     Returns {"length", "tol", "passed", "max_rel_err", "runs": [{"prompt_len", "max_rel_err",
-    "worst_position", "prefill_max_rel_err", "step_max_rel_err", "seconds"}]}.
+    "worst_position", "first_bad_position", "prefill_max_rel_err", "step_max_rel_err", "seconds"}]}.
+    A run that raises records "error" and the position it reached, and fails.
+    out_dims: each output leaf's positions dim (default 1); scale: see position_errors.
     progress: optional callable(iterable, desc) -> iterable (e.g. a tqdm factory).
     """
     if len(inputs) != 1:
         raise ValueError(f"teacher_forced: sessions take one input tensor, got {len(inputs)} inputs")
     x = inputs[0]
     L = int(x.shape[1])
-    ref = reference_outputs(model, inputs)
+    ref = reference_outputs(model, inputs) if reference is None else reference
+    dims = out_dims or [1] * len(_leaves(ref))
     runs = []
     for P in prompt_lens:
         P = int(P)
@@ -76,18 +93,25 @@ def teacher_forced(model, decoder, inputs, prompt_lens=(1,), *, tol=TOL, progres
         steps = range(P, L)
         if progress is not None:
             steps = progress(steps, f"verify P={P}")
-        with torch.no_grad():
-            outs = [session.prefill(x[:, :P])]
-            for t in steps:
-                outs.append(session.step(x[:, t : t + 1]))
+        outs, t = [], P
+        try:
+            with torch.no_grad():
+                outs.append(session.prefill(x[:, :P]))
+                for t in steps:
+                    outs.append(session.step(x[:, t : t + 1]))
+        except Exception as exc:  # noqa: BLE001 - a decoder that fails is a failed check, with its error
+            runs.append({"prompt_len": P, "max_rel_err": float("inf"), "first_bad_position": t if outs else 0,
+                         "error": f"{type(exc).__name__}: {exc}"[:300], "seconds": round(time.perf_counter() - start, 4)})
+            continue
         seconds = time.perf_counter() - start
-        leaves = [torch.cat(parts, dim=1) for parts in zip(*(_leaves(o) for o in outs))]
-        err = position_errors(leaves, ref)
-        worst = int(err.argmax())
+        leaves = [None if d is None else torch.cat(parts, dim=d) for parts, d in zip(zip(*(_leaves(o) for o in outs)), dims)]
+        err = position_errors([v if v is not None else r for v, r in zip(leaves, _leaves(ref))], ref, dims, scale)
+        bad = (err > tol).nonzero().flatten()
         runs.append({
             "prompt_len": P,
             "max_rel_err": float(err.max()),
-            "worst_position": worst,
+            "worst_position": int(err.argmax()),
+            "first_bad_position": int(bad[0]) if len(bad) else None,
             "prefill_max_rel_err": float(err[:P].max()),
             "step_max_rel_err": float(err[P:].max()) if P < L else None,
             "steps": L - P,

@@ -9,6 +9,7 @@ whole model.
 """
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 
 import sympy
@@ -32,21 +33,22 @@ class Captured:
     gm: torch.fx.GraphModule
     level: str  # "export" | "dynamo"
     user_inputs: tuple  # example user inputs
-    roles: dict  # placeholder node -> "input" | "param" | "sym"
-    values: dict  # placeholder node -> tensor for params (dynamo lifts them to inputs)
+    roles: dict  # placeholder node -> "input" (parameters and buffers are get_attr nodes)
     length_symbol: object  # sympy.Symbol of dim 1 of the first input, or None (concrete)
     example_length: int
     max_len: int
     min_len: int = 2
     note: str = ""
     alt_shapes: dict = field(default_factory=dict)  # concrete captures: node name -> shape at another L
+    batch_symbol: object = None  # sympy.Symbol of dim 0 of the first input when the batch is dynamic
 
     @property
     def symbolic(self):
         return self.length_symbol is not None
 
-    def bindings(self, length):
-        """Symbol -> int for every symbol of the user input shapes, with the sequence at `length`."""
+    def bindings(self, length, batch=None):
+        """Symbol -> int for every symbol of the user input shapes, with the sequence at `length`
+        (and the batch at `batch`, else the example's)."""
         out = {}
         for node, role in self.roles.items():
             if role != "input":
@@ -57,7 +59,8 @@ class Captured:
             for d, size in enumerate(val.shape):
                 expr = sym_expr(size)
                 if isinstance(expr, sympy.Symbol):
-                    out[expr] = length if expr == self.length_symbol else _example_size(self, node, d)
+                    out[expr] = length if expr == self.length_symbol else (
+                        batch if batch is not None and expr == self.batch_symbol else _example_size(self, node, d))
         # a view input (ids[:, :t] of a longer ids) has stride symbols of its own: bound to the example's
         for node, role in self.roles.items():
             val = meta_value(node)
@@ -69,11 +72,11 @@ class Captured:
                         out[expr] = int(self.user_inputs[idx].stride(d))
         return out
 
-    def size_at(self, expr, length):
+    def size_at(self, expr, length, batch=None):
         expr = sym_expr(expr)
         if isinstance(expr, int):
             return expr
-        return int(expr.subs(self.bindings(length)))
+        return int(expr.subs(self.bindings(length, batch)))
 
 
 def _example_size(cap, node, dim):
@@ -93,6 +96,28 @@ def sym_expr(x):
     return int(x) if isinstance(x, (int, sympy.Integer)) else x
 
 
+def values_over(expr, symbol, values):
+    """A symbolic size (torch's sympy functions included: FloorDiv, Mod, Min, ...) evaluated at
+    each integer in `values` (a numpy array) for `symbol`, vectorized."""
+    import functools
+
+    import numpy as np
+    from torch.utils._sympy import functions as tf
+
+    rules = [(tf.FloorDiv, lambda a, b: sympy.floor(a / b)), (tf.CeilDiv, lambda a, b: sympy.ceiling(a / b)),
+             (tf.CleanDiv, lambda a, b: a / b), (tf.IntTrueDiv, lambda a, b: a / b), (tf.FloatTrueDiv, lambda a, b: a / b),
+             (tf.PythonMod, sympy.Mod), (tf.Mod, sympy.Mod), (tf.ModularIndexing, lambda a, b, c: sympy.Mod(sympy.floor(a / b), c)),
+             (tf.FloorToInt, sympy.floor), (tf.CeilToInt, sympy.ceiling), (tf.TruncToInt, lambda a: sympy.sign(a) * sympy.floor(abs(a))),
+             (tf.ToFloat, lambda a: a), (tf.Identity, lambda a: a), (tf.PowByNatural, lambda a, b: a ** b),
+             (tf.FloatPow, lambda a, b: a ** b)]
+    expr = sympy.sympify(expr)
+    for fn, repl in rules:
+        expr = expr.replace(fn, repl)
+    many = lambda op: lambda *a: functools.reduce(op, a)  # noqa: E731
+    f = sympy.lambdify(symbol, expr, modules=[{"Min": many(np.minimum), "Max": many(np.maximum)}, "numpy"])
+    return np.broadcast_to(np.asarray(f(values), dtype=np.float64), values.shape)
+
+
 def _first_line(exc, lines=2):
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()
     return " ".join(t.strip() for t in text[:lines] if t.strip())[:400]
@@ -100,36 +125,83 @@ def _first_line(exc, lines=2):
 
 # ---- export -------------------------------------------------------------------------------------
 
-def capture_export(model, example_inputs, max_len, dynamic=True, decompose=False):
-    """torch.export with the sequence dynamic in [2, max_len]; a concrete export if that fails.
+@contextlib.contextmanager
+def preserved_state(model):
+    """Undo what a forward pass run for capture does to the model's attributes: export runs the
+    forward on fake tensors, and a forward that caches a table (`self.pe = ...`) would otherwise
+    leave a fake tensor behind for every later call of the real model."""
+    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in modules]
+    try:
+        yield
+    finally:
+        for m, attrs, params, buffers in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+
+
+def _dynamic_specs(example_inputs, max_len, batch):
+    """Dim 1 of the first input (and of other inputs of the same length) dynamic in [2, max_len];
+    dim 0 too when `batch` (so sessions may use another batch size than the example's)."""
+    x = example_inputs[0]
+    specs = []
+    for i, t in enumerate(example_inputs):
+        spec = None
+        if isinstance(t, torch.Tensor) and t.dim() > 1 and (i == 0 or t.shape[1] == x.shape[1]):
+            spec = {1: torch.export.Dim.DYNAMIC(min=2, max=max_len)}
+            if batch and t.shape[0] == x.shape[0] and t.shape[0] != t.shape[1]:
+                spec[0] = torch.export.Dim.DYNAMIC
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _export(model, example_inputs, specs):
+    with preserved_state(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # export's own notes (attributes assigned in forward, ...)
+        ep = torch.export.export(model, tuple(_fresh(example_inputs)), dynamic_shapes=specs, strict=False)
+        if any(_mutates(n) for n in ep.graph.nodes):
+            ep = ep.run_decompositions({})  # functionalize: in-place writes become explicit dataflow
+    return ep
+
+
+def _mutates(node):
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+
+
+def capture_export(model, example_inputs, max_len, dynamic=True, decompose=False, level="export"):
+    """torch.export with the sequence dynamic in [2, max_len] (and the batch, where export allows);
+    a concrete export if that fails. In-place ops are functionalized.
 
     decompose: lower to the core ATen opset (rfft -> constant_pad_nd + _fft_r2c, conv1d ->
     convolution, ...), the spelling other exporters hand over.
     """
     x = example_inputs[0]
-    specs = [None] * len(example_inputs)
-    specs[0] = {1: torch.export.Dim.DYNAMIC(min=2, max=max_len)}
-    # Other inputs that share the sequence length follow it.
-    for i, t in enumerate(example_inputs[1:], 1):
-        if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[1] == x.shape[1]:
-            specs[i] = {1: torch.export.Dim.DYNAMIC(min=2, max=max_len)}
-    note = ""
-    try:
-        if not dynamic:
-            raise CaptureError("a concrete capture was asked for")
-        ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=tuple(specs), strict=False)
-    except Exception as exc:  # noqa: BLE001 - any exporter failure falls back to a concrete length
-        note = f"dynamic export failed ({_first_line(exc, 1)}); captured at concrete L={x.shape[1]}" if dynamic else ""
+    note, ep = "", None
+    if dynamic:
+        errors = []
+        for batch in (True, False):
+            try:
+                ep = _export(model, example_inputs, _dynamic_specs(example_inputs, max_len, batch))
+                break
+            except Exception as exc:  # noqa: BLE001 - any exporter failure: try the next capture
+                errors.append(exc)
+        if ep is None:
+            note = f"dynamic export failed ({_first_line(errors[-1], 1)}); captured at concrete L={x.shape[1]}"
+    if ep is None:
         try:
-            ep = torch.export.export(model, _fresh(example_inputs), strict=False)
-        except Exception as exc2:  # noqa: BLE001
-            raise CaptureError(_first_line(exc2)) from None
+            ep = _export(model, example_inputs, None)
+        except Exception as exc:  # noqa: BLE001
+            raise CaptureError(_first_line(exc)) from None
     if decompose:
         ep = ep.run_decompositions()
     gm = ep.module()
     roles = {n: "input" for n in gm.graph.nodes if n.op == "placeholder"}
-    cap = Captured(gm, "export", tuple(example_inputs), roles, {}, None, int(x.shape[1]), int(max_len), note=note)
-    _set_length_symbol(cap)
+    cap = Captured(gm, level, tuple(example_inputs), roles, None, int(x.shape[1]), int(max_len), note=note)
+    _set_symbols(cap)
     if cap.symbolic:
         rng = ep.range_constraints.get(cap.length_symbol)
         if rng is not None:
@@ -141,10 +213,11 @@ def capture_export(model, example_inputs, max_len, dynamic=True, decompose=False
     return cap
 
 
-def _set_length_symbol(cap):
+def _set_symbols(cap):
     first = next(n for n, r in cap.roles.items() if r == "input")
-    size = sym_expr(meta_value(first).shape[1])
-    cap.length_symbol = size if isinstance(size, sympy.Symbol) else None
+    shape = [sym_expr(s) for s in meta_value(first).shape]
+    cap.length_symbol = shape[1] if isinstance(shape[1], sympy.Symbol) else None
+    cap.batch_symbol = shape[0] if isinstance(shape[0], sympy.Symbol) and shape[0] != cap.length_symbol else None
 
 
 # ---- dynamo -------------------------------------------------------------------------------------
@@ -152,8 +225,8 @@ def _set_length_symbol(cap):
 def capture_dynamo(model, example_inputs, dynamic=True):
     """Run torch.compile(model, backend=recorder, dynamic=True, fullgraph=True) once.
 
-    Returns (gm, backend_example_inputs): exactly what a torch.compile backend receives.
-    """
+    Returns (gm, backend_example_inputs, user_inputs): what a torch.compile backend receives, and
+    the user inputs it was called with (the graph's user inputs are these very tensors)."""
     graphs = []
 
     def recorder(gm, inputs):
@@ -164,43 +237,170 @@ def capture_dynamo(model, example_inputs, dynamic=True):
     # recompile limit would otherwise silently fall back to eager). This clears dynamo's cache for
     # the whole process: compiled functions recompile on their next call.
     torch._dynamo.reset()
+    inputs = _fresh(example_inputs)
     try:
-        torch.compile(model, backend=recorder, dynamic=dynamic, fullgraph=True)(*example_inputs)
+        with preserved_state(model):
+            torch.compile(model, backend=recorder, dynamic=dynamic, fullgraph=True)(*inputs)
     except Exception as exc:  # noqa: BLE001
         raise CaptureError(_first_line(exc)) from None
     finally:
         torch._dynamo.reset()
     if not graphs:
         raise CaptureError("dynamo compiled no graph (the model ran eagerly)")
-    return graphs[0]
+    gm, backend_inputs = graphs[0]
+    return gm, backend_inputs, inputs
 
 
-def from_dynamo(gm, backend_inputs, user_inputs=None, max_len=None):
-    """Wrap a dynamo graph: placeholders are user inputs, lifted parameters/buffers or SymInts."""
-    roles, values, users = {}, {}, []
+@dataclass
+class InputPlan:
+    """The role of each placeholder of a dynamo graph: ("input", None) the user's sequence input,
+    ("state", "tensor" | "scalar") model state (a scalar is a Python float dynamo passes as a fresh
+    0-d tensor), ("sym", dim) a size of the user input, ("stride", dim) a stride of it."""
+
+    roles: list
+    input_index: int
+
+
+def plan_inputs(gm, example_inputs, user_inputs=None):
+    """Which placeholders of a dynamo graph are the user's input, model state and sizes.
+
+    Dynamo records where each graph input came from (`grapharg.source`): a bare local (`L['ids']`)
+    is the user's input, anything reached through an attribute or a global is model state. Without
+    that record (a graph built elsewhere) lifted state is recognised by its name and type, or the
+    caller names the user inputs."""
+    from torch._dynamo.source import LocalSource
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        raise CaptureError(f"{len(placeholders)} graph inputs but {len(example_inputs)} example inputs")
     user_ids = {id(t) for t in user_inputs} if user_inputs is not None else None
-    for node, val in zip([n for n in gm.graph.nodes if n.op == "placeholder"], backend_inputs):
-        ex = meta_value(node)
-        if isinstance(ex, torch.SymInt) or isinstance(val, (int, torch.SymInt)):
-            roles[node] = "sym"
-        elif (id(val) in user_ids) if user_ids is not None else not _is_attribute(node, val):
-            roles[node] = "input"
-            users.append(val)
+    users = []
+    for i, (node, val) in enumerate(zip(placeholders, example_inputs)):
+        if not isinstance(val, torch.Tensor) or isinstance(val, torch.nn.Parameter) or _is_scalar(node):
+            continue
+        src = getattr(node.meta.get("grapharg"), "source", None)
+        if user_ids is not None:
+            is_user = id(val) in user_ids
         else:
-            roles[node] = "param"
-            values[node] = val
-    if not users:
-        raise CaptureError("the dynamo graph has no tensor input")
-    length = int(users[0].shape[1])
-    cap = Captured(gm, "dynamo", tuple(users), roles, values, None, length, int(max_len or length))
-    _set_length_symbol(cap)
-    return cap
+            is_user = isinstance(src, LocalSource) if src is not None else not _is_attribute(node, val)
+        if is_user:
+            users.append(i)
+    if len(users) != 1:
+        raise CaptureError(f"the graph has {len(users)} user tensor inputs; the decoder takes exactly one "
+                           f"(the sequence input, sequence on dim 1)")
+    (index,) = users
+    x_meta = meta_value(placeholders[index])
+    if x_meta is None or x_meta.dim() < 2:
+        raise CaptureError("the user input has no sequence dim (dim 1)")
+    dims = [sym_expr(s) for s in x_meta.shape]
+    strides = [sym_expr(s) for s in x_meta.stride()]
+    roles = []
+    for i, (node, val) in enumerate(zip(placeholders, example_inputs)):
+        if i == index:
+            roles.append(("input", None))
+        elif isinstance(val, torch.Tensor):
+            roles.append(("state", "scalar" if _is_scalar(node) else "tensor"))
+        elif isinstance(val, (int, torch.SymInt)):
+            expr = sym_expr(meta_value(node)) if meta_value(node) is not None else sym_expr(val)
+            if expr in dims:
+                roles.append(("sym", dims.index(expr)))
+            elif expr in strides:  # a view's stride (ids[:, :t] of a longer ids)
+                roles.append(("stride", strides.index(expr)))
+            else:
+                raise CaptureError(f"graph input {node.name} is a symbolic int that is not a size or stride of the user input")
+        else:
+            raise CaptureError(f"graph input {node.name} of type {type(val).__name__} is not supported")
+    return InputPlan(roles, index)
+
+
+def _is_scalar(node):
+    """A Python float dynamo passes as a 0-d tensor (a fresh one at every call)."""
+    return bool(getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False))
 
 
 def _is_attribute(node, val):
     # Dynamo names lifted module state L_self_... / L_fn_...; parameters keep their class.
     name = str(node.target)
     return isinstance(val, torch.nn.Parameter) or name.startswith(("L_self_", "L_fn_", "L_mod_")) or "_parameters_" in name or "_buffers_" in name
+
+
+class GraphAsModule(torch.nn.Module):
+    """A dynamo graph as a module of the user input alone: the state dynamo lifted to graph inputs
+    is held as parameters/buffers again, SymInts are read off the input's shape. torch.export of
+    this module gives the same ATen graph as exporting the model, so both capture levels end in
+    one canonical graph."""
+
+    def __init__(self, gm, plan, state):
+        super().__init__()
+        self.graph_module = gm
+        self._roles = plan.roles
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self._item_of = {placeholders[i].name: state[i].item() for i, (kind, _) in enumerate(plan.roles)
+                         if kind == "state" and state[i].numel() == 1}
+        for i, (kind, _) in enumerate(plan.roles):
+            if kind == "state":
+                t = state[i]
+                if isinstance(t, torch.nn.Parameter):
+                    self.register_parameter(f"state_{i}", t)
+                else:
+                    self.register_buffer(f"state_{i}", t, persistent=False)
+
+    def forward(self, x):
+        return _ItemInterpreter(self.graph_module, self._item_of).run(*self._args(x))
+
+    def _args(self, x):
+        args = []
+        for i, (kind, dim) in enumerate(self._roles):
+            if kind == "state":
+                args.append(getattr(self, f"state_{i}"))
+            elif kind == "sym":
+                args.append(x.shape[dim])
+            elif kind == "stride":
+                args.append(x.stride(dim))
+            else:
+                args.append(x)
+        return args
+
+
+class _ItemInterpreter(torch.fx.Interpreter):
+    """Runs the graph with `state.item()` replaced by its value: dynamo passes a float attribute
+    (eps) as a 0-d tensor and calls .item() on it, which torch.export would see as data-dependent."""
+
+    def __init__(self, gm, item_of):
+        super().__init__(gm)
+        self.item_of = item_of
+
+    def run_node(self, n):
+        if n.op == "call_method" and n.target == "item" and n.args[0].name in self.item_of:
+            return self.item_of[n.args[0].name]
+        return super().run_node(n)
+
+
+@dataclass
+class DynamoSource:
+    """A graph dynamo handed a backend, as the capture pass's input (instead of a model)."""
+
+    gm: torch.fx.GraphModule
+    inputs: list  # the backend's example inputs (user input, lifted state, SymInts)
+    user_inputs: tuple = None  # the model's own inputs, when known
+    plan: InputPlan = None  # which graph input is which (else worked out by plan_inputs)
+
+
+def from_dynamo(gm, backend_inputs, user_inputs=None, max_len=None, plan=None):
+    """The canonical capture of a dynamo graph: the graph as a module of its user input, exported.
+    Returns (Captured, GraphAsModule)."""
+    plan = plan or plan_inputs(gm, backend_inputs, user_inputs)
+    x = backend_inputs[plan.input_index]
+    state = {i: t for i, (t, (kind, _)) in enumerate(zip(backend_inputs, plan.roles)) if kind == "state"}
+    module = GraphAsModule(gm, plan, state)
+    example = (x.detach().clone(),)
+    cap = capture_export(module, example, int(max_len or x.shape[1]), level="dynamo")
+    return cap, module
+
+
+def _fresh(inputs):
+    # export / mark_dynamic tag the tensors they saw as dynamic; a retry needs untagged copies
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
 # ---- numeric evaluation -------------------------------------------------------------------------
@@ -226,10 +426,9 @@ class Runner(torch.fx.Interpreter):
     def __init__(self, cap):
         super().__init__(cap.gm, garbage_collect_values=False)
         self.cap = cap
-        self._params = {n: _widen(v) for n, v in cap.values.items()}
         self._attrs = {}  # parameters/buffers widened on first use: no copy of the whole model
         self._order = {n: i for i, n in enumerate(cap.gm.graph.nodes)}
-        self._syms = {}  # (node, length) -> int: sympy substitution is slow, lengths repeat
+        self._syms = {}  # (node, length, batch) -> int: sympy substitution is slow, lengths repeat
 
     def get_attr(self, target, args, kwargs):
         if target not in self._attrs:
@@ -245,13 +444,14 @@ class Runner(torch.fx.Interpreter):
             return conv1d_f64(*args, **kwargs)
         return getattr(self, n.op)(n.target, args, kwargs)
 
-    def evaluate(self, targets, length, overrides=None):
-        """Values of `targets` (original nodes) at `length`, with `overrides` {node: value}.
+    def evaluate(self, targets, length, overrides=None, batch=None):
+        """Values of `targets` (original nodes) at `length` (and `batch`, else the example's), with
+        `overrides` {node: value}.
 
         Placeholders are bound by shape only: reaching a user input raises NeedsActivation.
         """
         overrides = dict(overrides or {})
-        bind = self.cap.bindings(length)
+        bind = self.cap.bindings(length, batch)
         env, todo = {}, set()
         stack = list(targets)
         while stack:
@@ -261,19 +461,12 @@ class Runner(torch.fx.Interpreter):
             todo.add(n)
             val = meta_value(n)
             if isinstance(val, torch.SymInt) and not isinstance(sym_expr(val), int):
-                if (n, length) not in self._syms:
-                    self._syms[n, length] = int(sym_expr(val).subs(bind))
-                env[n] = self._syms[n, length]
+                if (n, length, batch) not in self._syms:
+                    self._syms[n, length, batch] = int(sym_expr(val).subs(bind))
+                env[n] = self._syms[n, length, batch]
                 continue
             if n.op == "placeholder":
-                role = self.cap.roles[n]
-                if role == "input":
-                    raise NeedsActivation(n.name)
-                if role == "param":
-                    env[n] = self._params[n]
-                elif role == "sym":
-                    env[n] = int(sympy.sympify(sym_expr(val)).subs(bind))
-                continue
+                raise NeedsActivation(n.name)
             stack.extend(n.all_input_nodes)
         self.env = {**env, **overrides}
         with torch.no_grad(), _default_dtype(torch.float64):
@@ -285,19 +478,7 @@ class Runner(torch.fx.Interpreter):
 
     def run_full(self, user_inputs):
         """The graph's outputs for the given user inputs (float inputs widened to float64)."""
-        length = int(user_inputs[0].shape[1])
-        bind = self.cap.bindings(length)
-        args, it = [], iter(user_inputs)
-        for n in self.module.graph.nodes:
-            if n.op != "placeholder":
-                continue
-            role = self.cap.roles[n]
-            if role == "input":
-                args.append(_widen(next(it)))
-            elif role == "param":
-                args.append(self._params[n])
-            else:
-                args.append(int(sym_expr(meta_value(n)).subs(bind)))
+        args = [_widen(x) for x in user_inputs]
         with torch.no_grad(), _default_dtype(torch.float64):
             return self.run(*args)
 
@@ -363,7 +544,7 @@ def faithful(cap, model, length):
     """
     x = random_inputs(cap, length)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), preserved_state(model):
             ours = Runner(cap).run_full(x)
             ref = model(*x)
     except Exception:  # noqa: BLE001 - a graph that cannot run at this length is not faithful
@@ -377,35 +558,53 @@ def faithful(cap, model, length):
     return True
 
 
-def _fresh(inputs):
-    # export / mark_dynamic tag the tensors they saw as dynamic; a retry needs untagged copies
-    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
-
-
 def capture(model, inputs, level, max_len, dynamic=True):
-    inputs = _fresh(inputs)
     if level == "export":
         return capture_export(model, inputs, max_len, dynamic)
-    gm, backend_inputs = capture_dynamo(model, inputs, dynamic)
-    return from_dynamo(gm, backend_inputs, inputs, max_len)
+    gm, backend_inputs, used = capture_dynamo(model, inputs, dynamic)
+    plan = plan_inputs(gm, backend_inputs, used)
+    x = backend_inputs[plan.input_index]
+    state = {i: t for i, (t, (kind, _)) in enumerate(zip(backend_inputs, plan.roles)) if kind == "state"}
+    cap = capture_export(GraphAsModule(gm, plan, state), (x.detach().clone(),), max_len, dynamic, level="dynamo")
+    cap.user_inputs = tuple(inputs)
+    return cap
 
 
 def run(model, ctx):
-    """The capture pass: model -> Captured, checked against the model at a second length. A concrete
-    capture (dynamic capture failed or was not faithful) comes with a second one at a shorter length
+    """The capture pass: model -> Captured, checked against the model at a second length.
+
+    Captures are tried in order until one has a symbolic length: the requested level, then
+    (after torch.export) the dynamo graph, exported in turn. A concrete capture (no capture was
+    symbolic, or the symbolic one was not faithful) comes with a second one at a shorter length
     (ctx.alt_cap): the dims whose size differs between the two are the position axes."""
-    cap = capture(model, ctx.example_inputs, ctx.capture, ctx.max_len)
+    levels = [ctx.capture] + (["dynamo"] if ctx.capture == "export" else [])
+    cap, failures = None, []
+    for level in levels:
+        try:
+            got = capture(model, ctx.example_inputs, level, ctx.max_len)
+        except CaptureError as exc:
+            failures.append(f"{level}: {exc}")
+            continue
+        if cap is None or got.symbolic:
+            cap = got
+        if got.symbolic:
+            break
+        failures.append(f"{level}: {got.note or 'the length was specialised'}")
+    if cap is None:
+        raise CaptureError("; ".join(failures))
+    if failures and cap.symbolic:
+        cap.note = "; ".join([f"fell back to the {cap.level} capture after {'; '.join(failures)}"] + ([cap.note] if cap.note else []))
     L = cap.example_length
     other = max(cap.min_len, (2 * min(L, 48)) // 3)
     if cap.symbolic and other != L and not faithful(cap, model, other):
         note = (f"the {cap.level} graph differs from the model at L={other} (a length-dependent value was "
                 f"specialized); analysed concrete captures instead")
-        cap = capture(model, ctx.example_inputs, ctx.capture, ctx.max_len, dynamic=False)
+        cap = capture(model, ctx.example_inputs, cap.level, ctx.max_len, dynamic=False)
         cap.note = note
     if not cap.symbolic and L > 2:
         short = tuple(t[:, : L - L // 4] if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[1] == L else t
                       for t in ctx.example_inputs)
-        ctx.alt_cap = capture(model, short, ctx.capture, L - L // 4, dynamic=False)
+        ctx.alt_cap = capture(model, short, cap.level, L - L // 4, dynamic=False)
         cap.alt_shapes, ctx.alt_cap.alt_shapes = _shapes(ctx.alt_cap), _shapes(cap)
     return cap
 

@@ -3,11 +3,12 @@
 Both are copies of the exported graph. In each, every accepted convolution's output is replaced
 by a call on the session's state (custom ops in lcsm_compile.ops): the prefill program runs the
 convolution over the whole prompt (and records what future positions need); the step program runs
-one position. The filter subgraphs become dead and are removed: filters were evaluated once at
-max_len by the analysis. Everything else is time-local and runs unchanged on one position, except
-position-indexed constants (a table sliced [:L], an arange(L)), which the step program indexes by
-the current position. Each convolution's input is brought to a canonical [B, C, T] layout (time
-last, channels flattened, broadcast to the output's channels) so the runtime never sees layouts.
+one position. Causal delays (a token shift) are short convolutions: ring buffers. The filter
+subgraphs become dead and are removed: filters were evaluated once at max_len by the analysis.
+Everything else is time-local and runs unchanged on one position, except position constants
+(passes/position_constants.py), which the step program reads from their max_len table at the
+current position. Each convolution's input is brought to a canonical [B, C, T] layout (time last,
+channels flattened, broadcast to the output's channels) so the runtime never sees layouts.
 """
 
 import copy
@@ -42,22 +43,27 @@ class DecodePrograms:
     step: fx.GraphModule  # (session, pos, *user_inputs at one position) -> flat outputs
     sites: list  # the ConvSites, in call order
     out_spec: object  # pytree spec to rebuild the model's output structure
-    position_constants: list = field(default_factory=list)  # names of nodes indexed by position
+    position_constants: list = field(default_factory=list)  # names of the nodes the step reads from tables
     dumps: dict = field(default_factory=dict)  # program name -> readable graph
 
+    def dump(self):
+        return "\n".join(f"# {name} program\n{text.rstrip()}" for name, text in self.dumps.items())
 
-def run(captured, candidates, ctx=None) -> DecodePrograms:
+
+def run(captured, candidates, position_constants=()) -> DecodePrograms:
     """Rewrite the captured graph (lcsm_compile.passes.capture.Captured, sequence dim dynamic)
-    around the accepted candidates of its Report."""
+    around the accepted candidates of its Report and its position constants."""
+    if not captured.symbolic:
+        raise ValueError("the decode rewrite needs a capture with a symbolic sequence length")
     sites = [ConvSite(c.name, c.kind, c.conv) for c in candidates]
     out_spec = captured.gm.graph._codegen.pytree_info.out_spec
-    prefill, _ = _rewrite(captured.gm, sites, step=False)
-    step, position_constants = _rewrite(captured.gm, sites, step=True)
+    prefill = _rewrite(captured.gm, sites, step=False)
+    step = _rewrite(captured.gm, sites, step=True, tables=position_constants)
     dumps = {"prefill": prefill.print_readable(print_output=False), "step": step.print_readable(print_output=False)}
-    return DecodePrograms(prefill, step, sites, out_spec, position_constants, dumps)
+    return DecodePrograms(prefill, step, sites, out_spec, [c.name for c in position_constants], dumps)
 
 
-def _rewrite(source, sites, *, step):
+def _rewrite(source, sites, *, step, tables=()):
     gm = copy.deepcopy(source)
     graph = gm.graph
     for node in list(graph.nodes):  # export's input guards pin L >= 2; a step has L = 1
@@ -83,8 +89,8 @@ def _rewrite(source, sites, *, step):
         y.replace_all_uses_with(new_y)
         outputs.append(result)
 
-    position_constants = _index_position_constants(graph, user_inputs, pos) if step else []
     if step:
+        _read_tables(gm, tables, names, user_inputs[0], pos)
         out = next(n for n in graph.nodes if n.op == "output")
         with graph.inserting_before(out):
             graph.call_function(lcsm.advance.default, (session, outputs))
@@ -95,7 +101,7 @@ def _rewrite(source, sites, *, step):
     graph._codegen = fx.graph.CodeGen()  # plain positional signature: we added placeholders
     graph.lint()
     gm.recompile()
-    return gm, position_constants
+    return gm
 
 
 def _letters(site):
@@ -130,48 +136,20 @@ def _from_canonical(graph, result, site, y):
     return graph.call_function(aten.to.dtype, (x, dtype)) if dtype is not None else x
 
 
-def _depends_on(node, sources, memo):
-    """Whether `node`'s values are computed from any of `sources` (the user inputs); reading a
-    source's shape (sym_size) does not count: that is how constants get sliced by L."""
-    if node in memo:
-        return memo[node]
-    if node.op == "call_function" and node.target is aten.sym_size.int:
-        memo[node] = False
-    else:
-        memo[node] = node in sources or any(_depends_on(a, sources, memo) for a in node.all_input_nodes)
-    return memo[node]
-
-
-def _is_length(node, user_inputs):
-    """The sequence length: sym_size(user_input, 1)."""
-    return (
-        isinstance(node, fx.Node)
-        and node.op == "call_function"
-        and node.target is aten.sym_size.int
-        and node.args[0] in user_inputs
-        and node.args[1] == 1
-    )
-
-
-def _index_position_constants(graph, user_inputs, pos):
-    """table[..., :L, ...] -> index_select(table, dim, pos); arange(L) -> pos. Only for values that
-    do not depend on the inputs (those are position-indexed constants, not activations)."""
-    memo, rewritten = {}, []
-    for node in list(graph.nodes):
-        if node.op != "call_function" or _depends_on(node, set(user_inputs), memo):
-            continue
-        if node.target is aten.slice.Tensor:
-            table, dim, start, end = (list(node.args) + [0, None, None])[:4]
-            if start in (None, 0) and _is_length(end, user_inputs) and not _depends_on(table, set(user_inputs), memo):
-                with graph.inserting_before(node):
-                    new = graph.call_function(aten.index_select.default, (table, dim, pos))
-                node.replace_all_uses_with(new)
-                rewritten.append(node.name)
-        elif node.target in (aten.arange.default, aten.arange.start) and _is_length(node.args[-1], user_inputs):
-            if node.target is aten.arange.start and node.args[0] != 0:
-                continue
-            with graph.inserting_before(node):
-                new = graph.call_function(aten.to.dtype, (pos, node.meta["val"].dtype)) if "val" in node.meta else pos
-            node.replace_all_uses_with(new)
-            rewritten.append(node.name)
-    return rewritten
+def _read_tables(gm, tables, names, x, pos):
+    """Each position constant becomes its max_len table (a buffer of the step program) read at the
+    step's position; a table of batch 1 is expanded to the input's batch."""
+    graph = gm.graph
+    for i, const in enumerate(tables):
+        node = names[const.node.name]
+        val = node.meta["val"]
+        table = const.table.to(val.dtype) if const.table.is_floating_point() or const.table.is_complex() else const.table
+        name = f"lcsm_position_{i}"
+        gm.register_buffer(name, table.to(val.device).contiguous())
+        with graph.inserting_before(node):
+            row = graph.call_function(aten.index_select.default, (graph.get_attr(name), const.axis, pos))
+            if const.batch_dims:
+                batch = graph.call_function(aten.sym_size.int, (x, 0))
+                shape = [batch if d in const.batch_dims else -1 for d in range(val.dim())]
+                row = graph.call_function(aten.expand.default, (row, shape))
+        node.replace_all_uses_with(row)

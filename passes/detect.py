@@ -384,6 +384,35 @@ def match_conv1d(cnode, canon, info):
     return _finish(m, canon, info, extra)
 
 
+# ---- causal delays ------------------------------------------------------------------------------
+
+def match_delay(end, canon, info):
+    """A value shifted toward the future with zero fill (F.pad(x, (0, 0, 1, -1)), a cat of zeros and
+    x[:, :-1], zeros with x written at [1:]) whose positions axis is whole again at `end`: a short
+    causal convolution of its one input, with the filter measured like any other."""
+    sources, seen, stack = [], set(), [end]
+    while stack:
+        for i in stack.pop().all_input_nodes:
+            if i in seen or info[i].dep != "activation":
+                continue
+            seen.add(i)
+            (stack if info[i].cls == "delay_part" else sources).append(i)
+    x = strip(sources[0], canon)
+    m = Match("delay", end, x, end, "short")
+    m.filter_length = info[end].delay + 1
+    m.region = _region(x, end, info)
+    m.filter_nodes = _static_closure([i for n in m.region for i in n.all_input_nodes if info[i].dep == "static"], info)
+    letters = "abcdefghijk"[: meta_value(x).dim()]
+    m.input_map = f"{letters}->{letters}"
+    m.claimed = set(m.region)
+    if len({strip(s, canon) for s in sources}) > 1:
+        m.problem = ("NONLINEAR", end, f"the shifted value {end.name} combines several activations")
+    if meta_value(x).shape != meta_value(end).shape:
+        m.problem = m.problem or ("NONLINEAR", end, f"the shift changes the value's shape ({list(meta_value(x).shape)} -> "
+                                                    f"{list(meta_value(end).shape)})")
+    return m
+
+
 # ---- registered mixers --------------------------------------------------------------------------
 
 def match_registered(node, mixer, canon, info):
@@ -417,6 +446,11 @@ def run(canon, ctx):
                 matches.append(m)
         elif c.op == "conv1d":
             matches.append(match_conv1d(node, canon, info))
+    for node in canon:
+        if info[node].cls == "delay":
+            matches.append(match_delay(node, canon, info))
+    order = {n: i for i, n in enumerate(canon)}
+    matches.sort(key=lambda m: order[m.conv_node])
     return matches
 
 

@@ -13,13 +13,13 @@ graph cannot; a numeric misfit is named WRAP_AROUND when the proof fails too.
 and model(x[:, :t]) == model(x)[:, :t].
 """
 
-import math
 import os
 
+import numpy as np
 import sympy
 import torch
 
-from lcsm_compile.passes.capture import NeedsActivation, meta_value, random_inputs
+from lcsm_compile.passes.capture import NeedsActivation, meta_value, random_inputs, values_over
 from lcsm_compile.passes.time_axis import length_dims
 from lcsm_compile.report import Candidate, ConvStructure, Reason, Verdict
 
@@ -44,17 +44,16 @@ def check_lengths(cap):
 # ---- causality proof ----------------------------------------------------------------------------
 
 def _for_all_lengths(expr, cap, pred):
-    """(True, None) if pred(value of expr) for every served L, else (False, first failing L)."""
+    """(True, None) if pred(value of expr) for every served L, else (False, first failing L).
+    pred is vectorized over a numpy array of values."""
     L = cap.length_symbol
     expr = sympy.sympify(expr)
     if L is None or L not in expr.free_symbols:
         v = float(expr.subs(L, cap.example_length)) if L is not None else float(expr)
-        return (True, None) if pred(v) else (False, cap.example_length)
-    f = sympy.lambdify(L, expr, modules=[{"Min": min, "Max": max, "floor": math.floor, "ceiling": math.ceil}, "math"])
-    for v in range(cap.min_len, cap.max_len + 1):
-        if not pred(f(v)):
-            return False, v
-    return True, None
+        return (True, None) if pred(np.asarray(v)) else (False, cap.example_length)
+    lengths = np.arange(cap.min_len, cap.max_len + 1)
+    bad = np.flatnonzero(~np.asarray(pred(values_over(expr, L, lengths))))
+    return (True, None) if len(bad) == 0 else (False, int(lengths[bad[0]]))
 
 
 def prove_no_wrap(n, lh, cap):
@@ -63,7 +62,10 @@ def prove_no_wrap(n, lh, cap):
     slack = sympy.simplify(sympy.sympify(n) - (L + sympy.sympify(lh) - 1))
     ok, bad = _for_all_lengths(slack, cap, lambda v: v >= 0)
     if not ok:
-        return False, f"n={n} < L+Lh-1={L + lh - 1} at L={bad}"
+        hint = ""
+        if cap.symbolic and bad > cap.min_len:  # shorter lengths are fine: say how far the model reaches
+            hint = f"; the model's filters cover {bad - 1} positions: use max_len <= {bad - 1}"
+        return False, f"n={n} < L+Lh-1={L + lh - 1} at L={bad}{hint}"
     where = f"for L in [{cap.min_len}, {cap.max_len}]" if cap.symbolic else f"at L={L}"
     return True, f"n - (L+Lh-1) = {slack} >= 0 {where}"
 
@@ -212,7 +214,8 @@ def candidate_for(m, runner, cap, alt=None):
                      module_path=path, source=src, offending=node.name,
                      length=str(cap.length_symbol if cap.symbolic else cap.example_length), max_len=cap.max_len,
                      filter_length=str(m.filter_length) if m.filter_length is not None else "",
-                     dtype=str(out_val.dtype).replace("torch.", "") if out_val is not None else "")
+                     dtype=str(out_val.dtype).replace("torch.", "") if out_val is not None else "",
+                     input=m.input.name, output=m.output.name)
     reject = lambda reason, at, text: _reject(cand, reason, at, text)  # noqa: E731
     if m.problem:
         return reject(Reason[m.problem[0]], m.problem[1], m.problem[2])
@@ -296,7 +299,7 @@ def _reject(cand, reason, at, text):
 def time_mixing_candidate(node, c, info, cap):
     path, src = _describe(node)
     return Candidate(name=node.name, spelling=c.fn or c.op, kind="time_mixing", verdict=Verdict.REJECTED,
-                     reason=Reason.TIME_MIXING_OP, explanation=info.why or f"{c.op} mixes positions",
+                     reason=Reason[info.reason], explanation=info.why or f"{c.op} mixes positions",
                      module_path=path, source=src, offending=node.name,
                      length=str(cap.length_symbol if cap.symbolic else cap.example_length), max_len=cap.max_len,
                      dtype=str(getattr(meta_value(node), "dtype", "")).replace("torch.", ""))
@@ -351,6 +354,6 @@ def run(matches, ctx):
     cands = [candidate_for(m, ctx.runner, ctx.cap, a) for m, a in zip(matches, alts)]
     claimed = set().union(*(m.claimed for m in matches)) if matches else set()
     for node, t in ctx.time_info.items():
-        if t.dep == "activation" and t.cls in ("mixing", "conv_part") and node not in claimed:
+        if t.dep == "activation" and t.cls in ("mixing", "conv_part", "delay", "delay_part") and node not in claimed:
             cands.append(time_mixing_candidate(node, ctx.canon[node], t, ctx.cap))
     return cands

@@ -37,7 +37,7 @@ def test_export_capture_is_symbolic():
 
 def test_dynamo_capture_and_analyze_graph():
     model, x = Tiny(), torch.randn(2, L, C)
-    gm, backend_inputs = cap_mod.capture_dynamo(model, (x,))
+    gm, backend_inputs, _ = cap_mod.capture_dynamo(model, (x,))
     assert isinstance(gm, torch.fx.GraphModule)
     assert any(isinstance(t, torch.nn.Parameter) for t in backend_inputs)
     report = analyze_graph(gm, backend_inputs, max_len=32)
@@ -107,7 +107,8 @@ def test_bad_arguments_raise_typed_errors():
     with pytest.raises(ValueError, match="max_len"):
         lcsm_compile.analyze(Tiny(), x, max_len=L - 1)
     with pytest.raises(TypeError, match="example_inputs"):
-        lcsm_compile.analyze(Tiny(), torch.randn(2, L, C))
+        lcsm_compile.analyze(Tiny(), [[1.0]])
+    assert lcsm_compile.analyze(Tiny(), torch.randn(2, L, C)).decodable  # a single tensor is the only input
     with pytest.raises(ValueError, match="sequence on dim 1"):
         lcsm_compile.analyze(Tiny(), (torch.randn(L),))
 

@@ -10,7 +10,7 @@ import lcsm_compile
 from examples.models import ZOO, get
 from helpers import random_inputs, rel_err
 from lcsm_compile import generation
-from lcsm_compile.errors import DTypeError, MaxLenExceeded, NotDecodable, SessionFinished, ShapeError
+from lcsm_compile.errors import DTypeError, MaxLenExceeded, NotDecodable, SessionNotStarted, ShapeError
 
 POSITIVES = [e for e in ZOO if e.decodable]
 
@@ -114,7 +114,7 @@ def test_memory_bytes_counts_bank_and_rings(decoders):
 def test_bad_inputs(decoders):
     _, inputs, decoder = decoders("hyena_order2")
     session = decoder.session()
-    with pytest.raises(SessionFinished, match="prefill"):
+    with pytest.raises(SessionNotStarted, match="prefill"):
         session.step(random_inputs(inputs[0], 1))
     L = decoder.max_len
     with pytest.raises(MaxLenExceeded, match=f"max_len = {L}"):

@@ -255,15 +255,14 @@ def test_no_candidate_for_pointwise_conv():
 def test_core_aten_spellings(model, spelling):
     """The decomposed ATen graph (constant_pad_nd + _fft_r2c / _fft_c2r / _fft_c2c, convolution)
     canonicalizes to the same ops and yields the same filter."""
-    from lcsm_compile.analysis import Context, _analyze
+    from lcsm_compile import pipeline
     from lcsm_compile.passes import capture
 
     x = (torch.randn(2, L, C),)
-    ctx = Context(x, LMAX, "export")
     cap = capture.capture_export(model, x, LMAX, decompose=True)
     targets = {str(n.target) for n in cap.gm.graph.nodes}
     assert any("_fft_r2c" in t or "convolution" in t for t in targets)
-    report = _analyze(cap, ctx, None)
+    report = pipeline.run(pipeline.Context(cap, x, LMAX), stages=("analysis",)).report
     assert report.decodable, report.table()
     (cand,) = accepted(report)
     assert cand.spelling == spelling

@@ -127,7 +127,7 @@ def test_gated_region_is_not_a_function_of_the_input_alone():
 
 def _cap(lo=2, hi=64):
     Ls = sympy.Symbol("s0", positive=True, integer=True)
-    return Captured(gm=None, level="export", user_inputs=(), roles={}, values={}, length_symbol=Ls,
+    return Captured(gm=None, level="export", user_inputs=(), roles={}, length_symbol=Ls,
                     example_length=16, max_len=hi, min_len=lo), Ls
 
 

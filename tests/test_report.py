@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import lcsm_compile
+from lcsm_compile.pipeline import ANALYSIS_PASSES
 from lcsm_compile import Candidate, Reason, Report, Verdict
 
 C, L, LMAX = 4, 16, 32
@@ -53,8 +54,7 @@ def test_json_and_table():
     assert data["decodable"] is False
     assert {c["reason"] for c in data["candidates"]} >= {None, "TIME_MIXING_OP"}
     assert data["capture"]["level"] == "export" and data["capture"]["symbolic"] is True
-    assert [p["name"] for p in data["passes"]] == ["capture", "canonicalize", "time_axis", "detect", "properties",
-                                                    "safety_net"]
+    assert [p["name"] for p in data["passes"]] == list(ANALYSIS_PASSES)
     text = str(report)
     assert text == report.table()
     assert "decodable=False" in text and "TIME_MIXING_OP" in text and "conv1d" in text

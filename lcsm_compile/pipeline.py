@@ -1,0 +1,316 @@
+"""The pass manager: one ordered list of named passes, used by analyze(), optimize(), the backend
+and the CLI (`lcsm-compile passes --print-after P --stop-after P`).
+
+    analysis:  capture -> canonicalize -> time_axis -> detect -> properties -> position_constants
+               -> safety_net                                          (product: the Report)
+    rewrite:   decode_rewrite -> layer_schedule                       (product: the Decoder)
+    check:     validate                                               (translation validation)
+
+Each pass reads what earlier passes left on the Context and leaves its artifact there (one
+direction); the Context keeps every pass's text dump and time. Adding a pass is its file under
+passes/ and one line in PASSES. An exception inside any pass becomes a CAPTURE_FAILED verdict that
+names the pass, the exception and the source line of the node it was working on: analyze() returns
+that Report, optimize() raises NotDecodable with it, the backend falls back. Nothing else escapes.
+"""
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from lcsm_compile.logs import get_logger
+from lcsm_compile.passes import canonicalize, capture, decode_rewrite, detect, layer_schedule, position_constants
+from lcsm_compile.passes import properties, time_axis, validate
+from lcsm_compile.report import Candidate, CaptureInfo, Reason, Report, Verdict
+
+
+@dataclass
+class Context:
+    """Everything one run of the passes knows: inputs first, then each pass's artifact."""
+
+    source: Any  # the nn.Module, a capture.DynamoSource (a graph dynamo handed the backend) or a Captured
+    example_inputs: tuple
+    max_len: int
+    capture: str = "export"  # "export" | "dynamo"
+    options: dict = field(default_factory=dict)  # conv, crossover, compile, validate
+    # artifacts, in pass order
+    cap: Any = None
+    canon: dict = None
+    time_info: dict = None
+    matches: list = None
+    candidates: list = None
+    position_constants: Any = None  # (PositionConstant list, rejected Candidate list)
+    safety: dict = None
+    report: Report = None
+    programs: Any = None
+    schedule: Any = None
+    decoder: Any = None
+    validation: dict = None
+    # helpers
+    runner: Any = None
+    reference: Any = None  # the module the decoder must reproduce (the model, or the dynamo graph's module)
+    alt_cap: Any = None  # a second concrete capture, when the symbolic one was not faithful
+    alt: list = None  # (match, runner, cap) of alt_cap, paired with the main matches by order
+    passes: list = field(default_factory=list)  # (name, dump, seconds)
+    notes: list = field(default_factory=list)
+    failed: bool = False  # a pass failed: the Report is a refusal
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    stage: str  # "analysis" | "rewrite" | "check"
+    run: Callable  # (ctx) -> artifact
+    artifact: str  # the Context attribute it sets
+    dump: Callable  # (artifact, ctx) -> str
+
+
+def _capture(ctx):
+    if isinstance(ctx.source, capture.Captured):  # captured elsewhere (e.g. a decomposed export)
+        ctx.reference = ctx.source.gm
+        ctx.runner = capture.Runner(ctx.source)
+        return ctx.source
+    if isinstance(ctx.source, capture.DynamoSource):
+        cap, module = capture.from_dynamo(ctx.source.gm, ctx.source.inputs, ctx.source.user_inputs, ctx.max_len,
+                                          ctx.source.plan)
+        ctx.reference = module
+    else:
+        cap = capture.run(ctx.source, ctx)
+        ctx.reference = ctx.source
+    ctx.runner = capture.Runner(cap)
+    return cap
+
+
+def _properties(ctx):
+    if ctx.alt_cap is not None:
+        ctx.alt = _alt_matches(ctx)
+    return properties.run(ctx.matches, ctx)
+
+
+def _safety_net(ctx):
+    # a runner of its own: the candidates' runner keeps only filter parameters widened, this one
+    # widens every parameter and is dropped with the safety net
+    cap = ctx.cap
+    if cap.symbolic:
+        f, tol = capture.Runner(cap).run_full, properties.TOL64 * 10
+    else:  # a concrete capture runs at one length only: check the model itself
+        f, tol = (lambda xs: ctx.reference(*xs)), 1e-4
+    with capture.preserved_state(ctx.reference):
+        return properties.safety_net(f, cap, tol)
+
+
+def _layer_schedule(ctx):
+    from lcsm_compile.tuning import crossover_for
+
+    conv = ctx.options.get("conv", "flash")
+    crossover = ctx.options.get("crossover")
+    if conv == "flash" and crossover is None:
+        crossover = crossover_for(ctx.example_inputs[0].device)
+    return layer_schedule.run(ctx.programs.step, ctx.programs.sites, max_len=ctx.report.capture.max_len,
+                              crossover=crossover if conv == "flash" else None,
+                              bank_width=sum(s.width for s in ctx.programs.sites if s.kind == "long"))
+
+
+def _graph_dump(cap, ctx):
+    return cap.gm.graph.python_code("self").src
+
+
+def _candidates_dump(cands, ctx):
+    return "\n".join(f"{c.name}: {c.verdict.value} {c.reason.value if c.reason else ''} {c.explanation}" for c in cands)
+
+
+PASSES = [
+    Pass("capture", "analysis", _capture, "cap", _graph_dump),
+    Pass("canonicalize", "analysis", lambda c: canonicalize.run(c.cap, c), "canon", lambda r, c: canonicalize.dump(r)),
+    Pass("time_axis", "analysis", lambda c: time_axis.run(c.canon, c), "time_info", lambda r, c: time_axis.dump(c.canon, r)),
+    Pass("detect", "analysis", lambda c: detect.run(c.canon, c), "matches", lambda r, c: detect.dump(r)),
+    Pass("properties", "analysis", _properties, "candidates", _candidates_dump),
+    Pass("position_constants", "analysis", lambda c: position_constants.run(c.matches, c), "position_constants",
+         lambda r, c: position_constants.dump(r)),
+    Pass("safety_net", "analysis", _safety_net, "safety", lambda r, c: repr(r)),
+    Pass("decode_rewrite", "rewrite", lambda c: decode_rewrite.run(c.cap, c.report.sites, c.report.position_constants),
+         "programs", lambda r, c: r.dump()),
+    Pass("layer_schedule", "rewrite", _layer_schedule, "schedule", lambda r, c: r.table()),
+    Pass("validate", "check", lambda c: validate.run(c.decoder, c.reference, c), "validation", lambda r, c: validate.dump(r)),
+]
+PASS_NAMES = tuple(p.name for p in PASSES)
+ANALYSIS_PASSES = tuple(p.name for p in PASSES if p.stage == "analysis")
+
+
+def run(ctx, *, stop_after=None, stages=("analysis", "rewrite", "check")):
+    """Run the passes of `stages` in order (up to `stop_after`). After the analysis ctx.report is
+    set; after the rewrite (for a decodable model) ctx.decoder. Returns ctx."""
+    if stop_after is not None and stop_after not in PASS_NAMES:
+        raise ValueError(f"stop_after: unknown pass {stop_after!r}; passes: {', '.join(PASS_NAMES)}")
+    for p in PASSES:
+        if p.stage not in stages:
+            continue
+        if p.stage != "analysis" and (ctx.report is None or not ctx.report.decodable):
+            break
+        if p.name == "validate" and not ctx.options.get("validate", True):
+            continue
+        if not _run_pass(p, ctx):
+            break
+        if p.name == ANALYSIS_PASSES[-1]:
+            ctx.report = _report(ctx)
+        if p.name == "layer_schedule":
+            ctx.decoder = _build_decoder(ctx)
+            if ctx.decoder is None:
+                break
+        if p.name == "validate" and not ctx.validation["passed"]:
+            _refuse(ctx, validate.candidate(ctx.validation, ctx.cap))
+            break
+        if p.name == stop_after:
+            break
+    if ctx.report is None:  # the analysis stopped early (stop_after, or a pass failed)
+        ctx.report = _report(ctx)
+    return ctx
+
+
+def _run_pass(p, ctx):
+    """Run one pass; a failure becomes a CAPTURE_FAILED candidate (False: stop here)."""
+    log = get_logger("detect" if p.name in ("detect", "properties") else "passes")
+    start = time.perf_counter()
+    try:
+        artifact = p.run(ctx)
+    except capture.CaptureError as exc:
+        ctx.passes.append((p.name, f"FAILED: {exc}", time.perf_counter() - start))
+        _refuse(ctx, _failure(p.name, str(exc), ctx))
+        return False
+    except Exception as exc:  # noqa: BLE001 - nothing but typed verdicts leaves the pipeline
+        seconds = time.perf_counter() - start
+        text = f"{p.name} failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]
+        where = _failing_node(exc)
+        if where:
+            text += f" (at {where})"
+        ctx.passes.append((p.name, f"FAILED: {text}", seconds))
+        log.debug("%s", "".join(traceback.format_exception(exc)))
+        _refuse(ctx, _failure(p.name, text, ctx))
+        return False
+    seconds = time.perf_counter() - start
+    setattr(ctx, p.artifact, artifact)
+    try:
+        text = p.dump(artifact, ctx) or ""
+    except Exception as exc:  # noqa: BLE001 - a dump is for people; it never stops the pipeline
+        text = f"(dump failed: {type(exc).__name__}: {exc})"
+    ctx.passes.append((p.name, text, seconds))
+    log.info("%s: %.3f s", p.name, seconds)
+    if text and log.isEnabledFor(logging.DEBUG):
+        log.debug("after %s:\n%s", p.name, text)
+    return True
+
+
+def _failing_node(exc):
+    """The source line of the innermost graph node a failing pass was handling (a local `node`,
+    `n` or `y` in its frames), if any."""
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        for name in ("node", "n", "y", "end"):
+            v = tb.tb_frame.f_locals.get(name)
+            if isinstance(v, torch.fx.Node):
+                found = v
+                break
+        tb = tb.tb_next
+    if found is None:
+        return ""
+    path, src = properties._describe(found)
+    return f"node {found.name}" + (f", {src}" if src else "") + (f", in {path}" if path else "")
+
+
+def _failure(pass_name, text, ctx):
+    return Candidate(name="model" if pass_name == "capture" else pass_name, spelling=pass_name, kind="capture",
+                     verdict=Verdict.REJECTED, reason=Reason.CAPTURE_FAILED, explanation=text, max_len=ctx.max_len)
+
+
+def _refuse(ctx, cand):
+    """Record a refusal: on the Report when there is one, else it joins the candidates."""
+    if ctx.report is not None:
+        ctx.report.candidates.append(cand)
+        ctx.report.decodable = False
+        ctx.decoder = None
+    else:
+        ctx.candidates = (ctx.candidates or []) + [cand]
+        ctx.failed = True
+
+
+def _report(ctx):
+    cap = ctx.cap
+    cands = list(ctx.candidates or [])
+    consts, const_rejects = ctx.position_constants or ([], [])
+    cands += const_rejects
+    notes = list(ctx.notes) + ([cap.note] if cap is not None and cap.note else [])
+    safety = ctx.safety or {}
+    failed = ctx.failed or ctx.safety is None
+    if cap is None:
+        why = cands[-1].explanation if cands else "no capture"
+        info = CaptureInfo(ctx.capture, False, "", int(ctx.example_inputs[0].shape[1]), ctx.max_len, why)
+        return Report(False, cands, info, ctx.passes, {}, notes + [f"capture failed: {why}"])
+    if ctx.alt_cap is not None and ctx.alt is None and ctx.candidates is not None:
+        notes.append("the concrete captures at two lengths differ in structure: filter prefix-stability "
+                     "was checked only through the whole-model safety net")
+    if safety and not all(r["passed"] for r in safety.values()):
+        worst = max(safety, key=lambda k: 0 if safety[k]["passed"] else 1)
+        cands.append(Candidate(name="model", spelling="safety_net", kind="time_mixing", verdict=Verdict.REJECTED,
+                               reason=Reason.CAUSALITY_CHECK_FAILED,
+                               explanation=f"{worst}: outputs before t change with inputs at or after t "
+                                           f"(rel err {safety[worst]['rel_err']:.1e})", max_len=cap.max_len))
+    accepted = [c for c in cands if c.verdict is Verdict.ACCEPTED]
+    rejected = [c for c in cands if c.verdict is Verdict.REJECTED]
+    if not accepted and not rejected and not failed:
+        notes.append("NO_CONVOLUTION: nothing to decode (the model mixes no positions)")
+    if cap is not None and not cap.symbolic and not rejected and not failed:
+        cands.append(Candidate(name="model", spelling="capture", kind="capture", verdict=Verdict.REJECTED,
+                               reason=Reason.CAPTURE_FAILED, max_len=cap.max_len,
+                               explanation="the model was captured only at concrete lengths "
+                                           f"({cap.note or 'the length was specialised'}); decoding needs a graph "
+                                           "with a symbolic length"))
+        rejected = cands[-1:]
+    decodable = bool(accepted) and not rejected and not failed and all(r["passed"] for r in safety.values())
+    info = CaptureInfo(cap.level, cap.symbolic, str(cap.length_symbol if cap.symbolic else cap.example_length),
+                       cap.example_length, cap.max_len, cap.note)
+    return Report(decodable, cands, info, ctx.passes, safety, notes, captured=cap, position_constants=consts,
+                  time_info=ctx.time_info)
+
+
+def _build_decoder(ctx):
+    from lcsm_compile.decoder import Decoder
+
+    try:
+        return Decoder(ctx.report, max_len=ctx.report.capture.max_len, example_inputs=ctx.example_inputs,
+                       programs=ctx.programs, schedule=ctx.schedule, **_decoder_options(ctx.options))
+    except Exception as exc:  # noqa: BLE001 - a decoder that cannot be built is a refusal, not a crash
+        text = f"building the decoder failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]
+        _refuse(ctx, _failure("decoder", text, ctx))
+        return None
+
+
+def _decoder_options(options):
+    return {k: options[k] for k in ("conv", "crossover", "compile") if k in options}
+
+
+def lower(report, options, example_inputs):
+    """The rewrite passes on an analysed Report: (programs, schedule, [(name, dump, seconds)])."""
+    ctx = Context(None, tuple(example_inputs), report.capture.max_len, options=dict(options), cap=report.captured,
+                  report=report, time_info=report.time_info)
+    for p in PASSES:
+        if p.stage == "rewrite":
+            start = time.perf_counter()
+            setattr(ctx, p.artifact, p.run(ctx))
+            ctx.passes.append((p.name, p.dump(getattr(ctx, p.artifact), ctx), time.perf_counter() - start))
+    return ctx.programs, ctx.schedule, ctx.passes
+
+
+def _alt_matches(ctx):
+    """Detect on the second concrete capture; pair its matches with ours by order and spelling."""
+    alt = Context(ctx.source, ctx.example_inputs, ctx.alt_cap.max_len, ctx.capture, cap=ctx.alt_cap)
+    alt.canon = canonicalize.run(alt.cap, alt)
+    alt.time_info = time_axis.run(alt.canon, alt)
+    theirs = detect.run(alt.canon, alt)
+    if [m.spelling for m in theirs] != [m.spelling for m in ctx.matches]:
+        return None
+    runner = capture.Runner(alt.cap)
+    return [(m, runner, alt.cap) for m in theirs]

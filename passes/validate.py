@@ -1,0 +1,88 @@
+"""Translation validation: a compiler that cannot prove everything checks what it built.
+
+Before a Decoder is handed out, its programs run teacher-forced on fresh random inputs (a fixed
+seed, so a refusal reproduces) at two prompt lengths: prefill(x[:, :P]) and one step per position
+up to `POSITIONS`, against the original model on the whole sequence, in the model's dtype. The
+error at each position is relative to the root-mean-square norm of a reference position, so a
+wrong rewrite (O(1) errors) stands out from rounding at any dtype. A mismatch, or a program that
+raises, is a DECODE_MISMATCH refusal naming the first bad position: a wrong Decoder is never
+returned. The check runs the eager programs (the compiled step is inductor's faithful copy).
+"""
+
+import time
+
+import torch
+import torch.utils._pytree as pytree
+
+from lcsm_compile import verify
+from lcsm_compile.passes.capture import preserved_state, random_inputs
+from lcsm_compile.report import Candidate, Reason, Verdict
+
+POSITIONS = 72  # at least 64 positions decoded per check (fewer only when max_len is shorter)
+# Per-position error bound, by the dtype of the model's outputs: far above rounding, far below the
+# O(1) error of a wrong program (measured errors are in the README).
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}
+
+
+def run(decoder, model, ctx, *, seed=0):
+    """-> {"passed", "tol", "length", "max_err", "first_bad", "error", "seconds"}."""
+    start = time.perf_counter()
+    cap = ctx.cap
+    length = min(decoder.max_len, POSITIONS)
+    prompts = sorted({1, max(1, length // 2)})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inputs = random_inputs(cap, length)
+    out_node = next(n for n in reversed(cap.gm.graph.nodes) if n.op == "output")
+    leaves = [a for a in pytree.tree_leaves(out_node.args[0])]
+    info = ctx.time_info or {}
+    dims = [info[a].axis.dim if isinstance(a, torch.fx.Node) and a in info and info[a].dep == "activation"
+            and info[a].axis is not None else None for a in leaves]
+    with torch.no_grad(), preserved_state(model):
+        reference = model(*inputs)
+    dtype = next((t.dtype for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor) and t.is_floating_point()),
+                 torch.float32)
+    tol = TOL.get(dtype, TOL[torch.float32])
+    with _eager(decoder):
+        check = verify.teacher_forced(model, decoder, inputs[:1], prompts, tol=tol, reference=reference, out_dims=dims,
+                                      scale="rms")
+    first_bad, error = None, None
+    for r in check["runs"]:
+        if r.get("error"):
+            error = error or {"prompt_len": r["prompt_len"], "position": r["first_bad_position"], "error": r["error"]}
+        elif r["first_bad_position"] is not None and first_bad is None:
+            first_bad = {"prompt_len": r["prompt_len"], "position": r["first_bad_position"], "err": r["max_rel_err"]}
+    return {"passed": check["passed"], "tol": tol, "length": length, "prompts": prompts, "max_err": check["max_rel_err"],
+            "first_bad": first_bad, "error": error, "seconds": round(time.perf_counter() - start, 4)}
+
+
+class _eager:
+    """Run the decoder's step program uncompiled for the check."""
+
+    def __init__(self, decoder):
+        self.program = decoder.step_fn
+
+    def __enter__(self):
+        self.compile, self.program.compile = self.program.compile, False
+
+    def __exit__(self, *exc):
+        self.program.compile = self.compile
+
+
+def candidate(result, cap):
+    """The DECODE_MISMATCH refusal of a failed check."""
+    if result["error"]:
+        e = result["error"]
+        why = f"the decoder failed at position {e['position']} (prompt {e['prompt_len']}): {e['error']}"
+    else:
+        b = result["first_bad"] or {"prompt_len": "?", "position": "?", "err": result["max_err"]}
+        why = (f"teacher-forced decode differs from the model from position {b['position']} on (prompt {b['prompt_len']}): "
+               f"error {result['max_err']:.2e} > {result['tol']:.0e}")
+    return Candidate(name="model", spelling="validate", kind="decode", verdict=Verdict.REJECTED,
+                     reason=Reason.DECODE_MISMATCH, explanation=why, max_len=cap.max_len)
+
+
+def dump(result):
+    state = "passed" if result["passed"] else "FAILED"
+    return (f"validate: {state}: {result['length']} positions, prompts {result['prompts']}, max error "
+            f"{result['max_err']:.2e} (tol {result['tol']:.0e}), {result['seconds']:.2f} s")
