@@ -356,6 +356,39 @@ class CastDouble(nn.Module):
         return torch.tanh(x.double()).to(x.dtype)
 
 
+class BatchNormEval(nn.Module):
+    """BatchNorm1d on channels-first activations: in eval it uses running statistics, so it is local."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(d)
+        self.bn.running_mean.normal_(0, 0.3)
+        self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+
+class ChannelStats(nn.Module):
+    """Reductions over channels broadcast back: a hand-written LayerNorm with var, and logsumexp."""
+
+    def __init__(self, d, how):
+        super().__init__()
+        self.how = how
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        if self.how == "var":
+            mu = x.mean(-1, keepdim=True)
+            return (x - mu) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-5) * self.weight
+        return (x - torch.logsumexp(x, dim=-1, keepdim=True)) * self.weight
+
+
+class SignedSqrt(nn.Module):
+    def forward(self, x):
+        return torch.sign(x) * torch.sqrt(x.abs() + 1e-3) + torch.square(x) * 0.1
+
+
 class Erf(nn.Module):
     def forward(self, x):
         return torch.erf(x)
@@ -420,6 +453,18 @@ class LearnedPE(nn.Module):
         return x + self.pos[: x.shape[1]]
 
 
+class EmbeddingPE(nn.Module):
+    """GPT-2's wpe: an nn.Embedding looked up at torch.arange(L)."""
+
+    def __init__(self, d, max_len):
+        super().__init__()
+        self.wpe = nn.Embedding(max_len, d)
+
+    def forward(self, x):
+        pos = torch.arange(0, x.shape[1], dtype=torch.long, device=x.device)
+        return x + self.wpe(pos)
+
+
 class BufferPE(nn.Module):
     def __init__(self, d, max_len):
         super().__init__()
@@ -482,8 +527,13 @@ class TokenShift(nn.Module):
             shifted = F.pad(x, (0, 0, 1, -1))
         elif self.how == "zeropad2d":
             shifted = self.pad(x)
+        elif self.how == "roll":  # roll forward, then zero the row that wrapped around
+            shifted = x.roll(1, dims=1)
+            shifted[:, 0] = 0
         else:
             shifted = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        if self.how == "cat":
+            return torch.lerp(shifted, x, self.mix)
         return x * self.mix + shifted * (1 - self.mix)
 
 
@@ -688,6 +738,17 @@ class ComplexFFTConv(FFTConv):
         return (y + u * self.D.to(f).unsqueeze(-1)).transpose(1, 2).to(x.dtype)
 
 
+class FullComplexFFTConv(FFTConv):
+    """Complex fft on both sides, ifft, real part."""
+
+    def forward(self, x):
+        L, f = x.shape[1], fp(x.dtype)
+        u = x.transpose(1, 2).to(f)
+        n = 2 * L
+        y = torch.fft.ifft(torch.fft.fft(u, n=n) * torch.fft.fft(self.filter(L).to(f), n=n), n=n).real[..., :L]
+        return (y + u * self.D.to(f)[:, None]).transpose(1, 2).to(x.dtype)
+
+
 class EinsumFFTConv(nn.Module):
     """S4D's multi-output filters: 'bhl,chl->bchl' between the spectra, a kernel-1 Conv1d back to C."""
 
@@ -759,13 +820,15 @@ class ShortConv(nn.Module):
         self.how, self.k = how, k
         if how == "module":
             self.conv = nn.Conv1d(c, c, kernel_size=k, groups=c, padding=k - 1)
+        elif how == "dilated":  # WaveNet: dilation 2, left reach 2 (K - 1)
+            self.conv = nn.Conv1d(c, c, kernel_size=k, groups=c, dilation=2, padding=2 * (k - 1))
         else:
             self.taps = nn.Parameter(torch.randn(c, k) / k ** 0.5)  # taps[:, j] = lag j
 
     def forward(self, x):
         L, K = x.shape[1], self.k
         u = x.transpose(1, 2)
-        if self.how == "module":
+        if self.how in ("module", "dilated"):
             y = self.conv(u)[..., :L]
         elif self.how == "flipped":
             y = F.conv1d(u, self.taps.flip(-1).unsqueeze(1), padding=K - 1, groups=u.shape[1])[..., :L]
@@ -888,6 +951,29 @@ class SamePaddingConv(nn.Module):
         return self.conv(x.transpose(1, 2)).transpose(1, 2)
 
 
+class TailSliceConv(nn.Module):
+    """Conv1d(padding=K-1) with the LAST L outputs kept ([..., -L:]): output t reads inputs up to t+K-1."""
+
+    def __init__(self, c, k=3):
+        super().__init__()
+        self.conv = nn.Conv1d(c, c, kernel_size=k, groups=c, padding=k - 1)
+
+    def forward(self, x):
+        L = x.shape[1]
+        return self.conv(x.transpose(1, 2))[..., -L:].transpose(1, 2)
+
+
+class GroupNormChannelsFirst(nn.Module):
+    """nn.GroupNorm on [B, C, L]: its statistics run over the group's channels AND all positions."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.GroupNorm(2, d)
+
+    def forward(self, x):
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
 class BidirectionalFFTConv(FFTConv):
     """M2-BERT's bidirectional filter: k = pad(k_fwd, (0, L)) + pad(k_rev.flip(-1), (L, 0))."""
 
@@ -939,9 +1025,9 @@ ILLEGAL = {
     "softmax_time": "future", "layernorm_time": "future", "flip_time": "future", "roll_time": "future",
     "future_shift_pad": "future", "future_shift_cat": "future", "last_position": "future",
     "divide_by_L": "prefix", "same_padding": "future", "bidirectional": "future", "wrap_around": "future",
-    "input_filter": "nonlinear", "linspace_filter": "prefix",
+    "input_filter": "nonlinear", "linspace_filter": "prefix", "tail_slice": "future", "groupnorm_time": "future",
 }
-ILLEGAL_CONVS = {"same_padding", "bidirectional", "wrap_around", "input_filter", "linspace_filter"}
+ILLEGAL_CONVS = {"same_padding", "bidirectional", "wrap_around", "input_filter", "linspace_filter", "tail_slice"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1049,7 +1135,9 @@ class _Builder:
             "cumsum_channels": lambda: ChannelScan(d, "cumsum"), "flip_channels": lambda: ChannelScan(d, "flip"),
             "roll_channels": lambda: ChannelScan(d, "roll"), "index_select": lambda: ChannelIndex(d, False),
             "gather": lambda: ChannelIndex(d, True), "pad_channels": lambda: PadChannels(d),
-            "cast_up": CastUp, "cast_double": CastDouble, "dropout": lambda: nn.Dropout(0.1), "mlp": lambda: Mlp(d),
+            "cast_up": CastUp, "cast_double": CastDouble, "batchnorm_eval": lambda: BatchNormEval(d),
+            "var_norm": lambda: ChannelStats(d, "var"), "logsumexp": lambda: ChannelStats(d, "logsumexp"),
+            "signed_sqrt": SignedSqrt, "dropout": lambda: nn.Dropout(0.1), "mlp": lambda: Mlp(d),
             "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU, "tanh": nn.Tanh,
             "sigmoid": nn.Sigmoid, "erf": Erf, "softplus": nn.Softplus, "mish": nn.Mish, "elu": nn.ELU,
             "hardswish": nn.Hardswish,
@@ -1061,12 +1149,12 @@ class _Builder:
         d, m = self.d, self.max_len
         table = {"sinusoidal_pe": SinusoidalPE, "alternating_sign": AlternatingSign,
                  "arange_features": lambda: ArangeFeatures(d, m), "learned_pe": lambda: LearnedPE(d, m),
-                 "buffer_pe": lambda: BufferPE(d, m), "rotary": lambda: Rotary(d), "cached_pe": lambda: CachedPE(d)}
+                 "buffer_pe": lambda: BufferPE(d, m), "embedding_pe": lambda: EmbeddingPE(d, m), "rotary": lambda: Rotary(d), "cached_pe": lambda: CachedPE(d)}
         name, make = self.pick(table)
         return self.note(name), make()
 
     def delay(self):
-        how = self.rng.choice(["pad", "zeropad2d", "cat", "k"])
+        how = self.rng.choice(["pad", "zeropad2d", "cat", "roll", "k"])
         if how == "k":
             k = self.rng.randint(2, 4)
             return self.note(f"shift_k({k})"), ShiftK(self.d, k)
@@ -1077,7 +1165,7 @@ class _Builder:
         return self.note(name), cls(c, self.max_len)
 
     def short_conv(self, c):
-        k, how = self.rng.randint(3, 7), self.rng.choice(["module", "flipped", "pad"])
+        k, how = self.rng.randint(3, 7), self.rng.choice(["module", "flipped", "pad", "dilated"])
         return self.note(f"short_{how}(k={k})"), ShortConv(c, k, how)
 
     def conv(self, c, illegal=None):
@@ -1085,7 +1173,7 @@ class _Builder:
         if illegal is not None:
             return self.illegal_conv(c, illegal)
         spelling = self.rng.choice(["fft", "fft_default_norm", "fft_full_filter", "fft_channels_last",
-                                    "fft_complex", "fft_einsum", "fft_per_head", "conv1d_long_max",
+                                    "fft_complex", "fft_full_complex", "fft_einsum", "fft_per_head", "conv1d_long_max",
                                     "conv1d_long_L", "conv1d_long_pad", "short"])
         if spelling == "short":
             return self.short_conv(c)
@@ -1097,7 +1185,7 @@ class _Builder:
             return self.note(spelling) + f"/{fname}", PerHeadFFTConv(c, filt, self.heads)
         fname, filt = self.filter(c)
         cls = {"fft": FFTConv, "fft_default_norm": DefaultNormFFTConv, "fft_channels_last": ChannelsLastFFTConv,
-               "fft_complex": ComplexFFTConv}.get(spelling)
+               "fft_complex": ComplexFFTConv, "fft_full_complex": FullComplexFFTConv}.get(spelling)
         if cls is not None:
             module = cls(c, filt)
         elif spelling == "fft_full_filter":
@@ -1110,6 +1198,8 @@ class _Builder:
     def illegal_conv(self, c, name):
         if name == "same_padding":
             return name, SamePaddingConv(c)
+        if name == "tail_slice":
+            return name, TailSliceConv(c)
         if name == "input_filter":
             return name, InputFilterFFTConv(c)
         if name == "linspace_filter":
@@ -1172,7 +1262,8 @@ def generate(seed, index, dtype=None, illegal=None):
             items.insert(at, b.mixer(conv_illegal))
             if i == bad_block and illegal is not None and conv_illegal is None:
                 at = rng.randint(0, len(items))
-                module = CausalAttention(d, heads) if illegal == "attention" else TimeMix(d, illegal)
+                module = {"attention": lambda: CausalAttention(d, heads),
+                          "groupnorm_time": lambda: GroupNormChannelsFirst(d)}.get(illegal, lambda: TimeMix(d, illegal))()
                 items.insert(at, (illegal, module))
             if i == bad_block and illegal is not None:
                 pos = next(j for j, (n, _) in enumerate(items) if illegal in n)
@@ -1204,14 +1295,15 @@ def all_productions():
             "log_softmax_channels", "heads_view", "heads_permute", "einops_rearrange", "permute", "movedim",
             "einsum", "chunk_gate", "split_swap", "unbind_stack", "stack_flatten", "unsqueeze_amax", "inplace",
             "strided_slice", "sort", "topk", "cumsum_channels", "flip_channels", "roll_channels", "index_select",
-            "gather", "pad_channels", "cast_up", "cast_double", "dropout", "mlp", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid",
+            "gather", "pad_channels", "cast_up", "cast_double", "batchnorm_eval", "var_norm", "logsumexp",
+            "signed_sqrt", "dropout", "mlp", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid",
             "erf", "softplus", "mish", "elu", "hardswish"}
-    position = {"sinusoidal_pe", "alternating_sign", "arange_features", "learned_pe", "buffer_pe", "rotary",
+    position = {"sinusoidal_pe", "alternating_sign", "arange_features", "learned_pe", "buffer_pe", "embedding_pe", "rotary",
                 "cached_pe"}
-    delays = {"shift_k", "token_shift_pad", "token_shift_zeropad2d", "token_shift_cat"}
+    delays = {"shift_k", "token_shift_pad", "token_shift_zeropad2d", "token_shift_cat", "token_shift_roll"}
     convs = {"fft", "fft_default_norm", "fft_full_filter", "fft_channels_last", "fft_complex", "fft_einsum",
              "fft_per_head", "conv1d_long_max", "conv1d_long_L", "conv1d_long_pad", "short_module",
-             "short_flipped", "short_pad"}
+             "short_flipped", "short_pad", "short_dilated", "fft_full_complex"}
     return glue | position | delays | convs | set(FILTERS) | {"hyena", "gated", "conv_layer", "none"} | set(ILLEGAL)
 
 
@@ -1322,7 +1414,8 @@ def _refusal(report):
 
 def teacher_forced(case, decoder, total=None):
     """Relative error of prefill(P) + steps against the reference, worst over P in {1, total/2},
-    and the first position whose error exceeds the tolerance (None when exact)."""
+    and (P, the first position whose error exceeds the tolerance), None when exact. Outputs of the
+    wrong shape are a wrong answer too: (P, -1) and an infinite error."""
     total = total or case.max_len
     g = torch.Generator().manual_seed(10_000 + case.index)
     x = case.inputs(total, g)
@@ -1335,14 +1428,14 @@ def teacher_forced(case, decoder, total=None):
             outs = [session.prefill(x[:, :P])] + [session.step(x[:, t:t + 1]) for t in range(P, total)]
             y = torch.cat(outs, dim=1).double()
             if y.shape != ref.shape:
-                raise AssertionError(f"decoded shape {tuple(y.shape)} != model output {tuple(ref.shape)}")
+                return math.inf, (P, -1, f"decoded shape {tuple(y.shape)} != model output {tuple(ref.shape)}")
             err = rel_err(y, ref)
             worst = max(worst, err)
             if err > TOL[case.dtype] and first_bad is None:
                 # error at each position, relative to the RMS position norm of the reference
                 per_pos = (y - ref).norm(dim=(0, 2)) / ref.norm() * total ** 0.5
                 bad = (per_pos > TOL[case.dtype]).nonzero()
-                first_bad = (P, int(bad[0]) if len(bad) else int(per_pos.argmax()))
+                first_bad = (P, int(bad[0]) if len(bad) else int(per_pos.argmax()), "")
     return worst, first_bad
 
 
@@ -1383,9 +1476,10 @@ def run_case(case, total=None, forced_dtype=False):
     else:
         res.err = err
         if first_bad is not None:
+            P, pos, shape = first_bad
             res.outcome = "silent_error"
-            res.detail = f"rel err {err:.2e} > {TOL[case.dtype]:.0e}; first bad position {first_bad[1]} with prefill {first_bad[0]}"
-            res.signature = "silent_error" + (f" ({case.illegal})" if case.illegal else "")
+            res.detail = shape or f"rel err {err:.2e} > {TOL[case.dtype]:.0e}; first bad position {pos} with prefill {P}"
+            res.signature = ("wrong output shape" if shape else "inexact") + f" ({res.dtype}{', ' + case.illegal if case.illegal else ''})"
         else:
             res.outcome = "ok" if case.legal else "illegal_accepted"
             res.detail = f"rel err {err:.2e}"
@@ -1397,27 +1491,44 @@ def run_case(case, total=None, forced_dtype=False):
 FAILURES = ("legal_refused", "silent_error", "crash")
 
 
-def summarize(results):
-    """The counts table, then one line per failure class with its count and a reproducing case."""
-    c = Counter(r.outcome for r in results)
-    accepted = c["ok"] + c["illegal_accepted"] + c["silent_error"]
-    rows = [("models", len(results)), ("legal", sum(r.legal for r in results)), ("accepted", accepted),
-            ("ok (legal, exact)", c["ok"]), ("legal refused", c["legal_refused"]),
-            ("illegal refused", c["illegal_refused"]), ("illegal accepted (exact)", c["illegal_accepted"]),
-            ("silent errors", c["silent_error"]), ("crashes", c["crash"])]
-    unnamed = [r for r in results if r.names_illegal is False]
-    rows.insert(6, ("  ...not naming it", len(unnamed)))
-    out = [f"{name:<26}{n:>6}" for name, n in rows]
+def failure_classes(results):
+    """{(outcome, signature): [results]}. A legal refusal joins one class per rejected (reason:op) it
+    names, so each unknown op is one class; illegal models refused without naming their construct are
+    'refused_elsewhere'."""
     classes = defaultdict(list)
     for r in results:
-        if r.outcome in FAILURES or r.outcome == "illegal_accepted":
+        if r.outcome == "legal_refused":
+            for sig in r.signature.split(", "):
+                classes[("legal_refused", sig)].append(r)
+        elif r.outcome in ("silent_error", "crash", "illegal_accepted"):
             classes[(r.outcome, r.signature)].append(r)
         elif r.names_illegal is False:
             classes[("refused_elsewhere", f"{r.illegal}: {r.signature}")].append(r)
+    return classes
+
+
+def summarize(results):
+    """The counts table, counts per dtype, then one line per failure class with a reproducing model
+    (one where that class is the only problem, when there is one)."""
+    def counts(rs):
+        c = Counter(r.outcome for r in rs)
+        return [len(rs), sum(r.legal for r in rs), c["ok"] + c["illegal_accepted"] + c["silent_error"], c["ok"],
+                c["legal_refused"], c["illegal_refused"], sum(r.names_illegal is False for r in rs),
+                c["illegal_accepted"], c["silent_error"], c["crash"]]
+
+    names = ["models", "legal", "accepted", "ok (legal, exact)", "legal refused", "illegal refused",
+             "  ...not naming it", "illegal accepted (exact)", "silent errors", "crashes"]
+    dtypes = sorted({r.dtype for r in results})
+    cols = [counts(results)] + [counts([r for r in results if r.dtype == d]) for d in dtypes]
+    out = [f"{'':<26}{'all':>6}" + "".join(f"{d:>10}" for d in dtypes)]
+    out += [f"{name:<26}{col[0][i]:>6}" + "".join(f"{c[i]:>10}" for c in col[1:])
+            for i, name in enumerate(names) for col in [cols]]
+    classes = failure_classes(results)
     order = FAILURES + ("illegal_accepted", "refused_elsewhere")
     if classes:
         out.append("\nclasses (count, outcome, signature; a reproducing model; more indices):")
         for (outcome, sig), rs in sorted(classes.items(), key=lambda kv: (order.index(kv[0][0]), -len(kv[1]))):
+            rs = sorted(rs, key=lambda r: (r.signature.count(",") if outcome == "legal_refused" else 0, len(r.desc)))
             more = "" if len(rs) == 1 else "  (also " + ", ".join(str(r.index) for r in rs[1:6]) + (", ..." if len(rs) > 6 else "") + ")"
             out.append(f"{len(rs):>4}  {outcome:<16} {sig}\n        {rs[0].repro}{more}")
     return "\n".join(out)
