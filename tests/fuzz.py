@@ -14,7 +14,7 @@ description. The runner calls `lcsm_compile.optimize` and classifies each model:
     crash            anything raised that is not NotDecodable from optimize, or any error while decoding
 
     python tests/fuzz.py --models 200 --seed 0 [--dtype float32] [--json out.json]
-    python tests/fuzz.py --seed 0 --index 17 -v      # one model, with its report
+    python tests/fuzz.py --seed 0 --index 17        # one model, with its analysis report
 
 `check_labels` validates the generator without lcsm_compile: legal models are causal and
 prefix-stable in float64; each illegal model shows its violation.
@@ -29,6 +29,7 @@ import re
 import sys
 import time
 import traceback
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -36,6 +37,9 @@ import einops
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import lcsm_compile
+from lcsm_compile.models.hyena import Sin  # Hyena's periodic activation
 
 # Relative error allowed between the teacher-forced decode and the reference: the float64 model for
 # float32 / float64 models, the float32 model on the same weights for bfloat16 ones.
@@ -202,11 +206,8 @@ class HeadsPermute(nn.Module):
         return h.permute(0, 2, 1, 3).contiguous().view(B, L, D)
 
 
-class Rearrange(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.heads = heads
-        self.weight = nn.Parameter(torch.randn(heads, d // heads, d // heads) / (d // heads) ** 0.5)
+class Rearrange(HeadsView):
+    """The same per-head map, heads split and merged with einops."""
 
     def forward(self, x):
         h = einops.rearrange(x, "b l (h d) -> b h l d", h=self.heads)
@@ -566,15 +567,6 @@ class PlainFilter(nn.Module):
         return self.h[:, :L]
 
 
-class Sin(nn.Module):
-    def __init__(self, dim, w=1.0):
-        super().__init__()
-        self.freq = nn.Parameter(w * torch.ones(1, dim))
-
-    def forward(self, x):
-        return torch.sin(self.freq * x)
-
-
 class ImplicitFilter(nn.Module):
     """Hyena's implicit filter: Sin-MLP over positional features precomputed at max_len, sliced, times
     an exponential decay window."""
@@ -587,7 +579,7 @@ class ImplicitFilter(nn.Module):
         self.register_buffer("z", torch.cat([t, torch.cos(f * w), torch.sin(f * w)], dim=-1))
         self.register_buffer("t", t)
         self.register_buffer("deltas", torch.linspace(0.5, 4.0, c)[None])
-        act = Sin(order)
+        act = Sin(order, w=1)
         self.mlp = nn.Sequential(nn.Linear(1 + 2 * bands, order), act, nn.Linear(order, order), act,
                                  nn.Linear(order, c, bias=False))
 
@@ -1257,20 +1249,24 @@ def generate(seed, index, dtype=None, illegal=None):
         for i in range(n_blocks):
             items = [rng.choices([b.glue, b.position, b.delay], weights=[6, 2.5, 1.5])[0]()
                      for _ in range(rng.randint(0, 3))]
-            conv_illegal = illegal if i == bad_block and illegal in ILLEGAL_CONVS else None
+            here = illegal if i == bad_block else None
+            conv_illegal = here if here in ILLEGAL_CONVS else None
             at = rng.randint(0, len(items))
-            items.insert(at, b.mixer(conv_illegal))
-            if i == bad_block and illegal is not None and conv_illegal is None:
+            mixer = b.mixer(conv_illegal)
+            items.insert(at, mixer)
+            bad = mixer if conv_illegal else None  # the (name, module) holding the illegal construct
+            if here and not conv_illegal:
                 at = rng.randint(0, len(items))
                 module = {"attention": lambda: CausalAttention(d, heads),
-                          "groupnorm_time": lambda: GroupNormChannelsFirst(d)}.get(illegal, lambda: TimeMix(d, illegal))()
-                items.insert(at, (illegal, module))
-            if i == bad_block and illegal is not None:
-                pos = next(j for j, (n, _) in enumerate(items) if illegal in n)
-                illegal_path = f"blocks.{i}.layers.{pos}"
+                          "groupnorm_time": lambda: GroupNormChannelsFirst(d)}.get(here, lambda: TimeMix(d, here))()
+                bad = (here, module)
+                items.insert(at, bad)
+            if bad is not None:
+                pos = next(j for j, item in enumerate(items) if item is bad)
+                illegal_path = f"blocks.{i}.layers.{pos}" + (".conv" if conv_illegal else "")
             norm_name, norm = b.norm()
             blocks.append(Residual(norm, *[m for _, m in items]))
-            marked = [f"{n}!" if i == bad_block and illegal and illegal in n else n for n, _ in items]
+            marked = [f"{n}!" if item is bad else n for item in items for n in [item[0]]]
             parts.append(f"{norm_name} -> [{', '.join(marked)}]")
         final_name, final = b.norm()
         head = nn.Linear(d, vocab if tokens else rng.randint(2, 8))
@@ -1278,8 +1274,6 @@ def generate(seed, index, dtype=None, illegal=None):
         g = torch.Generator().manual_seed(torch_seed)
         example = torch.randint(0, vocab, (BATCH, length), generator=g) if tokens else (
             torch.randn(BATCH, length, d_in, generator=g).to(dtype))
-    if illegal in ILLEGAL_CONVS:
-        illegal_path += ".conv"
     dname = {v: k for k, v in DTYPES.items()}[dtype]
     desc = (f"seed={seed} index={index} {dname} {'tokens' if tokens else 'features'} d={d} heads={heads} "
             f"L={length} max_len={max_len} | " + " | ".join(parts) + f" | {final_name} -> head"
@@ -1389,6 +1383,7 @@ class Result:
     detail: str = ""  # the refusal reasons, the error, or the exception
     names_illegal: bool | None = None  # illegal_refused: a rejected candidate lies in the illegal module
     signature: str = ""  # the failure class: outcome + op/reason (no numbers, no node names)
+    report: str = ""  # the analysis report's table, when optimize returned one
     err: float | None = None  # teacher-forced relative error (accepted models)
     seconds: float = 0.0
 
@@ -1441,10 +1436,6 @@ def teacher_forced(case, decoder, total=None):
 
 def run_case(case, total=None, forced_dtype=False):
     """Optimize, decode teacher-forced over `total` positions (default max_len), classify. Never raises."""
-    import warnings
-
-    import lcsm_compile
-
     start = time.perf_counter()
     dname = str(case.dtype).replace("torch.", "")
     repro = f"python tests/fuzz.py --seed {case.seed} --index {case.index}" + (f" --dtype {dname}" if forced_dtype else "")
@@ -1460,6 +1451,7 @@ def run_case(case, total=None, forced_dtype=False):
         if stage == "optimize":
             res.outcome = "legal_refused" if case.legal else "illegal_refused"
             res.detail, res.signature = _refusal(exc.report)
+            res.report = str(exc.report)
             if not case.legal:
                 res.names_illegal = any(c.module_path == case.illegal_path or c.module_path.startswith(case.illegal_path + ".")
                                         for c in exc.report.rejected)
@@ -1475,6 +1467,7 @@ def run_case(case, total=None, forced_dtype=False):
         res.signature = f"{stage}: {type(exc).__name__} at {where}: {_norm(str(exc).splitlines()[0] if str(exc) else '')}"
     else:
         res.err = err
+        res.report = str(getattr(decoder, "report", ""))
         if first_bad is not None:
             P, pos, shape = first_bad
             res.outcome = "silent_error"
@@ -1541,7 +1534,7 @@ def main(argv=None):
     p.add_argument("--index", type=int, help="run only this model of the seed")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="force one dtype (default: drawn per model)")
     p.add_argument("--json", help="write every result here")
-    p.add_argument("-v", "--verbose", action="store_true", help="print each model's result and the reports")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each model's result in full")
     args = p.parse_args(argv)
     dtype = DTYPES.get(args.dtype)
     indices = [args.index] if args.index is not None else range(args.models)
@@ -1552,6 +1545,8 @@ def main(argv=None):
         results.append(res)
         if args.verbose or args.index is not None:
             print(res.line(), f"({res.seconds:.1f} s)", flush=True)
+            if args.index is not None:
+                print(res.report)
         else:
             print(f"{i:>4} {res.outcome:<16} {res.seconds:5.1f}s", flush=True)
     print()
@@ -1562,7 +1557,7 @@ def main(argv=None):
         print("\n".join(r.line() for r in failures))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([vars(r) for r in results], f, indent=1)
+            json.dump([{k: v for k, v in vars(r).items() if k != "report"} for r in results], f, indent=1)
     return 1 if failures else 0
 
 
