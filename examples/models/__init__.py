@@ -12,7 +12,7 @@ from typing import Callable
 import torch.nn as nn
 
 from examples.models import conv1d_long, continuous, h3, hyena, hyenadna, m2, multihead_hyena, negatives, s4d
-from examples.models import striped_hyena
+from examples.models import multiquery_conv, positional, s4d_glu, striped_hyena, token_shift, zoology
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,16 @@ ZOO: list[ZooEntry] = [
     _pos("multihead_hyena", multihead_hyena.build, n_long=2, n_short=2),  # 2 layers
     _pos("conv1d_long", conv1d_long.build, n_long=1, n_short=1),
     _pos("hyena_regressor", continuous.build, n_long=1, n_short=1),
+    # Glue that real code writes around the convolutions (issue 11). A token shift is a causal delay:
+    # it counts as a short convolution.
+    _pos("zoology_short_conv", zoology.build_short, n_long=0, n_short=2),  # only short convs; RMSNorm by torch.norm
+    _pos("zoology_implicit_conv", zoology.build_implicit, n_long=1, n_short=1),  # einops; filter normed over channels
+    _pos("s4d_glu", s4d_glu.build, n_long=2, n_short=0),  # float features; nn.GLU(dim=-2) channels-first
+    _pos("rwkv_token_shift_hyena", token_shift.build, n_long=1, n_short=3),  # 2 F.pad token shifts + 1 short; where, glu
+    _pos("hyena_sinusoidal_pe", positional.build_sinusoidal, n_long=2, n_short=2),  # pe[:, 0::2] = sin in forward
+    _pos("hyena_cached_pe", positional.build_cached, n_long=2, n_short=2),  # forward assigns self.weights
+    _pos("hyena_alternating_sign", positional.build_alternating, n_long=2, n_short=2),  # s[:, 1::2] *= -1
+    _pos("multiquery_long_conv", multiquery_conv.build, n_long=2, n_short=0),  # B, L = x.shape; repeat; normalize; tensordot
     _neg("neg_bidirectional", negatives.build_bidirectional, "BIDIRECTIONAL_FILTER"),
     _neg("neg_wrap_around", negatives.build_wrap_around, "WRAP_AROUND"),
     _neg("neg_length_dependent_filter", negatives.build_length_dependent, "FILTER_DEPENDS_ON_LENGTH"),
@@ -52,6 +62,9 @@ ZOO: list[ZooEntry] = [
     _neg("neg_input_filter", negatives.build_input_filter, "FILTER_DEPENDS_ON_INPUT"),
     _neg("neg_attention", negatives.build_attention, "TIME_MIXING_OP"),
     _neg("neg_mean_pool", negatives.build_mean_pool, "TIME_MIXING_OP"),
+    _neg("neg_conj_rev_filter", zoology.build_conj_rev, "BIDIRECTIONAL_FILTER"),  # k_f + rfft(k_rev).conj()
+    _neg("neg_filter_normalized_over_lags", zoology.build_normalized_over_lags, "FILTER_DEPENDS_ON_LENGTH"),
+    _neg("neg_future_token_shift", token_shift.build_future_shift, "TIME_MIXING_OP"),  # F.pad(x, (0, 0, -1, 1))
 ]
 
 
