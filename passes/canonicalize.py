@@ -225,6 +225,8 @@ def _normalize(c):
     elif c.op == "slice":
         c.params = {"dim": _dim(p.get("dim", 0), nd), "start": p.get("start") or 0, "end": p.get("end"),
                     "step": p.get("step") or 1}
+        if _whole_slice(c):  # x[:, :] (export spells every x[..., i] with one per leading dim)
+            c.op, c.params = "identity", {}
     elif c.op in ("select", "gather"):
         c.params = {"dim": _dim(p.get("dim", 0), nd)}
     elif c.op == "cast":
@@ -272,6 +274,14 @@ def _normalize(c):
     else:
         c.params = {k: v for k, v in p.items() if k != "x"}
     return c
+
+
+def _whole_slice(c):
+    p = c.params
+    if p["start"] != 0 or p["step"] != 1:
+        return False
+    end, size = p["end"], meta_value(c.inputs[0]).shape[p["dim"]] if c.inputs else None
+    return end is None or (isinstance(end, int) and end >= 2 ** 62) or (size is not None and sym_expr(size) == end)
 
 
 def _getitem(node, inputs, name):

@@ -280,21 +280,43 @@ def _reversed_term(filter_nodes, canon, info):
     return None
 
 
+def _real_part(node, canon):
+    """The real part taken of a complex ifft's output (`.real`, or view_as_real then [..., 0])."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    u = users[0]
+    if canon[u].op == "complex_view" and canon[u].fn == "real":
+        return u
+    if canon[u].op == "complex_view" and canon[u].fn == "view_as_real" and len(u.users) == 1:
+        s = next(iter(u.users))
+        if canon[s].op == "select" and canon[s].params["dim"] == meta_value(u).dim() - 1 and s.args[2] == 0:
+            return s
+    return None
+
+
 def match_fft(r, canon, info):
     c = canon[r]
     dim = c.params["dim"]
     acts, statics, bad, einsums = _spectral_leaves(c.inputs[0], canon, info)
     if bad or not acts:
         return None
+    if c.op == "ifft":  # a complex convolution: its real part is the output
+        real = _real_part(r, canon)
+        if real is None:
+            return None
+        r_out = real
+    else:
+        r_out = r
     leaf = acts[0]
     fft_arg = canon[leaf].inputs[0]
     x = strip(fft_arg, canon)
-    extra = set(acts) | {fft_arg}
+    extra = set(acts) | {fft_arg} | ({r} if r_out is not r else set())
     if canon[x].op == "pad" and info[x].dep == "activation":  # explicit zero padding to the FFT size
         extra.add(x)
         x = strip(canon[x].inputs[0], canon)
     spelling = "complex_fft_conv" if canon[leaf].op == "fft" else ("einsum_fft_conv" if einsums else "fft_conv")
-    out = _users_through(r, canon)
+    out = _users_through(r_out, canon)
     users = list(out.users)
     out_slice = None
     if len(users) == 1 and canon[users[0]].op == "slice" and canon[users[0]].params["dim"] == dim:
@@ -304,7 +326,7 @@ def match_fft(r, canon, info):
     m = Match(spelling, r, x, out, "long", out_slice=out_slice)
     m.filter_nodes = _static_closure(statics, info)
     n = c.params["n"]
-    m.fft_size = n if n is not None else 2 * (_size(c.inputs[0], dim) - 1)
+    m.fft_size = n if n is not None else (_size(c.inputs[0], dim) if c.op == "ifft" else 2 * (_size(c.inputs[0], dim) - 1))
     kffts = _filter_ffts(statics, canon, info)
     lengths = []
     for kfft in kffts:  # the filter carries the longest of the lag ranges fed to its FFTs
@@ -440,7 +462,7 @@ def run(canon, ctx):
             matches.append(match_registered(node, mixer, canon, info))
         elif info[node].dep != "activation" or info[node].cls != "conv_part":
             continue
-        elif c.op == "irfft":
+        elif c.op in ("irfft", "ifft"):
             m = match_fft(node, canon, info)
             if m is not None:
                 matches.append(m)

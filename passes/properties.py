@@ -20,7 +20,7 @@ import sympy
 import torch
 
 from lcsm_compile.passes.capture import NeedsActivation, meta_value, random_inputs, values_over
-from lcsm_compile.passes.time_axis import length_dims
+from lcsm_compile.passes.time_axis import length_dims, value_live
 from lcsm_compile.report import Candidate, ConvStructure, Reason, Verdict
 
 TOL64 = 1e-7  # float64 evaluation (float32 casts in the graph are widened)
@@ -353,7 +353,9 @@ def run(matches, ctx):
     alts = ctx.alt or [None] * len(matches)
     cands = [candidate_for(m, ctx.runner, ctx.cap, a) for m, a in zip(matches, alts)]
     claimed = set().union(*(m.claimed for m in matches)) if matches else set()
+    live = value_live(ctx.cap.gm.graph)
     for node, t in ctx.time_info.items():
-        if t.dep == "activation" and t.cls in ("mixing", "conv_part", "delay", "delay_part") and node not in claimed:
+        if t.dep == "activation" and t.cls in ("mixing", "conv_part", "delay", "delay_part") and node not in claimed \
+                and node in live:
             cands.append(time_mixing_candidate(node, ctx.canon[node], t, ctx.cap))
     return cands

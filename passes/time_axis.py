@@ -31,9 +31,8 @@ import numpy as np
 import sympy
 import torch
 import torch.fx
-from torch.fx.operator_schemas import normalize_function
 
-from lcsm_compile.passes.capture import meta_value, sym_expr, values_over
+from lcsm_compile.passes.capture import meta_value, normalized_args as _normalized, sym_expr, value_inputs, values_over
 from lcsm_compile.passes.detect import registered
 
 aten = torch.ops.aten
@@ -47,7 +46,7 @@ class Axis:
     shift: int = 0  # index i holds position i - shift (> 0: a delay, < 0: reads the future)
     inner: object = 1  # a merged axis: index = (o * L + t) * inner + r (1: the dim is positions alone)
     freq: bool = False  # an FFT of positions (inside a convolution)
-    origin: str = ""  # "shift" | "conv": made by a pad/slice/cat or a convolution, not yet whole
+    origin: str = ""  # "shift" | "roll" | "conv": made by a pad/slice/cat, a roll or a convolution, not yet whole
 
     @property
     def aligned(self):
@@ -421,36 +420,14 @@ def _name(node):
     return t._overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
 
 
-def _normalized(node):
-    """The op's arguments by schema name (defaults filled in)."""
-    pair = normalize_function(node.target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True)
-    kwargs = dict(pair.kwargs) if pair is not None else dict(node.kwargs)
-    schema = node.target._schema
-    if schema.arguments and schema.arguments[0].name == "self" and "input" in kwargs:
-        kwargs["self"] = kwargs["input"]  # FX spells a schema's `self` as `input`: accept both
-    for a in schema.arguments:
-        if a.name not in kwargs and a.has_default_value():
-            kwargs[a.name] = a.default_value
-    return kwargs
-
-
-# Ops whose output takes only the shape (not the values) of a tensor argument.
-_SHAPE_ONLY_ARG = {"copy": ("self",), "fill": ("self",), "new_zeros": ("self",), "new_ones": ("self",),
-                   "new_full": ("self",), "new_empty": ("self",), "new_empty_strided": ("self",)}
-
-
-def value_inputs(node):
-    """The tensor inputs whose values flow into the output (not those read for their shape only:
-    zeros_like(x), x.new_zeros(...), the destination of a functional copy)."""
-    t = node.target
-    name = t._overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else ""
-    if name.endswith("_like") or name.startswith("sym_") or name in ("size", "stride", "numel", "dim"):
-        return []
-    skip = set()
-    if name in _SHAPE_ONLY_ARG:
-        args = _normalized(node)
-        skip = {args.get(k) for k in _SHAPE_ONLY_ARG[name]}
-    return [n for n in node.all_input_nodes if n not in skip and _tensors(meta_value(n))]
+def value_live(graph):
+    """The nodes whose values reach the output (an op that reads only a value's shape, such as
+    zeros_like(x) or the fill of x[:, 0] = 0, does not keep it alive)."""
+    live = set()
+    for node in reversed(graph.nodes):
+        if node.op == "output" or any(u in live and node in value_inputs(u) for u in node.users):
+            live.add(node)
+    return live
 
 
 def first_tensor(node):
@@ -564,7 +541,7 @@ def _cls_of(axis):
         return "local"
     if axis.freq or axis.origin == "conv":
         return "conv_part"
-    return "delay_part" if axis.origin == "shift" else "local"
+    return "delay_part" if axis.origin in ("shift", "roll") else "local"
 
 
 def _permute(analysis, node, args):
@@ -768,12 +745,19 @@ def _flip(analysis, node, args):
 
 
 def _roll(analysis, node, args):
+    """A roll along positions by k > 0 is a delay whose first k entries hold the last positions
+    (origin "roll"); zeroing exactly those (y[:, :k] = 0) makes it a causal delay."""
     x, t = _x(analysis, node, args)
     nd = meta_value(x).dim()
-    dims = _dims_list(args.get("dims")) or []
-    if t.axis is not None and (not dims or t.axis.dim in {d % nd for d in dims}):
+    dims = [d % nd for d in (_dims_list(args.get("dims")) or [])]
+    shifts = _dims_list(args.get("shifts")) or []
+    if t.axis is None or (dims and t.axis.dim not in dims):
+        return TimeInfo("activation", t.axis, _cls_of(t.axis))
+    k = shifts[dims.index(t.axis.dim)] if dims and len(shifts) == len(dims) else None
+    if k is None or k <= 0 or not t.axis.aligned or t.axis.inner != 1:
         raise Mixing(f"{_name(node)} rolls the positions (the last wrap around to the front)")
-    return TimeInfo("activation", t.axis, _cls_of(t.axis))
+    return TimeInfo("activation", replace(t.axis, shift=k, origin="roll"), "delay_part",
+                    f"{_name(node)} rolls the positions (the last {k} wrap around to the front)")
 
 
 def _repeat(analysis, node, args):
@@ -881,6 +865,11 @@ def _slice_scatter(analysis, node, args):
     tb, ts = analysis.info[base], analysis.info[src]
     nd = meta_value(node).dim()
     dim = args.get("dim", 0) % nd
+    end = sym_expr(_int_arg(analysis, args.get("end")))
+    if (args.get("start") or 0) == 0 and (args.get("step", 1) or 1) == 1 and (
+            end is None or (isinstance(end, int) and end >= 2 ** 62) or _same(end, meta_value(node).shape[dim])):
+        # the whole of base is overwritten: the value is src's (functionalized `x[:] = y`)
+        return TimeInfo("activation", ts.axis, _cls_of(ts.axis)) if ts.dep == "activation" else analysis.local(None)
     axis = tb.axis if tb.dep == "activation" else None
     src_axis = ts.axis if ts.dep == "activation" else None
     ref = axis or src_axis
@@ -891,6 +880,10 @@ def _slice_scatter(analysis, node, args):
             raise Mixing(f"{_name(node)} writes a value with other positions into channels")
         return TimeInfo("activation", ref, _cls_of(ref))
     start = _int_arg(analysis, args.get("start") or 0)
+    if axis is not None and src_axis is None and axis.origin == "roll":
+        end = sym_expr(_int_arg(analysis, args.get("end")))
+        if start == 0 and end == axis.shift and (args.get("step", 1) or 1) == 1:
+            return _unroll(analysis, node, axis, ts)
     if axis is not None:  # x[:, a:b] = y: positions of two values meet
         raise Mixing(f"{_name(node)} overwrites some positions of an activation")
     step = args.get("step", 1) or 1
@@ -908,6 +901,9 @@ def _select_scatter(analysis, node, args):
     tb, ts = analysis.info[base], analysis.info[src]
     axis = tb.axis if tb.dep == "activation" else None
     src_axis = ts.axis if ts.dep == "activation" else None
+    if axis is not None and axis.dim == dim and src_axis is None and axis.origin == "roll" and axis.shift == 1 \
+            and args.get("index") == 0:
+        return _unroll(analysis, node, axis, ts)
     if axis is not None and axis.dim == dim:
         raise Mixing(f"{_name(node)} writes one position")
     if src_axis is not None:
@@ -916,6 +912,14 @@ def _select_scatter(analysis, node, args):
             raise Mixing(f"{_name(node)} writes a value with other positions")
         axis = lifted
     return analysis.local(axis)
+
+
+def _unroll(analysis, node, axis, src_info):
+    """The wrapped rows of a roll overwritten with a constant: a causal delay (filled with that
+    constant, which the delay's numeric check requires to be zero)."""
+    if src_info.dep != "static":
+        raise Mixing(f"{_name(node)} writes an activation over the wrapped positions")
+    return _whole(analysis, node, replace(axis, origin="shift"), meta_value(node).shape[axis.dim])
 
 
 def _embedding(analysis, node, args):
