@@ -31,11 +31,15 @@ class SessionState:
         self.rings.clear()
 
     # long convolutions: one bank, red cells per site, one tile call per position
+    # every site's input is brought to the bank's dtype (convolutions of one model can run in
+    # different dtypes, e.g. a bfloat16 model with one FFT in float32): exact widening, one rounding back
     def conv_prefill(self, index, u):
-        return self._plus_bias(index, self.bank.prefill(u, channels=self.slices[index]))
+        y = self.bank.prefill(u.to(self.bank.dtype), channels=self.slices[index])
+        return self._plus_bias(index, y).to(u.dtype)
 
     def conv_step(self, index, u):
-        return self._plus_bias(index, self.bank.red_cell(u[..., 0], channels=self.slices[index]).unsqueeze(-1))
+        y = self.bank.red_cell(u[..., 0].to(self.bank.dtype), channels=self.slices[index]).unsqueeze(-1)
+        return self._plus_bias(index, y).to(u.dtype)
 
     def advance(self):
         if self.bank is not None:

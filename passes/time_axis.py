@@ -43,7 +43,8 @@ class Axis:
     """Where an activation's positions live."""
 
     dim: int
-    shift: int = 0  # index i holds position i - shift (> 0: a delay, < 0: reads the future)
+    shift: object = 0  # index i holds position i - shift (> 0: a delay, < 0: reads the future); an int, or a
+    # sympy expression in L for the causal padding of a convolution whose kernel grows with L
     inner: object = 1  # a merged axis: index = (o * L + t) * inner + r (1: the dim is positions alone)
     freq: bool = False  # an FFT of positions (inside a convolution)
     origin: str = ""  # "shift" | "roll" | "conv": made by a pad/slice/cat, a roll or a convolution, not yet whole
@@ -528,6 +529,10 @@ def _whole(analysis, node, axis, size):
         if whole and axis.shift == 0:
             return TimeInfo("activation", Axis(axis.dim), "conv_part", "a convolution's output")
         return TimeInfo("activation", axis, "conv_part")
+    if not isinstance(axis.shift, int):  # F.pad(u, (L - 1, 0)) before a conv1d: only a convolution may read it
+        if whole:
+            raise Mixing(f"{_name(node)} shifts positions by {axis.shift}, which depends on the length")
+        return TimeInfo("activation", axis, _cls_of(axis))
     if axis.shift < 0:  # a shift toward the past always drops the first positions' inputs
         raise Mixing(f"{_name(node)}: output t reads input t+{-axis.shift} (a shift toward the past)")
     if axis.origin == "shift" and whole:
@@ -802,11 +807,10 @@ def _pad(analysis, node, args):
         return TimeInfo("activation", t.axis, _cls_of(t.axis))
     if args.get("mode", "constant") not in ("constant", None):
         raise Mixing(f"{_name(node)} pads positions by {args.get('mode')} (reads positions across the edge)")
-    if not isinstance(sym_expr(left), int):  # padding on the right only extends the axis
-        raise Mixing(f"{_name(node)} pads positions on the left by an amount that depends on the length")
     if t.axis.freq or t.axis.inner != 1:
         raise Mixing(f"{_name(node)} pads a spectrum or merged positions axis")
-    new = replace(t.axis, shift=t.axis.shift + int(left), origin=t.axis.origin or "shift")
+    left = sym_expr(left)  # symbolic: the causal padding of a kernel as long as the input (K = L)
+    new = replace(t.axis, shift=t.axis.shift + left, origin=t.axis.origin or "shift")
     return _whole(analysis, node, new, meta_value(node).shape[d])
 
 
@@ -1227,7 +1231,8 @@ def dump(canon, info):
             continue
         if t.dep == "activation" and t.axis is not None:
             a = t.axis
-            axes = f"{'freq' if a.freq else 'time'}[{a.dim}]" + (f"+{a.shift}" if a.shift > 0 else f"{a.shift}" if a.shift else "") + (
+            axes = f"{'freq' if a.freq else 'time'}[{a.dim}]" + (f"{a.shift:+}" if isinstance(a.shift, int) and a.shift
+                                                                 else f"+({a.shift})" if a.shift else "") + (
                 f"*{a.inner}" if a.inner != 1 else "")
         else:
             axes = f"lag{list(t.static_dims)}" if t.static_dims else "-"
