@@ -241,9 +241,14 @@ def _derives(node, leaf):
     return False
 
 
+_CONJ = {"conj", "_conj", "conj_physical", "resolve_conj"}
+
+
 def _filter_ffts(static_leaves, canon, info):
-    """The static FFTs that produced the filter spectra (walking back through scaling / broadcasts)."""
-    found, stack, seen = [], list(static_leaves), set()
+    """The static FFTs that produced the filter spectra (walking back through scaling / broadcasts),
+    and a conjugation met on the way, if any: the conjugate spectrum of a real filter is the
+    filter reversed in time (an anti-causal term)."""
+    found, conj, stack, seen = [], None, list(static_leaves), set()
     while stack:
         n = stack.pop(0)
         if n in seen:
@@ -252,8 +257,10 @@ def _filter_ffts(static_leaves, canon, info):
         if canon[n].op in ("rfft", "fft"):
             found.append(n)
         elif canon[n].op in _SPECTRAL_WALK:
+            if canon[n].fn in _CONJ:
+                conj = conj or n
             stack.extend(i for i in canon[n].inputs if info[i].dep == "static")
-    return found
+    return found, conj
 
 
 def _strip_right_pad(node, dim, canon):
@@ -327,7 +334,8 @@ def match_fft(r, canon, info):
     m.filter_nodes = _static_closure(statics, info)
     n = c.params["n"]
     m.fft_size = n if n is not None else (_size(c.inputs[0], dim) if c.op == "ifft" else 2 * (_size(c.inputs[0], dim) - 1))
-    kffts = _filter_ffts(statics, canon, info)
+    kffts, conj = _filter_ffts(statics, canon, info)
+    m.reversed_node = conj
     lengths = []
     for kfft in kffts:  # the filter carries the longest of the lag ranges fed to its FFTs
         k, kdim, nk = canon[kfft].inputs[0], canon[kfft].params["dim"], canon[kfft].params["n"]

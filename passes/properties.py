@@ -222,7 +222,7 @@ def candidate_for(m, runner, cap, alt=None):
     # 1. causality, structurally
     if m.reversed_node is not None:
         return reject(Reason.BIDIRECTIONAL_FILTER, m.reversed_node,
-                      f"{m.reversed_node.name} adds a reversed filter term (flip / left pad on the lag axis)")
+                      f"{m.reversed_node.name} adds a reversed filter term (a flip or left pad on the lag axis, or a conjugated spectrum)")
     if m.out_slice is not None and m.out_slice[0] != 0:
         return reject(Reason.NOT_CAUSAL_SLICE, m.output, f"output slice starts at {m.out_slice[0]}, not 0")
     no_wrap = prove_no_wrap(m.fft_size, m.filter_length, cap) if m.fft_size is not None else (True, "")
