@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 
+from lcsm_compile.passes import capture
 from lcsm_compile.passes.capture import meta_value, sym_expr
 from lcsm_compile.passes.properties import TOL64, _describe, check_lengths, rel_err
 from lcsm_compile.passes.time_axis import value_inputs
@@ -50,9 +51,9 @@ def frontier(ctx, claimed):
 def run(matches, ctx):
     """-> (position constants, rejected candidates)."""
     cap = ctx.cap
-    if not cap.symbolic:
-        return [], []
     claimed = set().union(*(m.claimed for m in matches)) if matches else set()
+    if not cap.symbolic:
+        return [], _concrete_checks(frontier(ctx, claimed), ctx)
     consts, rejected = [], []
     for node in frontier(ctx, claimed):
         try:
@@ -100,6 +101,33 @@ def _table(node, ctx):
     return PositionConstant(node, axis, batch_dims, table)
 
 
+def _concrete_checks(nodes, ctx):
+    """A model captured only at concrete lengths is not decoded, but its position constants can still
+    be named: each is compared with its namesake in the capture at the other length."""
+    if ctx.alt_cap is None:
+        return []
+    theirs = {n.name: n for n in ctx.alt_cap.gm.graph.nodes}
+    ours_runner, alt_runner = ctx.runner, capture.Runner(ctx.alt_cap)
+    rejected = []
+    for node in nodes:
+        other = theirs.get(node.name)
+        dims = ctx.time_info[node].static_dims
+        if other is None or len(dims) != 1:
+            continue
+        try:
+            a = ours_runner.evaluate([node], ctx.cap.example_length)[0]
+            b = alt_runner.evaluate([other], ctx.alt_cap.example_length)[0]
+        except Exception:  # noqa: BLE001 - what cannot be evaluated is left to the safety net
+            continue
+        (d,) = dims
+        short, long_ = (a, b) if a.shape[d] < b.shape[d] else (b, a)
+        if short.dim() == long_.dim() and not _close(short, long_.narrow(d, 0, short.shape[d])):
+            rejected.append(_candidate(node, ctx.cap, Reason.LENGTH_DEPENDENT,
+                                       f"position constant {node.name} at L={short.shape[d]} is not the prefix of its "
+                                       f"value at L={long_.shape[d]}: it changes with the length beyond slicing"))
+    return rejected
+
+
 def _close(a, b):
     if a.is_floating_point() or a.is_complex():
         finite = torch.isfinite(a) & torch.isfinite(b)
@@ -113,7 +141,7 @@ def _candidate(node, cap, reason, why):
     path, src = _describe(node)
     return Candidate(name=node.name, spelling="position_constant", kind="time_mixing", verdict=Verdict.REJECTED,
                      reason=reason, explanation=why, module_path=path, source=src, offending=node.name,
-                     length=str(cap.length_symbol), max_len=cap.max_len)
+                     length=str(cap.length_symbol if cap.symbolic else cap.example_length), max_len=cap.max_len)
 
 
 def dump(result):

@@ -233,6 +233,8 @@ class Analysis:
             ld = any(self.info[n].length_dependent for n in ins) or any(
                 self.sizes.depends(s) for v in _tensors(val) for s in v.shape)
             dims = length_dims(node, self.cap) if self.cap is not None else ()
+            if self.cap is not None and not self.cap.symbolic:  # concrete captures: sizes that differ between two
+                ld = ld or bool(dims)
             return TimeInfo("static", cls="static", length_dependent=ld, static_dims=dims)
         try:
             return self.classify(node)

@@ -1,0 +1,114 @@
+"""Models people write: each class of failure seen on third-party and generated models, as a test.
+(The zoo entries for these styles are checked teacher-forced in test_decoder / test_zoo; the
+fuzzer draws them at random.)"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lcsm_compile
+from helpers import rel_err
+from lcsm_compile import NotDecodable, Reason
+from lcsm_compile.models import demo_lm
+
+C = 6
+
+
+def decode(decoder, x, P):
+    session = decoder.session()
+    with torch.no_grad():
+        return torch.cat([session.prefill(x[:, :P])] + [session.step(x[:, t : t + 1]) for t in range(P, x.shape[1])], 1)
+
+
+class ShortOnly(nn.Module):
+    """Only short causal convolutions (zoology's BaseConv without a long filter): ring buffers alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(C, C, 4, groups=C, padding=3)
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        return self.proj(self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2))
+
+
+def test_a_model_with_only_short_convolutions_decodes():
+    model = ShortOnly()
+    decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=80)
+    assert decoder.bank is None and [s.kind for s in decoder.sites] == ["short"]
+    x = torch.randn(2, 80, C)
+    with torch.no_grad():
+        assert rel_err(decode(decoder, x, 3), model(x)) < 1e-5
+    assert decoder.session().memory_breakdown()["rings"] == 0  # nothing held before a prefill
+
+
+def test_a_single_example_tensor_is_the_only_input():
+    decoder = lcsm_compile.optimize(ShortOnly(), torch.randn(2, 16, C), max_len=32)
+    assert decoder.max_len == 32
+    with pytest.raises(TypeError, match="a tensor or a non-empty tuple"):
+        lcsm_compile.optimize(ShortOnly(), [1, 2], max_len=32)
+
+
+class Scaled(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        L = x.shape[1]
+        if self.how == "divide":
+            return self.proj(x) / L
+        ramp = torch.linspace(0, 1, L)[None, :, None]  # a position code rebuilt at every length
+        return self.proj(x) + ramp
+
+
+@pytest.mark.parametrize("how", ["divide", "linspace"])
+def test_values_that_change_with_the_length_are_declined_by_name(how):
+    report = lcsm_compile.analyze(Scaled(how), (torch.randn(2, 16, C),), max_len=64)
+    assert not report.decodable
+    assert Reason.LENGTH_DEPENDENT in {c.reason for c in report.rejected}, report.table()
+    (cand,) = [c for c in report.rejected if c.reason is Reason.LENGTH_DEPENDENT]
+    assert "test_generality.py" in cand.source
+
+
+def test_float64_model_matches_to_1e12():
+    model = demo_lm(n_layer=1, d_model=16, vocab=32, max_len=96).double()
+    decoder = lcsm_compile.optimize(model, (torch.randint(0, 32, (2, 16)),))
+    x = torch.randint(0, 32, (2, 96))
+    with torch.no_grad():
+        assert rel_err(decode(decoder, x, 7), model(x)) < 1e-12
+
+
+def test_optimize_is_quiet():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lcsm_compile.optimize(ShortOnly(), (torch.randn(2, 16, C),), max_len=32)
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], [str(w.message) for w in seen]
+
+
+class FixedFFT(nn.Module):
+    """The FFT size is fixed at construction: exact up to L = 65 (n = 2 * 64 >= L + 64 - 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Parameter(torch.randn(C, 64) * torch.exp(-torch.arange(64) / 8.0))
+
+    def forward(self, x):
+        u = x.transpose(1, 2)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=128) * torch.fft.rfft(self.k, n=128), n=128)[..., : x.shape[1]]
+        return y.transpose(1, 2)
+
+
+def test_wrap_around_names_how_far_the_filters_reach():
+    model = FixedFFT()
+    with pytest.raises(NotDecodable) as err:
+        lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=100)
+    (cand,) = err.value.report.rejected
+    assert cand.reason is Reason.WRAP_AROUND and "use max_len <= 65" in cand.explanation
+    decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=65)  # what the hint says works
+    x = torch.randn(2, 65, C)
+    with torch.no_grad():
+        assert rel_err(decode(decoder, x, 1), model(x)) < 1e-5
