@@ -70,6 +70,7 @@ raised as itself, not wrapped in dynamo's BackendCompilerFailed.
 """
 
 import collections
+import copy
 import logging
 import operator
 import time
@@ -209,7 +210,7 @@ class InputPlan(capture.InputPlan):
     symbol, each output's sequence dim and the module compiled."""
 
     length_symbol: Any = None  # sympy symbol of the sequence length
-    out_dims: list = field(default_factory=list)  # per graph output: its sequence dim
+    out_dims: list = field(default_factory=list)  # per graph output: its sequence dim (None: state written back)
     frame_module: Any = None  # the nn.Module whose forward was compiled, if any
 
 
@@ -231,11 +232,15 @@ def _plan(gm, example_inputs):
     if isinstance(length, int):
         raise _Static(f"the sequence length is static in this graph (L={length})")
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    from_input = _value_closure(placeholders[plan.input_index])
     out_dims = []
     for o in pytree.tree_leaves(out_node.args[0]):
         val = meta_value(o) if isinstance(o, torch.fx.Node) else None
         if not isinstance(val, torch.Tensor):
             raise _Fallback(f"graph output {o} is not a tensor")
+        if o not in from_input:  # model state written back (self.table = ...): not decoded, recomputed
+            out_dims.append(None)
+            continue
         sdims = [d for d, s in enumerate(val.shape) if sym_expr(s) == length]
         if len(sdims) != 1:
             raise _Fallback(f"graph output {o} of shape {tuple(val.shape)} has no single sequence axis")
@@ -245,6 +250,34 @@ def _plan(gm, example_inputs):
     modules = [frame_locals["self"]] if isinstance(frame_locals.get("self"), nn.Module) else []
     modules += [v for v in frame_locals.values() if isinstance(v, nn.Module)]
     return InputPlan(plan.roles, plan.input_index, length, out_dims, modules[0] if modules else None)
+
+
+def _value_closure(x):
+    """The nodes whose values are computed from the input's values (sizes read off it do not count)."""
+    from lcsm_compile.passes.capture import meta_value
+
+    seen, todo = set(), [x]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in seen and isinstance(meta_value(u), (torch.Tensor, list, tuple)):
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _static_outputs(gm, out_dims):
+    """A copy of the graph that computes only the outputs not decoded (out_dims None), or None."""
+    keep = [i for i, d in enumerate(out_dims) if d is None]
+    if not keep:
+        return None
+    g = copy.deepcopy(gm.graph)
+    out = next(n for n in g.nodes if n.op == "output")
+    leaves = pytree.tree_leaves(out.args[0])
+    out.args = (tuple(leaves[i] for i in keep),)
+    g.eliminate_dead_code()
+    g._codegen = torch.fx.graph.CodeGen()
+    return torch.fx.GraphModule(gm, g)
 
 
 def _current_tx():
@@ -297,6 +330,7 @@ class DecodedGraph:
         if x.shape[1] > self.max_len:
             raise _Fallback(f"the input is longer ({x.shape[1]}) than max_len={self.max_len}")
         self.state_index = [i for i, (kind, _) in enumerate(plan.roles) if kind == "state"]
+        self.static_outputs = _static_outputs(gm, plan.out_dims)
         self._build(list(example_inputs), record)
         self.session = None
         self.n = 0  # positions in the session (and in the buffers)
@@ -347,7 +381,11 @@ class DecodedGraph:
                 raise NotDecodable(exc.report or _reason_report(exc.reason, self.opts)) from None
             self.session, self.n = None, 0
         with torch.no_grad():
-            return self._run(x)
+            outs = self._run(x)
+            if self.static_outputs is not None:  # state the model writes back: computed as the graph does
+                statics = iter(self.static_outputs(*args))
+                outs = tuple(next(statics) if d is None else o for o, d in zip(outs, self.plan.out_dims))
+            return outs
 
     def _run(self, x):
         t = x.shape[1]
@@ -366,7 +404,7 @@ class DecodedGraph:
                 self.in_buf[:, i] = x[:, i]
             self.stats["step"] += t - self.n
             self.n = t
-        return tuple(buf.narrow(d, 0, t) for buf, d in zip(self.out_bufs, self.plan.out_dims))
+        return tuple(None if d is None else buf.narrow(d, 0, t) for buf, d in zip(self.out_bufs, self.plan.out_dims))
 
     def _prefix_ok(self, x):
         n, verify = self.n, self.opts["verify"]
@@ -390,8 +428,9 @@ class DecodedGraph:
             self.out_bufs = []
             for o, d in zip(outs, self.plan.out_dims):
                 shape = list(o.shape)
-                shape[d] = self.max_len
-                self.out_bufs.append(o.new_empty(shape))
+                if d is not None:
+                    shape[d] = self.max_len
+                self.out_bufs.append(o.new_empty(shape) if d is not None else None)
         self._write(outs, 0, t, flat=True)
         self.in_buf[:, :t] = x
         self.n = t
@@ -403,7 +442,8 @@ class DecodedGraph:
     def _write(self, outs, start, count, flat=False):
         outs = outs if flat else self._flat(outs)
         for buf, o, d in zip(self.out_bufs, outs, self.plan.out_dims):
-            buf.narrow(d, start, count).copy_(o)
+            if d is not None:
+                buf.narrow(d, start, count).copy_(o)
 
 
 def _reasons(report):

@@ -256,7 +256,8 @@ def capture_dynamo(model, example_inputs, dynamic=True):
 class InputPlan:
     """The role of each placeholder of a dynamo graph: ("input", None) the user's sequence input,
     ("state", "tensor" | "scalar") model state (a scalar is a Python float dynamo passes as a fresh
-    0-d tensor), ("sym", dim) a size of the user input, ("stride", dim) a stride of it."""
+    0-d tensor), ("sym", dim) a size of the user input, ("stride", dim) a stride of it,
+    ("state_size", (index, dim)) a size of the state tensor at graph input `index`."""
 
     roles: list
     input_index: int
@@ -295,6 +296,12 @@ def plan_inputs(gm, example_inputs, user_inputs=None):
         raise CaptureError("the user input has no sequence dim (dim 1)")
     dims = [sym_expr(s) for s in x_meta.shape]
     strides = [sym_expr(s) for s in x_meta.stride()]
+    state_dims = {}
+    for i, (node, val) in enumerate(zip(placeholders, example_inputs)):
+        m = meta_value(node)
+        if i != index and isinstance(val, torch.Tensor) and isinstance(m, torch.Tensor):
+            for d, s in enumerate(m.shape):
+                state_dims.setdefault(sym_expr(s), (i, d))
     roles = []
     for i, (node, val) in enumerate(zip(placeholders, example_inputs)):
         if i == index:
@@ -307,8 +314,11 @@ def plan_inputs(gm, example_inputs, user_inputs=None):
                 roles.append(("sym", dims.index(expr)))
             elif expr in strides:  # a view's stride (ids[:, :t] of a longer ids)
                 roles.append(("stride", strides.index(expr)))
+            elif expr in state_dims:  # a size of model state (dynamic=True marks a cached table's dims too)
+                roles.append(("state_size", state_dims[expr]))
             else:
-                raise CaptureError(f"graph input {node.name} is a symbolic int that is not a size or stride of the user input")
+                raise CaptureError(f"graph input {node.name} is a symbolic int that is not a size or stride of the "
+                                   f"user input or of the model's state")
         else:
             raise CaptureError(f"graph input {node.name} of type {type(val).__name__} is not supported")
     return InputPlan(roles, index)
@@ -358,6 +368,9 @@ class GraphAsModule(torch.nn.Module):
                 args.append(x.shape[dim])
             elif kind == "stride":
                 args.append(x.stride(dim))
+            elif kind == "state_size":
+                i, d = dim
+                args.append(getattr(self, f"state_{i}").shape[d])
             else:
                 args.append(x)
         return args

@@ -23,10 +23,11 @@ class ZooEntry:
     reason: str | None
     n_long: int
     n_short: int
+    one_graph: bool = True  # torch.compile(dynamic=True) traces one graph for every length
 
 
-def _pos(name, build, n_long, n_short):
-    return ZooEntry(name, build, True, None, n_long, n_short)
+def _pos(name, build, n_long, n_short, one_graph=True):
+    return ZooEntry(name, build, True, None, n_long, n_short, one_graph)
 
 
 def _neg(name, build, reason):
@@ -51,7 +52,8 @@ ZOO: list[ZooEntry] = [
     _pos("s4d_glu", s4d_glu.build, n_long=2, n_short=0),  # float features; nn.GLU(dim=-2) channels-first
     _pos("rwkv_token_shift_hyena", token_shift.build, n_long=1, n_short=3),  # 2 F.pad token shifts + 1 short; where, glu
     _pos("hyena_sinusoidal_pe", positional.build_sinusoidal, n_long=2, n_short=2),  # pe[:, 0::2] = sin in forward
-    _pos("hyena_cached_pe", positional.build_cached, n_long=2, n_short=2),  # forward assigns self.weights
+    # forward assigns self.weights, and grows it past its size: dynamo traces that branch anew
+    _pos("hyena_cached_pe", positional.build_cached, n_long=2, n_short=2, one_graph=False),
     _pos("hyena_alternating_sign", positional.build_alternating, n_long=2, n_short=2),  # s[:, 1::2] *= -1
     _pos("multiquery_long_conv", multiquery_conv.build, n_long=2, n_short=0),  # B, L = x.shape; repeat; normalize; tensordot
     _neg("neg_bidirectional", negatives.build_bidirectional, "BIDIRECTIONAL_FILTER"),
