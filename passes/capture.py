@@ -474,25 +474,28 @@ def _skip(node):
 
 
 class Runner(torch.fx.Interpreter):
-    """Evaluates nodes of a Captured graph in float64 (low-precision casts and factories widened)."""
+    """Evaluates nodes of a Captured graph in float64 (low-precision casts and factories widened),
+    or, with widen=False, in the model's own dtypes (the same arithmetic as the model)."""
 
-    def __init__(self, cap):
+    def __init__(self, cap, widen=True):
         super().__init__(cap.gm, garbage_collect_values=False)
-        self.cap = cap
+        self.cap, self.widen = cap, widen
         self._attrs = {}  # parameters/buffers widened on first use: no copy of the whole model
         self._order = {n: i for i, n in enumerate(cap.gm.graph.nodes)}
         self._syms = {}  # (node, length, batch) -> int: sympy substitution is slow, lengths repeat
 
     def get_attr(self, target, args, kwargs):
         if target not in self._attrs:
-            self._attrs[target] = _widen(super().get_attr(target, args, kwargs))
+            value = super().get_attr(target, args, kwargs)
+            self._attrs[target] = _widen(value) if self.widen else value
         return self._attrs[target]
 
     def run_node(self, n):
         if _skip(n):
             return None
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        args, kwargs = torch.utils._pytree.tree_map(_widen_dtype, (args, kwargs))
+        if self.widen:
+            args, kwargs = torch.utils._pytree.tree_map(_widen_dtype, (args, kwargs))
         if n.target in _CONV1D and args[0].dtype == torch.float64:
             return conv1d_f64(*args, **kwargs)
         return getattr(self, n.op)(n.target, args, kwargs)
@@ -526,9 +529,10 @@ class Runner(torch.fx.Interpreter):
             stack.extend(i for i in n.all_input_nodes if i in values or not isinstance(meta_value(i), torch.Tensor))
         for n in shape_only - todo - set(overrides):
             v = meta_value(n)
-            env[n] = torch.empty([self.cap.size_at(s, length, batch) for s in v.shape], dtype=_LOW.get(v.dtype, v.dtype))
+            dtype = _LOW.get(v.dtype, v.dtype) if self.widen else v.dtype
+            env[n] = torch.empty([self.cap.size_at(s, length, batch) for s in v.shape], dtype=dtype)
         self.env = {**env, **overrides}
-        with torch.no_grad(), _default_dtype(torch.float64):
+        with torch.no_grad(), _default_dtype(torch.float64 if self.widen else torch.get_default_dtype()):
             for n in sorted(todo - set(env), key=self._order.__getitem__):
                 self.env[n] = self.run_node(n)
         out = [self.env[t] for t in targets]

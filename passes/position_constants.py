@@ -27,7 +27,7 @@ class PositionConstant:
     node: object  # fx.Node of the captured graph
     axis: int  # the dim that holds positions
     batch_dims: tuple  # dims of the batch's size: the table holds batch 1, the step expands it
-    table: torch.Tensor  # the value over max_len positions (float64 for floating values)
+    table: torch.Tensor  # the value over max_len positions, as the model computes it
 
     @property
     def name(self):
@@ -89,7 +89,7 @@ def _table(node, ctx):
         raise _Declined(Reason.LENGTH_DEPENDENT, f"position table {node.name} of shape {shape} depends on the batch size")
     batch = 1 if batch_dims else None
     (axis,) = exact
-    runner = ctx.runner
+    runner = ctx.runner  # float64: the prefix proof is about the values, not their rounding
     table = runner.evaluate([node], cap.max_len, batch=batch)[0]
     for length in check_lengths(cap):
         short = runner.evaluate([node], length, batch=batch)[0]
@@ -98,7 +98,10 @@ def _table(node, ctx):
             raise _Declined(Reason.LENGTH_DEPENDENT,
                             f"position constant {node.name} at L={length} is not the prefix of its value at "
                             f"max_len={cap.max_len}: it changes with the length beyond slicing")
-    return PositionConstant(node, axis, batch_dims, table)
+    # the step reads what the model itself computes: the table in the model's own arithmetic (a
+    # float64 model whose table is built in float32 gets the float32-rounded table it uses)
+    native = capture.Runner(cap, widen=False).evaluate([node], cap.max_len, batch=batch)[0]
+    return PositionConstant(node, axis, batch_dims, native)
 
 
 def _concrete_checks(nodes, ctx):

@@ -2,13 +2,17 @@
 
 Before a Decoder is handed out, its programs run teacher-forced on fresh random inputs (a fixed
 seed, so a refusal reproduces) at two prompt lengths: prefill(x[:, :P]) and one step per position
-up to `POSITIONS`, against the original model on the whole sequence, in the model's dtype. The
-error at each position is relative to the root-mean-square norm of a reference position, so a
-wrong rewrite (O(1) errors) stands out from rounding at any dtype. A mismatch, or a program that
-raises, is a DECODE_MISMATCH refusal naming the first bad position: a wrong Decoder is never
-returned. The check runs the eager programs (the compiled step is inductor's faithful copy).
+up to `POSITIONS`, against the original model on the whole sequence: in its own dtype, or for a
+bfloat16 / float16 model a float32 copy on the same weights (the decoder's filters are extracted
+exactly, so it is closer to that than the half-precision model itself is). The error at each
+position is relative to the root-mean-square norm of a reference position, so a wrong rewrite
+(O(1) errors) stands out from rounding; the bound follows the lowest precision the model computes
+in anywhere. A mismatch, or a program that raises, is a DECODE_MISMATCH refusal naming the first
+bad position: a wrong Decoder is never returned. The check runs the eager programs (the compiled
+step is inductor's faithful copy).
 """
 
+import copy
 import time
 
 import torch
@@ -39,10 +43,8 @@ def run(decoder, model, ctx, *, seed=0):
     dims = [info[a].axis.dim if isinstance(a, torch.fx.Node) and a in info and info[a].dep == "activation"
             and info[a].axis is not None else None for a in leaves]
     with torch.no_grad(), preserved_state(model):
-        reference = model(*inputs)
-    dtype = next((t.dtype for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor) and t.is_floating_point()),
-                 torch.float32)
-    tol = TOL.get(dtype, TOL[torch.float32])
+        reference = _reference(model, inputs)
+    tol = TOL[_lowest_precision(cap.gm)]
     with _eager(decoder):
         check = verify.teacher_forced(model, decoder, inputs[:1], prompts, tol=tol, reference=reference, out_dims=dims,
                                       scale="rms")
@@ -54,6 +56,28 @@ def run(decoder, model, ctx, *, seed=0):
             first_bad = {"prompt_len": r["prompt_len"], "position": r["first_bad_position"], "err": r["max_rel_err"]}
     return {"passed": check["passed"], "tol": tol, "length": length, "prompts": prompts, "max_err": check["max_rel_err"],
             "first_bad": first_bad, "error": error, "seconds": round(time.perf_counter() - start, 4)}
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _reference(model, inputs):
+    """The model's outputs; a half-precision model runs as a float32 copy on the same weights."""
+    params = [p for p in model.parameters()] + [b for b in model.buffers()]
+    if not any(t.dtype in _HALF for t in params):
+        return model(*inputs)
+    try:
+        wide = copy.deepcopy(model).float()
+    except Exception:  # noqa: BLE001 - a model that cannot be copied is compared in its own dtype
+        return model(*inputs)
+    return wide(*[x.float() if x.dtype in _HALF else x for x in inputs])
+
+
+def _lowest_precision(gm):
+    """The floating dtype with the largest rounding error among the graph's values."""
+    dtypes = {v.dtype for n in gm.graph.nodes for v in torch.utils._pytree.tree_leaves(n.meta.get("val"))
+              if isinstance(v, torch.Tensor) and v.dtype in TOL}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
 
 
 class _eager:
