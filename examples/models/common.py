@@ -1,9 +1,11 @@
-"""Pieces shared by the zoo: seeded construction, example inputs, a pre-norm LM shell."""
+"""Pieces shared by the zoo: seeded construction, example inputs, a pre-norm LM shell, the dtype
+FFTs run in."""
 
 from contextlib import contextmanager
 
 import torch
 
+from lcsm_compile.models.hyena import fft_dtype  # noqa: F401  (FFTs and complex math: at least float32)
 from lcsm_compile.models.lm import LM, Block, Mlp  # noqa: F401  (the LM shell ships with the package)
 
 BATCH = 2

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.models.common import Block, LM, MAX_LEN, seeded, token_inputs
+from examples.models.common import Block, LM, MAX_LEN, fft_dtype, seeded, token_inputs
 from examples.models.s4d import S4DKernel
 
 
@@ -31,8 +31,9 @@ class ShiftKernel(nn.Module):
         self.C = nn.Parameter(torch.randn(1, H, N))
 
     def forward(self, L):
-        B_f = torch.fft.rfft(self.B, n=2 * self.N)
-        C_f = torch.fft.rfft(self.C, n=2 * self.N)
+        dtype = fft_dtype(self.B.dtype)
+        B_f = torch.fft.rfft(self.B.to(dtype), n=2 * self.N)
+        C_f = torch.fft.rfft(self.C.to(dtype), n=2 * self.N)
         k = torch.fft.irfft(B_f.conj() * C_f, n=2 * self.N)[..., : self.N]
         k = F.pad(k, (0, L - self.N))  # zero taps beyond N (crops when L < N)
         return k[0]  # 1 h l -> h l
@@ -61,18 +62,19 @@ class H3(nn.Module):
         v = self.v_proj.weight @ u.T + self.v_proj.bias.unsqueeze(-1)
         q, k, v = [x.reshape(self.d_model, B, L).transpose(0, 1) for x in (q, k, v)]  # h (b l) -> b h l
 
+        dtype = fft_dtype(u.dtype)
         ssm_k_kernel = self.ssm_k_kernel(L)
         fft_size = ssm_k_kernel.shape[-1] + L
-        ssm_k_kernel_f = torch.fft.rfft(ssm_k_kernel, n=fft_size)
-        k_f = torch.fft.rfft(k.to(ssm_kernel.dtype), n=fft_size)
-        shift_k_out = torch.fft.irfft(ssm_k_kernel_f * k_f, n=fft_size)[..., :L]
+        ssm_k_kernel_f = torch.fft.rfft(ssm_k_kernel.to(dtype), n=fft_size)
+        k_f = torch.fft.rfft(k.to(dtype), n=fft_size)
+        shift_k_out = torch.fft.irfft(ssm_k_kernel_f * k_f, n=fft_size)[..., :L].to(k.dtype)
         k = shift_k_out + self.ssm_k_D.unsqueeze(-1) * k
 
         fft_size = ssm_kernel.shape[-1] + L
         kv = k * v
-        kv_f = torch.fft.rfft(kv.to(dtype=ssm_kernel.dtype), n=fft_size) / fft_size
-        ssm_kernel_f = torch.fft.rfft(ssm_kernel, n=fft_size)
-        y = torch.fft.irfft(kv_f * ssm_kernel_f, n=fft_size, norm="forward")[..., :L]
+        kv_f = torch.fft.rfft(kv.to(dtype), n=fft_size) / fft_size
+        ssm_kernel_f = torch.fft.rfft(ssm_kernel.to(dtype), n=fft_size)
+        y = torch.fft.irfft(kv_f * ssm_kernel_f, n=fft_size, norm="forward")[..., :L].to(kv.dtype)
         y = y + kv * self.D.unsqueeze(-1)
         y = y * q
 

@@ -7,7 +7,7 @@ vocabulary; several Hyena blocks; LM head weight tied to the embedding.
 
 import torch
 
-from examples.models.common import Block, LM, MAX_LEN, seeded, token_inputs
+from examples.models.common import Block, LM, MAX_LEN, fft_dtype, seeded, token_inputs
 from examples.models.hyena import HyenaFilter, HyenaOperator
 
 # [CLS] [SEP] [BOS] [MASK] [PAD] [RESERVED] [UNK] A C G T N
@@ -18,10 +18,11 @@ def fftconv_lk(u, k, D):
     """FFT convolution sized L + Lk, default norm, no 1/n."""
     seqlen = u.shape[-1]
     fft_size = seqlen + k.shape[-1]
-    k_f = torch.fft.rfft(k, n=fft_size)
-    u_f = torch.fft.rfft(u.to(dtype=k.dtype), n=fft_size)
+    dtype = fft_dtype(u.dtype)
+    k_f = torch.fft.rfft(k.to(dtype), n=fft_size)
+    u_f = torch.fft.rfft(u.to(dtype), n=fft_size)
     y = torch.fft.irfft(u_f * k_f, n=fft_size)[..., :seqlen]
-    return y + u * D.unsqueeze(-1)
+    return (y + u * D.unsqueeze(-1)).to(dtype=u.dtype)
 
 
 class DNAHyenaFilter(HyenaFilter):

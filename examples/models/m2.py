@@ -11,15 +11,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.models.common import Block, LM, MAX_LEN, seeded, token_inputs
+from examples.models.common import Block, LM, MAX_LEN, fft_dtype, seeded, token_inputs
 from examples.models.hyena import HyenaFilter
 
 
 def fftconv_ref(u_variable, k, D_variable):
     seqlen = u_variable.shape[-1]
     fft_size = 2 * seqlen
-    k_f = torch.fft.rfft(k, n=fft_size) / fft_size
-    u_f = torch.fft.rfft(u_variable.to(dtype=k.dtype), n=fft_size)
+    dtype = fft_dtype(u_variable.dtype)
+    k_f = torch.fft.rfft(k.to(dtype), n=fft_size) / fft_size
+    u_f = torch.fft.rfft(u_variable.to(dtype), n=fft_size)
     y = torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :seqlen]
     out = y + u_variable * D_variable
     return out.to(dtype=u_variable.dtype)

@@ -10,7 +10,7 @@ the filter broadcast over head dims, unflatten/flatten between heads and channel
 import torch
 import torch.nn as nn
 
-from examples.models.common import Block, LM, MAX_LEN, seeded, token_inputs
+from examples.models.common import Block, LM, MAX_LEN, fft_dtype, seeded, token_inputs
 from examples.models.hyena import HyenaFilter
 
 
@@ -34,9 +34,10 @@ class MultiHeadHyenaOperator(nn.Module):
         kv = torch.einsum("bhkl,bhvl->bhkvl", k, v)
         h = self.filter_fn.filter(L)[0].transpose(0, 1)  # l h -> h l
         fft_size = 2 * L
-        kv_f = torch.fft.rfft(kv.to(dtype=h.dtype), n=fft_size) / fft_size
-        h_f = torch.fft.rfft(h, n=fft_size)
-        y = torch.fft.irfft(kv_f * h_f[None, :, None, None, :], n=fft_size, norm="forward")[..., :L]
+        dtype = fft_dtype(kv.dtype)
+        kv_f = torch.fft.rfft(kv.to(dtype), n=fft_size) / fft_size
+        h_f = torch.fft.rfft(h.to(dtype), n=fft_size)
+        y = torch.fft.irfft(kv_f * h_f[None, :, None, None, :], n=fft_size, norm="forward")[..., :L].to(kv.dtype)
         y = y + kv * self.filter_fn.bias[None, :, None, None, None]
 
         y = torch.einsum("bhkvl,bhkl->bhvl", y, q)

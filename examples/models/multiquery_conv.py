@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.models.common import LM, MAX_LEN, Block, seeded, token_inputs
+from examples.models.common import LM, MAX_LEN, Block, fft_dtype, seeded, token_inputs
 from examples.models.hyena import HyenaFilter
 
 D_MODEL, VOCAB, LENGTH = 32, 64, 64
@@ -43,9 +43,10 @@ class MultiQueryLongConv(nn.Module):
         kv = k * v
         h = self.filter_fn.filter(L)[0].transpose(0, 1)  # H L
         fft_size = 2 * L
-        kv_f = torch.fft.rfft(kv, n=fft_size, dim=2)
-        h_f = torch.fft.rfft(h, n=fft_size, dim=-1)[None, :, :, None] / fft_size  # 1 H F 1
-        y = torch.fft.irfft(kv_f * h_f, n=fft_size, dim=2, norm="forward")[:, :, :L]
+        dtype = fft_dtype(kv.dtype)
+        kv_f = torch.fft.rfft(kv.to(dtype), n=fft_size, dim=2)
+        h_f = torch.fft.rfft(h.to(dtype), n=fft_size, dim=-1)[None, :, :, None] / fft_size  # 1 H F 1
+        y = torch.fft.irfft(kv_f * h_f, n=fft_size, dim=2, norm="forward")[:, :, :L].to(kv.dtype)
         y = y + kv * self.filter_fn.bias[None, :, None, None]
 
         y = (q * y).transpose(1, 2).reshape(B, L, D)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.models.common import LM, Block, seeded, token_inputs
+from examples.models.common import LM, Block, fft_dtype, seeded, token_inputs
 from examples.models.hyena import ExponentialModulation, HyenaFilter, HyenaOperator, Sin, fftconv_ref
 
 D_MODEL, MAX_LEN, VOCAB, LENGTH = 32, 256, 64, 64
@@ -63,9 +63,10 @@ class FixedSizeFFTConv(nn.Module):
         x1, v = self.in_proj(u).transpose(1, 2).split(self.d_model, dim=1)
         k = self.filter_fn.filter(self.l_max)[0].transpose(0, 1)  # d, l_max
         fft_size = self.l_max + self.l_max // 2
-        k_f = torch.fft.rfft(k, n=fft_size) / fft_size
-        u_f = torch.fft.rfft(v, n=fft_size)
-        y = torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :L]
+        dtype = fft_dtype(v.dtype)
+        k_f = torch.fft.rfft(k.to(dtype), n=fft_size) / fft_size
+        u_f = torch.fft.rfft(v.to(dtype), n=fft_size)
+        y = torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :L].to(v.dtype)
         y = y + v * self.filter_fn.bias.unsqueeze(-1)
         return self.out_proj((y * x1).transpose(1, 2))
 

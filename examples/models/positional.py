@@ -16,16 +16,16 @@ import math
 import torch
 import torch.nn as nn
 
-from examples.models.common import MAX_LEN, Block, seeded, token_inputs
+from examples.models.common import MAX_LEN, Block, fft_dtype, seeded, token_inputs
 from examples.models.hyena import HyenaOperator
 
 D_MODEL, VOCAB, LENGTH = 32, 64, 64
 
 
-def sinusoidal_table(L, d_model, device=None):
-    pe = torch.zeros(L, d_model, device=device)
-    position = torch.arange(0, L, dtype=torch.float, device=device).unsqueeze(1)
-    div_term = torch.exp(torch.arange(0, d_model, 2, device=device).float() * (-math.log(10000.0) / d_model))
+def sinusoidal_table(L, d_model, device=None, dtype=torch.float):
+    pe = torch.zeros(L, d_model, device=device, dtype=dtype)
+    position = torch.arange(0, L, dtype=dtype, device=device).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, d_model, 2, device=device).to(dtype) * (-math.log(10000.0) / d_model))
     pe[:, 0::2] = torch.sin(position * div_term)
     pe[:, 1::2] = torch.cos(position * div_term)
     return pe
@@ -90,7 +90,8 @@ class PositionalHyenaLM(nn.Module):
     def forward(self, input_ids):
         x = self.embedding(input_ids) * math.sqrt(self.d_model)
         if self.position == "sinusoidal":
-            x = x + sinusoidal_table(input_ids.shape[1], self.d_model, input_ids.device)
+            # Built in float32 (float64 for a float64 model), then cast: a bfloat16 table would round positions.
+            x = x + sinusoidal_table(input_ids.shape[1], self.d_model, input_ids.device, fft_dtype(x.dtype)).to(x.dtype)
         elif self.position == "cached":
             x = x + self.embed_positions(input_ids)
         for block in self.blocks:

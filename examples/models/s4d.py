@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.models.common import Block, LM, MAX_LEN, seeded, token_inputs
+from examples.models.common import Block, LM, MAX_LEN, fft_dtype, seeded, token_inputs
 
 
 class S4DKernel(nn.Module):
@@ -31,9 +31,10 @@ class S4DKernel(nn.Module):
         self.A_imag = nn.Parameter(math.pi * torch.arange(N // 2).float().repeat(H, 1))
 
     def forward(self, L):
-        dt = torch.exp(self.log_dt)  # (H)
-        C = torch.view_as_complex(self.C)  # (C H N)
-        A = -torch.exp(self.log_A_real) + 1j * self.A_imag  # (H N)
+        dtype = fft_dtype(self.log_dt.dtype)  # complex math: there is no complex bfloat16
+        dt = torch.exp(self.log_dt.to(dtype))  # (H)
+        C = torch.view_as_complex(self.C.to(dtype))  # (C H N)
+        A = -torch.exp(self.log_A_real.to(dtype)) + 1j * self.A_imag.to(dtype)  # (H N)
         dtA = A * dt.unsqueeze(-1)  # (H N)
         K = dtA.unsqueeze(-1) * self.pos[:L]  # (H N L)
         C = C * (torch.exp(dtA) - 1.0) / A
@@ -55,10 +56,11 @@ class S4D(nn.Module):
         L = u.size(-1)
         k = self.kernel(L=L)  # (C H L)
 
-        k_f = torch.fft.rfft(k, n=2 * L)
-        u_f = torch.fft.rfft(u, n=2 * L)
+        dtype = fft_dtype(u.dtype)
+        k_f = torch.fft.rfft(k.to(dtype), n=2 * L)
+        u_f = torch.fft.rfft(u.to(dtype), n=2 * L)
         y_f = torch.einsum("bhl,chl->bchl", u_f, k_f)
-        y = torch.fft.irfft(y_f, n=2 * L)[..., :L]  # (B C H L)
+        y = torch.fft.irfft(y_f, n=2 * L)[..., :L].to(u.dtype)  # (B C H L)
 
         y = y + torch.einsum("bhl,ch->bchl", u, self.D)
         y = y.reshape(y.shape[0], -1, L)  # ... c h l -> ... (c h) l

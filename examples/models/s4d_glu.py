@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from einops import repeat
 
-from examples.models.common import MAX_LEN, float_inputs, seeded
+from examples.models.common import MAX_LEN, fft_dtype, float_inputs, seeded
 
 
 class S4DKernel(nn.Module):
@@ -29,9 +29,10 @@ class S4DKernel(nn.Module):
         self.A_imag = nn.Parameter(math.pi * repeat(torch.arange(N // 2).float(), "n -> h n", h=H))
 
     def forward(self, L):
-        dt = torch.exp(self.log_dt)  # (H)
-        C = torch.view_as_complex(self.C)  # (H N)
-        A = -torch.exp(self.log_A_real) + 1j * self.A_imag  # (H N)
+        dtype = fft_dtype(self.log_dt.dtype)  # complex math: there is no complex bfloat16
+        dt = torch.exp(self.log_dt.to(dtype))  # (H)
+        C = torch.view_as_complex(self.C.to(dtype))  # (H N)
+        A = -torch.exp(self.log_A_real.to(dtype)) + 1j * self.A_imag.to(dtype)  # (H N)
         dtA = A * dt.unsqueeze(-1)
         K = dtA.unsqueeze(-1) * torch.arange(L, device=A.device)  # (H N L)
         C = C * (torch.exp(dtA) - 1.0) / A
@@ -53,9 +54,10 @@ class S4D(nn.Module):
     def forward(self, u):
         L = u.size(-1)
         k = self.kernel(L=L)  # (H L)
-        k_f = torch.fft.rfft(k, n=2 * L)
-        u_f = torch.fft.rfft(u, n=2 * L)
-        y = torch.fft.irfft(u_f * k_f, n=2 * L)[..., :L]
+        dtype = fft_dtype(u.dtype)
+        k_f = torch.fft.rfft(k.to(dtype), n=2 * L)
+        u_f = torch.fft.rfft(u.to(dtype), n=2 * L)
+        y = torch.fft.irfft(u_f * k_f, n=2 * L)[..., :L].to(u.dtype)
         y = y + u * self.D.unsqueeze(-1)
         y = self.dropout(self.activation(y))
         return self.output_linear(y)

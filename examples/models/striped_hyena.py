@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.models.common import LM, MAX_LEN, seeded, token_inputs
+from examples.models.common import LM, MAX_LEN, fft_dtype, seeded, token_inputs
 
 
 class RMSNorm(nn.Module):
@@ -57,8 +57,9 @@ class ParallelHyenaFilter(nn.Module):
         self.register_buffer("t", torch.arange(max_len)[None, None], persistent=False)  # 1, 1, L
 
     def compute_filter(self, L):
-        residues = torch.view_as_complex(self.residues)
-        log_poles = torch.view_as_complex(self.poles).log()
+        dtype = fft_dtype(self.residues.dtype)  # view_as_complex has no bfloat16
+        residues = torch.view_as_complex(self.residues.to(dtype))
+        log_poles = torch.view_as_complex(self.poles.to(dtype)).log()
         t = self.t[..., :L]
         return (residues * (log_poles * t).exp()).real.sum(1)[None]  # 1, d, L
 
@@ -76,12 +77,13 @@ class ParallelHyenaFilter(nn.Module):
         x2, x1, v = z_pre.split([self.hidden_size, self.hidden_size, self.hidden_size], dim=1)
         x1v = x1 * v
 
-        h = self.compute_filter(L).to(dtype=x1v.dtype)
+        dtype = fft_dtype(x1v.dtype)
+        h = self.compute_filter(L).to(dtype=dtype)
         fft_size = 2 * L
         H = torch.fft.rfft(h, n=fft_size) / fft_size
-        X_s = torch.fft.fft(x1v, n=fft_size)
+        X_s = torch.fft.fft(x1v.to(dtype), n=fft_size)
         X = X_s[..., : H.shape[-1]]
-        y = torch.fft.irfft(X * H, n=fft_size, norm="forward")[..., :L]
+        y = torch.fft.irfft(X * H, n=fft_size, norm="forward")[..., :L].to(x1v.dtype)
         y = (y + x1v * self.D.unsqueeze(-1)) * x2
         return y.permute(0, 2, 1)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from examples.models.common import LM, MAX_LEN, Block, seeded, token_inputs
+from examples.models.common import LM, MAX_LEN, Block, fft_dtype, seeded, token_inputs
 from examples.models.hyena import ExponentialModulation, PositionalEmbedding, Sin
 
 D_MODEL, VOCAB, LENGTH = 32, 64, 64
@@ -41,10 +41,11 @@ def fft_conv(u, k, k_rev=None):
     """u: [B, D, L], k: [D, L] -> causal convolution plus the skip u. k_rev adds a reversed filter."""
     seqlen = u.shape[-1]
     fft_size = 2 * seqlen
-    k_f = torch.fft.rfft(k, n=fft_size) / fft_size
+    dtype = fft_dtype(u.dtype)
+    k_f = torch.fft.rfft(k.to(dtype), n=fft_size) / fft_size
     if k_rev is not None:
-        k_f = k_f + (torch.fft.rfft(k_rev, n=fft_size) / fft_size).conj()
-    u_f = torch.fft.rfft(u.to(dtype=k.dtype), n=fft_size)
+        k_f = k_f + (torch.fft.rfft(k_rev.to(dtype), n=fft_size) / fft_size).conj()
+    u_f = torch.fft.rfft(u.to(dtype), n=fft_size)
     y = torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :seqlen]
     return (y + u).to(dtype=u.dtype)
 

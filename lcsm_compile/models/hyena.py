@@ -13,12 +13,20 @@ import torch.nn as nn
 from lcsm_compile.models.lm import LM, Block
 
 
+def fft_dtype(dtype):
+    """The dtype FFTs, complex filter math and position tables run in for activations of `dtype`:
+    torch has no bfloat16/float16 FFT on CPU and no complex bfloat16, so at least float32; float64
+    stays float64 (and float32 is unchanged)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def fftconv_ref(u, k, D):
     """safari's reference FFT convolution with the lag-0 skip term u * D (u: [B, C, L], k: [C, L])."""
     seqlen = u.shape[-1]
     fft_size = 2 * seqlen
-    k_f = torch.fft.rfft(k, n=fft_size) / fft_size
-    u_f = torch.fft.rfft(u.to(dtype=k.dtype), n=fft_size)
+    dtype = fft_dtype(u.dtype)
+    k_f = torch.fft.rfft(k.to(dtype), n=fft_size) / fft_size
+    u_f = torch.fft.rfft(u.to(dtype), n=fft_size)
     y = torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :seqlen]
     out = y + u * D.unsqueeze(-1)
     return out.to(dtype=u.dtype)
