@@ -1,9 +1,9 @@
-"""Every zoo entry in float32, float64 and bfloat16 (issue 11).
+"""Every zoo entry in float64 and bfloat16 (float32, the zoo's own dtype, is test_decoder's and
+test_zoo's).
 
 Decodable entries: optimize() on the model in that dtype, then teacher-forced decoding (prefill P
 positions, then one step per position) on fresh random inputs, against an independent reference:
 - float64 decoder vs the float64 model;
-- float32 decoder vs a float64 copy of the model;
 - bfloat16 decoder vs a float32 copy of the bfloat16 model: the same weights exactly (bf16 -> fp32
   is exact), the same inputs, only the arithmetic is wider. The bfloat16 model itself is measured
   against the same reference: the decoder must be no worse than the model it replaces.
@@ -22,16 +22,16 @@ from helpers import random_inputs, rel_err
 
 POSITIVES = [e for e in ZOO if e.decodable]
 NEGATIVES = [e for e in ZOO if not e.decodable]
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPES = [torch.float64, torch.bfloat16]
 MAX_LEN = 64  # the example length: the smallest max_len every decodable entry allows
 PROMPTS = (1, MAX_LEN // 2)
-REFERENCE = {torch.float64: torch.float64, torch.float32: torch.float64, torch.bfloat16: torch.float32}
+REFERENCE = {torch.float64: torch.float64, torch.bfloat16: torch.float32}
 # Relative error of the whole decoded output vs the reference. Worst observed over the zoo (two
 # runs, both prompts): float64 5.5e-16, float32 2.4e-7, bfloat16 7.4e-3 (the bfloat16 models
 # themselves: 3.4e-3 .. 1.5e-1 against the same reference; filters by Sin(10 x) MLPs are the worst).
-TOL = {torch.float64: 1e-14, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOL = {torch.float64: 1e-14, torch.bfloat16: 2e-2}
 NO_WORSE = 1.5  # bfloat16: decoder error / the bfloat16 model's own error (observed at most 1.06)
-pytestmark = pytest.mark.slow  # 54 optimize() calls, each validated: ~13 minutes on a loaded 2-core CPU
+pytestmark = pytest.mark.slow  # 36 optimize() calls, each validated
 
 
 def dtype_id(dtype):
