@@ -5,6 +5,7 @@ printed as if measured: tables prefix it with '~' and list it in an "est" column
 """
 
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -181,6 +182,14 @@ def _json_default(o):
 def loglog_slope(x0, y0, x1, y1):
     """Slope of the line through (x0, y0) and (x1, y1) in log-log space."""
     return math.log(y1 / y0) / math.log(x1 / x0)
+
+
+MATPLOTLIB_MISSING = "matplotlib is not installed (pip install 'lcsm-compile[bench]')"
+
+
+def have_matplotlib() -> bool:
+    """Plots are optional: checked before a run, so a missing matplotlib never costs a finished table."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot_loglog(path, series, xlabel="L", ylabel="seconds", title=None):

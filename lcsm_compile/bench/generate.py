@@ -545,6 +545,9 @@ def _run(args):
         "benchmark": "generate", "machine": info, "config": config, "decoder_options": opts,
         "results": results, "fits": fits, "validation": val, "targets": tg, "wall_s": wall,
     })
-    plot(results, png_path)
-    log(f"\nwrote {json_path} and {png_path} ({wall:.1f} s)")
+    if common.have_matplotlib():
+        plot(results, png_path)
+        log(f"\nwrote {json_path} and {png_path} ({wall:.1f} s)")
+    else:
+        log(f"\nwrote {json_path}; no plot: {common.MATPLOTLIB_MISSING} ({wall:.1f} s)")
     return 0

@@ -497,6 +497,9 @@ def _run(args):
         "results": results, "validation": val, "slopes": {str(k): v for k, v in slope_by_c.items()},
         "targets": tg, "wall_s": wall,
     })
-    plot(results, png_path)
-    log(f"\nwrote {json_path} and {png_path} ({wall:.1f} s)")
+    if common.have_matplotlib():
+        plot(results, png_path)
+        log(f"\nwrote {json_path} and {png_path} ({wall:.1f} s)")
+    else:
+        log(f"\nwrote {json_path}; no plot: {common.MATPLOTLIB_MISSING} ({wall:.1f} s)")
     return 0
