@@ -60,8 +60,9 @@ def _print_json(args, data):
 
 @contextlib.contextmanager
 def _stdout_to_stderr(enabled):
-    """--json: stdout carries the JSON alone. What the user's code prints meanwhile (a configuration
-    banner while the model is imported, built or captured, a print in forward) goes to stderr."""
+    """--json (and schedule --format dot): stdout carries the result alone. What the user's code prints
+    meanwhile (a configuration banner while the model is imported, built or captured, a print in
+    forward) goes to stderr."""
     if not enabled:
         yield
         return
@@ -445,7 +446,7 @@ def _schedule(args):
     if fmt == "json":
         _print_json(args, {"model": args.model, **data})
     elif fmt == "dot":
-        print(sched.to_dot())
+        print(sched.to_dot(), file=args.stdout)
     else:
         print(sched.table())
     return 0
@@ -934,9 +935,9 @@ def main(argv=None):
             return _closed_pipe()
         return rc
     args = build_parser().parse_args(argv)
-    args.stdout = sys.stdout  # results; with --json everything else printed goes to stderr
+    args.stdout = sys.stdout  # results; with --json or --format dot everything else printed goes to stderr
     try:
-        with _stdout_to_stderr(getattr(args, "json", False) or getattr(args, "format", None) == "json"):
+        with _stdout_to_stderr(getattr(args, "json", False) or getattr(args, "format", None) in ("json", "dot")):
             rc = args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
     except BrokenPipeError:
