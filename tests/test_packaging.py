@@ -112,3 +112,41 @@ def test_wheel_installs_and_runs_in_fresh_venv(wheel, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(out.stdout)
     assert [U for U, _, _ in data["rows"]] == [1, 2] and data["device"] == "cpu"
+
+
+WITHOUT_TRITON = r"""
+import sys
+sys.modules["triton"] = None  # `import triton` raises ImportError, as where it is not installed
+import torch, lcsm_compile
+from lcsm_compile.generation import naive_generate
+from lcsm_compile.models import demo_lm
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+model = demo_lm(n_layer=1, d_model=16, vocab=32, max_len=48)
+ids = torch.randint(0, 32, (1, 40))
+decoder = lcsm_compile.optimize(model, (ids[:, :16],), compile=True)  # inductor's CPU code needs no triton
+with torch.no_grad():
+    assert torch.equal(decoder.generate(ids[:, :8], 12), naive_generate(model, ids[:, :8], 12))
+    compiled = torch.compile(model, backend="lcsm", dynamic=True, options={"max_len": 48})
+    for t in (10, 11):
+        assert rel(compiled(ids[:, :t]), model(ids[:, :t])) < 1e-5
+assert lcsm_compile.backend.records[-1].kind == "decode"
+assert not lcsm_compile.OnlineConv(torch.randn(2, 8)).use_triton
+try:
+    lcsm_compile.OnlineConv(torch.randn(2, 8), kernels="triton")
+except ModuleNotFoundError as exc:
+    assert exc.name == "triton" and "lcsm-compile[gpu]" in str(exc), exc
+else:
+    raise AssertionError("kernels='triton' without triton: no error")
+print("ok")
+"""
+
+
+def test_torch_paths_run_without_triton():
+    """triton is an extra: without it the package imports, decodes (compiled step included), runs the
+    backend, and asking for the Triton kernels names the extra that installs them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
