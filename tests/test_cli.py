@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import reference_crossover
 from lcsm_compile import cli, loading, logs, tuning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -492,20 +493,11 @@ def test_bench_mixer_and_generate_are_wired(argv, usage, capsys):
 
 # -- tune, demo ---------------------------------------------------------------------------------
 
-def _reference_crossover(rows):
-    """Largest U with the direct tile no slower than the FFT tile at U and at every smaller size."""
-    best = 1
-    for i, (U, _, _) in enumerate(rows):
-        if all(d <= f for _, d, f in rows[: i + 1]):
-            best = U
-    return best
-
-
 @uses("tune")
 def test_tune_measures_chooses_and_caches(runs):
     data = _json(runs["tune"])
     assert [r[0] for r in data["rows"]] == [1, 2, 4, 8, 16]
-    assert data["crossover"] == _reference_crossover(data["rows"])
+    assert data["crossover"] == reference_crossover(data["rows"])
     cache = json.loads((runs.dir / "cache" / "tuning.json").read_text())
     (entry,) = cache.values()
     assert entry["crossover"] == data["crossover"] and entry["channels"] == 64 and entry["rows"] == data["rows"]
