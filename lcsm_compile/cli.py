@@ -3,7 +3,9 @@
 MODEL is `module:factory` or `path.py:factory` (the current directory is on sys.path for module
 specs); the factory returns a model or a (model, example_inputs) pair. For a bare model describe
 the example inputs: `--input-shape 2,64 --vocab 256` (token ids) or `--input-shape 2,64,16`
-(floats, `--dtype`). Errors are one line `lcsm-compile: error: ...` with exit status 2.
+(floats, `--dtype`). Errors are one line `lcsm-compile: error: ...` with exit status 2 (1 for an
+unexpected failure, 130 when interrupted, 141 quietly when the reader of stdout goes away). With
+--json, stdout holds the JSON alone: what the model prints meanwhile goes to stderr.
 
     detect MODEL            candidates, verdicts and reasons (exit 0 either way unless --strict)
     explain MODEL NAME      source lines and subgraph behind one candidate's verdict
@@ -755,7 +757,7 @@ def _bench(args):
         data["plot"] = None if plot_error else args.plot
     if args.json:
         _print_json(args, data)
-        return _plot_failed(plot_error)
+        return _after_plot(plot_error)
     out = [f"greedy generation of {args.model}: prompt {P}, {n} steps to {length}, batch {data['batch']}, "
            f"{data['threads']} threads" if greedy else
            f"teacher-forced decoding of {args.model}: prompt {P}, {n} steps to {length}, batch {data['batch']}",
@@ -771,10 +773,11 @@ def _bench(args):
     if args.plot and not plot_error:
         out.append(f"plot written to {args.plot}")
     print("\n".join(out))
-    return _plot_failed(plot_error)
+    return _after_plot(plot_error)
 
 
-def _plot_failed(error):
+def _after_plot(error):
+    """Exit status once the results are out: 0, or 1 with the plot's error on stderr."""
     if error is None:
         return 0
     print(f"lcsm-compile: error: {error}", file=sys.stderr)
