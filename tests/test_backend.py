@@ -293,7 +293,7 @@ def test_loop_benchmark_smoke():
     assert out["checkpoints"] == [16, 32, 40]
     assert eager["tokens_agree"] and eager["tokens_checked"] == 8  # run in full to 16 ...
     assert eager["estimated"] == {16: False, 32: True, 40: True}  # ... and estimated beyond,
-    assert eager["cum"][16] < eager["cum"][32] < eager["cum"][40]  # never below what was measured
+    assert eager["cum"][16] <= eager["cum"][32] <= eager["cum"][40]  # never below what was measured
     assert uncompiled["tokens_agree"] and uncompiled["tokens_checked"] == 32 and not any(uncompiled["estimated"].values())
     assert out["methods"]["lcsm"]["backend"]["kind"] == "decode"
     assert set(eager["over_lcsm"]) == set(out["checkpoints"]) and "lcsm_eager_step/lcsm" in loop.table(out)

@@ -40,6 +40,15 @@ def test_estimator_recovers_a_linear_cost(steps, window_s):
     assert len(est["samples"]) == 8
 
 
+def test_a_fitted_cost_below_zero_counts_as_zero():
+    """A fit tilted by noise (early steps timed slow) that crosses zero: the steps past the crossing
+    add nothing, so the total keeps what the positive steps cost and never shrinks with L."""
+    coef = [3e-3, -1e-5]  # cost(t) = 3e-3 - 1e-5 t: positive below t = 300, negative beyond
+    positive = sum(3e-3 - 1e-5 * t for t in range(300))
+    assert common.integrate_cost(coef, common.LINEAR, 300) == pytest.approx(positive, rel=1e-12)
+    assert common.integrate_cost(coef, common.LINEAR, 1000) == pytest.approx(positive, rel=1e-12)
+
+
 def test_estimator_recovers_an_nlogn_cost():
     a, b, L = 1e-4, 4e-9, 8192
     cost = lambda t: a + b * (t + 1) * math.log2(t + 2)

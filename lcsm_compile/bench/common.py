@@ -62,8 +62,10 @@ def fit_cost(ts, costs, basis=LINEAR):
 
 
 def integrate_cost(coef, basis, L):
-    """Sum of the fitted cost over every step t = 0..L-1 (an exact discrete sum, not an integral)."""
-    return float(basis_values(basis, np.arange(L)).sum(0) @ np.asarray(coef))
+    """Sum of the fitted cost over every step t = 0..L-1 (an exact discrete sum, not an integral).
+    A step the fit puts below zero counts as zero: noisy samples on a loaded machine can tilt the
+    fit, and no step costs less than nothing, so totals never shrink as L grows."""
+    return float(np.clip(basis_values(basis, np.arange(L)) @ np.asarray(coef), 0.0, None).sum())
 
 
 def sample_windows(step, L, positions=8, steps=40, max_window_s=0.5, clock=time.perf_counter):
