@@ -139,3 +139,12 @@ def test_quick_run_writes_png(quick_run):
     assert png.exists() and png.stat().st_size > 1000
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_the_run_keeps_its_results_and_skips_the_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "have_matplotlib", lambda: False)
+    assert mixer.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "mixer.json").read_text())["results"]
+    assert not (tmp_path / "mixer.png").exists()
+    out = capsys.readouterr().out
+    assert "no plot: matplotlib is not installed (pip install 'lcsm-compile[bench]')" in out and "lazy/fl" in out
