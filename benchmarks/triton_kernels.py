@@ -41,11 +41,12 @@ if not ARGS.interpret_smoke and not torch.cuda.is_available():
           "Use --interpret-smoke for a tiny correctness/timing run under the Triton interpreter.", file=sys.stderr)
     sys.exit(2)
 
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
-
 from lcsm_compile.kernels import reference  # noqa: E402
 from lcsm_compile.kernels import triton_common as common  # noqa: E402
+
+triton = common.require_triton()
+import triton.testing  # noqa: E402
+
 from lcsm_compile.kernels.triton_direct import direct_tile  # noqa: E402
 from lcsm_compile.kernels.triton_update import update  # noqa: E402
 

@@ -18,6 +18,20 @@ STATE_DTYPES = (torch.float32, torch.float64)
 _LAUNCHED: dict[tuple, int] = {}
 
 
+TRITON_MISSING = ("the Triton kernels need triton, which lcsm-compile installs only as an extra: "
+                  "pip install 'lcsm-compile[gpu]' (CUDA), or '[test]' for the CPU interpreter; "
+                  "the torch kernels (lcsm_compile.kernels.reference) need nothing more")
+
+
+def require_triton():
+    """`import triton`, or a ModuleNotFoundError naming the extra that installs it."""
+    try:
+        import triton
+    except ImportError as exc:
+        raise ModuleNotFoundError(TRITON_MISSING, name="triton") from exc
+    return triton
+
+
 def interpret_mode() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

@@ -15,11 +15,11 @@ import torch
 if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 
-import triton
-import triton.language as tl
-
 from lcsm_compile.errors import DTypeError, ShapeError
 from lcsm_compile.kernels import triton_common as common
+
+triton = common.require_triton()  # a clear error naming the [gpu] extra when triton is not installed
+import triton.language as tl  # noqa: E402
 
 
 # -- kernel -------------------------------------------------------------------------------------

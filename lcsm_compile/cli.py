@@ -3,7 +3,9 @@
 MODEL is `module:factory` or `path.py:factory` (the current directory is on sys.path for module
 specs); the factory returns a model or a (model, example_inputs) pair. For a bare model describe
 the example inputs: `--input-shape 2,64 --vocab 256` (token ids) or `--input-shape 2,64,16`
-(floats, `--dtype`). Errors are one line `lcsm-compile: error: ...` with exit status 2.
+(floats, `--dtype`). Errors are one line `lcsm-compile: error: ...` with exit status 2 (1 for an
+unexpected failure, 130 when interrupted, 141 quietly when the reader of stdout goes away). With
+--json, stdout holds the JSON alone: what the model prints meanwhile goes to stderr.
 
     detect MODEL            candidates, verdicts and reasons (exit 0 either way unless --strict)
     explain MODEL NAME      source lines and subgraph behind one candidate's verdict
@@ -20,6 +22,7 @@ LCSM_LOGS=detect,passes,schedule,kernels,backend (or all, +debug) logs each area
 
 import argparse
 import ast
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -30,6 +33,7 @@ import time
 import warnings
 
 from lcsm_compile import demo
+from lcsm_compile.bench.common import MATPLOTLIB_MISSING, have_matplotlib
 from lcsm_compile.errors import LcsmError, NotDecodable
 from lcsm_compile.logs import get_logger
 
@@ -47,6 +51,23 @@ def _quiet_warnings():
 
 def _dumps(data):
     return json.dumps(data, indent=2, default=str)
+
+
+def _print_json(args, data):
+    """The --json result, on the real stdout (main sends every other print to stderr meanwhile)."""
+    print(_dumps(data), file=args.stdout)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled):
+    """--json (and schedule --format dot): stdout carries the result alone. What the user's code prints
+    meanwhile (a configuration banner while the model is imported, built or captured, a print in
+    forward) goes to stderr."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 # -- loading and the shared pipeline ------------------------------------------------------------
@@ -111,7 +132,7 @@ def _long_sites(report):
 def _detect(args):
     report = _analyze(_load(args), args.capture)
     if args.json:
-        print(_dumps({"model": args.model, **json.loads(report.to_json())}))
+        _print_json(args, {"model": args.model, **json.loads(report.to_json())})
     else:
         print(report.table())
     return 1 if args.strict and not report.decodable else 0
@@ -280,7 +301,10 @@ def _explain(args):
     if args.name not in by_name:
         raise CliError(f"no candidate named {args.name!r}; valid names: {', '.join(by_name) or '(none)'}")
     data = _explain_data(report, by_name[args.name])
-    print(_dumps({"model": args.model, **data}) if args.json else _explain_text(data))
+    if args.json:
+        _print_json(args, {"model": args.model, **data})
+    else:
+        print(_explain_text(data))
     return 0
 
 
@@ -332,7 +356,7 @@ def _passes(args):
             if args.diff:
                 e["diff"] = _diff(prev[name], dump, entries, name)
             data["passes"].append(e)
-        print(_dumps(data))
+        _print_json(args, data)
         return 0
 
     out = []
@@ -381,9 +405,9 @@ def _schedule(args):
              len(data["tile_groups"]))
     fmt = "json" if args.json else args.format
     if fmt == "json":
-        print(_dumps({"model": args.model, **data}))
+        _print_json(args, {"model": args.model, **data})
     elif fmt == "dot":
-        print(sched.to_dot())
+        print(sched.to_dot(), file=args.stdout)
     else:
         print(sched.table())
     return 0
@@ -470,6 +494,10 @@ def _kernels(args):
 
     import torch
 
+    from lcsm_compile.kernels.triton_common import TRITON_MISSING
+
+    if args.check and importlib.util.find_spec("triton") is None:  # before loading anything
+        raise CliError(f"--check: {TRITON_MISSING}")
     cuda = torch.cuda.is_available()
     crossover = args.crossover or (tuning.crossover_for("cuda") if cuda else tuning.DEFAULTS["cuda"])
     if args.model:
@@ -506,7 +534,7 @@ def _kernels(args):
             log.info("check %s %s: rel err %s", spec["kernel"], spec["constexprs"], spec["rel_err"])
         failed = not all(s["passed"] for s in specs)
     if args.json:
-        print(_dumps(data))
+        _print_json(args, data)
         return 1 if failed else 0
     out = [f"Triton specialisations for {what}: {len(sites)} long conv(s), bank of {data['channels']} channels, max_len {max_len}, "
            f"crossover {crossover} (direct tiles U <= {crossover}), state {state}"]
@@ -565,7 +593,7 @@ def _verify(args):
         raise CliError(f"--prompt-lens: {bad} outside [1, {length}]")
     res = verify.teacher_forced(loaded.model, decoder, inputs, prompt_lens, tol=args.tol, progress=_progress(args))
     if args.json:
-        print(_dumps({"model": args.model, **res}))
+        _print_json(args, {"model": args.model, **res})
     else:
         out = [f"teacher-forced decoding of {args.model}: {length} positions, batch {inputs[0].shape[0]}, "
                f"reference = the model in float64, tol {args.tol:g}",
@@ -609,6 +637,8 @@ def _generate(step_fn, first, n, desc, show):
 def _bench(args):
     import torch
 
+    if args.plot and not have_matplotlib():  # before the run, not after it
+        raise CliError(f"--plot: {MATPLOTLIB_MISSING}")
     loaded = _load(args)
     decoder = _optimize(loaded, compile=args.compile)
     length = args.length or min(decoder.max_len, 256)
@@ -677,12 +707,16 @@ def _bench(args):
                    "ms_per_token": round(1e3 * sum(ts) / max(n, 1), 4), "tokens_per_s": round(n / max(sum(ts), 1e-12), 2),
                    "last_token_ms": round(1e3 * ts[-1], 4) if ts else None}
     data["speedup_steps"] = round(sum(naive_t) / max(sum(lcsm_t), 1e-12), 3)
-    if args.plot:
-        _plot(args.plot, P, rows, args.model)
-        data["plot"] = args.plot
+    plot_error = None
+    if args.plot:  # a failed plot is reported after the results, which are printed either way
+        try:
+            _plot(args.plot, P, rows, args.model)
+        except Exception as e:  # noqa: BLE001 - any failure to write the file
+            plot_error = f"--plot {args.plot}: {type(e).__name__}: {_one_line(e)} (the results above are complete)"
+        data["plot"] = None if plot_error else args.plot
     if args.json:
-        print(_dumps(data))
-        return 0
+        _print_json(args, data)
+        return _after_plot(plot_error)
     out = [f"greedy generation of {args.model}: prompt {P}, {n} steps to {length}, batch {data['batch']}, "
            f"{data['threads']} threads" if greedy else
            f"teacher-forced decoding of {args.model}: prompt {P}, {n} steps to {length}, batch {data['batch']}",
@@ -695,20 +729,26 @@ def _bench(args):
         out.append(f"lcsm step program compiled by inductor beforehand in {compile_s:.1f} s (not in the timings)")
     out.append(f"speedup (steps): {data['speedup_steps']:.2f}x" +
                (f"; same tokens: {'yes' if match else 'NO'}" if greedy else ""))
-    if args.plot:
+    if args.plot and not plot_error:
         out.append(f"plot written to {args.plot}")
     print("\n".join(out))
-    return 0
+    return _after_plot(plot_error)
+
+
+def _after_plot(error):
+    """Exit status once the results are out: 0, or 1 with the plot's error on stderr."""
+    if error is None:
+        return 0
+    print(f"lcsm-compile: error: {error}", file=sys.stderr)
+    return 1
 
 
 def _plot(path, P, rows, title):
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CliError("--plot needs matplotlib (pip install 'lcsm-compile[bench]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, (_, ts) in rows.items():
         ax.plot(range(P + 1, P + 1 + len(ts)), [1e3 * t for t in ts], label=name, linewidth=1)
@@ -729,7 +769,7 @@ def _tune(args):
 
     crossover, rows = tuning.tune(args.device, args.channels, args.max_size, save=not args.no_save)
     if args.json:
-        print(json.dumps({"device": args.device, "crossover": crossover, "rows": rows}))
+        _print_json(args, {"device": args.device, "crossover": crossover, "rows": rows})
         return
     print(f"{'U':>6} {'direct (us)':>12} {'fft (us)':>10}  faster")
     for U, direct, fft in rows:
@@ -834,15 +874,36 @@ def _one_line(exc):
     return text or type(exc).__name__
 
 
+def _closed_pipe():
+    """The reader of stdout went away (`lcsm-compile ... | head`): stop quietly with 128 + SIGPIPE,
+    as Unix tools do. Python would report the unflushed rest at exit: stdout goes to /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (tests capture it)
+        pass
+    return 141
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_warnings()
     lead = [a for a in argv[:3] if a != "--traceback"]
     if lead[:1] == ["bench"] and len(lead) > 1 and lead[1] in BENCHMARKS:  # forwards everything after it
-        return _bench_forward(lead[1], argv[argv.index(lead[1]) + 1 :])
+        try:
+            rc = _bench_forward(lead[1], argv[argv.index(lead[1]) + 1 :])
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return _closed_pipe()
+        return rc
     args = build_parser().parse_args(argv)
+    args.stdout = sys.stdout  # results; with --json or --format dot everything else printed goes to stderr
     try:
-        rc = args.run(args)
+        with _stdout_to_stderr(getattr(args, "json", False) or getattr(args, "format", None) in ("json", "dot")):
+            rc = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+    except BrokenPipeError:
+        return _closed_pipe()
     except LcsmError as e:  # our errors are meant for the user: one clear line, no traceback
         print(f"lcsm-compile: error: {_one_line(e)}", file=sys.stderr)
         if args.traceback:

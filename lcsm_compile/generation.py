@@ -196,7 +196,7 @@ def generate(
     generator: Optional[torch.Generator] = None,
     streamer=None,
     callback: Optional[Callable[[int, torch.Tensor], None]] = None,
-    progress: bool = False,
+    progress: Union[bool, str] = False,
     max_len: Optional[int] = None,
     on_max_len: str = "error",
 ) -> torch.Tensor:
@@ -213,7 +213,8 @@ def generate(
       per generated token, ``end()`` at the end.
     * ``callback(position, new_tokens [B])``: per generated token, ``position`` the 0-based index of the new token
       in the returned sequence (``P`` for the first one).
-    * ``progress``: a tqdm bar on stderr, total = the number of tokens that will be generated at most.
+    * ``progress``: a tqdm bar on stderr, total = the number of tokens that will be generated at most; a string
+      labels it.
     * ``max_len``: bound on ``P + max_new_tokens``; ``on_max_len="error"`` raises :class:`MaxLenExceeded` before
       any work, ``"truncate"`` warns and generates ``max_len - P`` tokens.
 
@@ -275,7 +276,7 @@ def generate(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, file=sys.stderr, disable=not progress, unit="tok")
+    bar = tqdm(total=n, file=sys.stderr, disable=not progress, unit="tok", desc=progress if isinstance(progress, str) else None)
     try:
         scores = last_scores("prefill", prefill(ids), P)
         V = scores.shape[-1]

@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from lcsm_compile.errors import DeviceError
+
 DEFAULTS = {"cpu": 16, "cuda": 64}
 
 
@@ -56,11 +58,29 @@ def _best_time(fn, repeats):
     return best
 
 
+def check_device(device) -> torch.device:
+    """`device` as a torch.device that can run here: cpu, or cuda[:N] with CUDA available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise DeviceError(f"device {device!r}: expected a CUDA device, but {why} (torch {torch.__version__}); "
+                              "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r}: expected an index below {torch.cuda.device_count()} (CUDA devices here)")
+    return dev
+
+
 def measure(device="cpu", channels=1024, max_size=256, repeats=20):
     """Time one direct and one FFT tile per size U on `device`; returns [(U, direct_s, fft_s)]."""
     from lcsm_compile.kernels import reference as k
 
-    device = torch.device(device)
+    device = check_device(device)
     rows = []
     U = 1
     while U <= max_size:

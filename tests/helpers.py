@@ -1,5 +1,5 @@
-"""Shared by the decoder and backend tests: the error measure and fresh random inputs shaped like a
-zoo model's example input."""
+"""Shared by several test files: the error measure, fresh random inputs shaped like a zoo model's
+example input, and an independent statement of the tuned crossover."""
 
 import torch
 
@@ -14,3 +14,13 @@ def random_inputs(example, length, batch=2):
     if example.is_floating_point():
         return torch.randn(batch, length, *example.shape[2:])
     return torch.randint(0, int(example.max()) + 1, (batch, length))
+
+
+def reference_crossover(rows):
+    """The largest tile size U whose direct tile is no slower than its FFT tile, at U and at every
+    smaller size: [(U, direct_s, fft_s)] -> U (1 when even U = 1 is faster by FFT)."""
+    best = 1
+    for i, (U, _, _) in enumerate(rows):
+        if all(d <= f for _, d, f in rows[: i + 1]):
+            best = U
+    return best

@@ -1,6 +1,7 @@
 """The generation benchmark's deterministic pieces and a --quick run's outputs.
 
-No timing assertions (these machines are noisy) beyond a generous estimator-vs-full-run factor.
+No timing assertions (these machines are noisy): how far the estimator lands from a full run is the
+benchmark's own output (its FLAG column), checked here only for consistency.
 """
 
 import argparse
@@ -107,12 +108,16 @@ def test_quick_run_covers_every_method_config_and_length(quick_run):
     for r in data["results"]:
         assert set(r["methods"]) == set(generate.METHODS)
         assert set(r["ratios"]) == {"lazy/flash", "naive/flash", "flash/floor", "step/eager"}
-        assert r["analyze_s"] > 0 and r["eager_forward_s"] > 0
-        for k, m in r["methods"].items():
-            assert m["time_s"] > 0 and m["us_per_token"] > 0, (r["L"], k)
-        for v in r["ratios"].values():
-            assert v > 0 and math.isfinite(v)
-        assert r["methods"]["flash"]["memory_bytes"] > 0 and r["methods"]["flash"]["build_s"] > 0
+        m = r["methods"]
+        for k in generate.METHODS:  # per token: the same run's time over the L - P generated tokens
+            assert m[k]["us_per_token"] == pytest.approx(1e6 * m[k]["time_s"] / (r["L"] - 16)), (r["L"], k)
+        for ratio, (a, b) in {"lazy/flash": ("lazy", "flash"), "naive/flash": ("naive", "flash"),
+                              "flash/floor": ("flash", "floor")}.items():
+            assert r["ratios"][ratio] == pytest.approx(m[a]["time_s"] / m[b]["time_s"])
+        # history + accumulators of the 64 long-conv channels at batch 1, float32: at least 2 * 64 * L * 4
+        assert m["flash"]["memory_bytes"] >= 2 * 64 * r["L"] * 4
+    small, large = data["results"]  # and the L-sized parts dominate: twice L, more than 1.5x the bytes
+    assert large["methods"]["flash"]["memory_bytes"] > 1.5 * small["methods"]["flash"]["memory_bytes"]
     assert set(data["fits"]["2x32"]) == set(generate.BASELINES)
 
 
@@ -131,19 +136,24 @@ def test_quick_run_flags_estimates(quick_run):
     small, large = data["results"]
     for k in generate.BASELINES:
         # --quick: every baseline runs in full at the smallest L and is estimated above it
-        assert small["methods"][k]["estimated"] is False and small["methods"][k]["measured_s"] > 0
+        assert small["methods"][k]["estimated"] is False and small["methods"][k]["time_s"] == small["methods"][k]["measured_s"]
         assert large["methods"][k]["estimated"] is True and large["methods"][k]["measured_s"] is None
         assert large["methods"][k]["time_s"] == large["methods"][k]["estimate_s"]
     for k in ("naive", "lazy"):  # exact baselines run in full generate flash's tokens
         assert small["methods"][k]["tokens_vs_flash"]["equal"]
 
 
-def test_quick_run_estimator_is_consistent_with_full_runs(quick_run):
+def test_quick_run_validates_the_estimator_against_full_runs(quick_run):
+    """Every baseline run in full is estimated too, and the row says how far apart they are (the
+    judgement of that distance is the benchmark's FLAG, not an assertion)."""
     _, data = quick_run
     rows = {(v["L"], v["method"]): v for v in data["validation"]}
     assert set(rows) == {(128, k) for k in generate.BASELINES}
-    for v in rows.values():
-        assert 0.25 < v["estimated_s"] / v["measured_s"] < 4.0, v  # generous: a shared, noisy machine
+    small = data["results"][0]["methods"]
+    for (_, k), v in rows.items():
+        assert v["measured_s"] == small[k]["measured_s"] and v["estimated_s"] == small[k]["estimate_s"]
+        assert v["deviation"] == pytest.approx((v["estimated_s"] - v["measured_s"]) / v["measured_s"])
+        assert v["flag"] == (abs(v["deviation"]) > common.DEVIATION_FLAG)
 
 
 def test_quick_run_writes_png(quick_run):

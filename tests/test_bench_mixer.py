@@ -40,6 +40,15 @@ def test_estimator_recovers_a_linear_cost(steps, window_s):
     assert len(est["samples"]) == 8
 
 
+def test_a_fitted_cost_below_zero_counts_as_zero():
+    """A fit tilted by noise (early steps timed slow) that crosses zero: the steps past the crossing
+    add nothing, so the total keeps what the positive steps cost and never shrinks with L."""
+    coef = [3e-3, -1e-5]  # cost(t) = 3e-3 - 1e-5 t: positive below t = 300, negative beyond
+    positive = sum(3e-3 - 1e-5 * t for t in range(300))
+    assert common.integrate_cost(coef, common.LINEAR, 300) == pytest.approx(positive, rel=1e-12)
+    assert common.integrate_cost(coef, common.LINEAR, 1000) == pytest.approx(positive, rel=1e-12)
+
+
 def test_estimator_recovers_an_nlogn_cost():
     a, b, L = 1e-4, 4e-9, 8192
     cost = lambda t: a + b * (t + 1) * math.log2(t + 2)
@@ -130,3 +139,12 @@ def test_quick_run_writes_png(quick_run):
     assert png.exists() and png.stat().st_size > 1000
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_the_run_keeps_its_results_and_skips_the_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "have_matplotlib", lambda: False)
+    assert mixer.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "mixer.json").read_text())["results"]
+    assert not (tmp_path / "mixer.png").exists()
+    out = capsys.readouterr().out
+    assert "no plot: matplotlib is not installed (pip install 'lcsm-compile[bench]')" in out and "lazy/fl" in out

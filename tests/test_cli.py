@@ -1,11 +1,12 @@
-"""`lcsm-compile` subcommands, each run as a subprocess on zoo models; JSON parsed and checked on
-real content. The subprocesses of the selected tests start together on first use (a few at a
-time, one torch thread each) so the file stays quick on a small machine.
+"""`lcsm-compile` subcommands on zoo models, run as `python -m lcsm_compile` subprocesses (JSON parsed
+and checked on its structure: candidate names come from `detect`, never from a pasted run) or in
+process where a stub or a monkeypatch is needed. The subprocesses of the selected tests start
+together on first use (a few at a time, one torch thread each) so the file stays quick on a small
+machine. Everything is written under a temporary folder.
 """
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -14,22 +15,46 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import reference_crossover
 from lcsm_compile import cli, loading, logs, tuning
-from lcsm_compile.pipeline import ANALYSIS_PASSES
+from lcsm_compile.pipeline import ANALYSIS_PASSES, PASS_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER2 = "examples.models.hyena:build_order2"
 ATTENTION = "examples.models.negatives:build_attention"
 WRAP = "examples.models.negatives:build_wrap_around"
-WORKDIR = ROOT / "build" / "test_cli"  # a fixed place: the commands are built before tmp_path exists
 
 FACTORIES = '''
 import torch
+from examples.models.continuous import HyenaRegressor
 from lcsm_compile.models.hyena import demo_lm
+
+print("factories: imported (a configuration banner)")
 
 
 def bare(n_layer=2):
     return demo_lm(n_layer=n_layer, d_model=16, vocab=32, max_len=64)
+
+
+def regressor():  # float inputs [B, L, 4]
+    return HyenaRegressor(d_input=4, d_model=16, d_output=2, max_len=48).eval()
+
+
+class Chatty(torch.nn.Module):
+    """Prints while it is built and at every forward, as some public models do."""
+
+    def __init__(self):
+        super().__init__()
+        print("chatty: building")
+        self.inner, self.max_len = demo_lm(n_layer=1, d_model=16, vocab=32, max_len=32), 32
+
+    def forward(self, ids):
+        print("chatty: forward")
+        return self.inner(ids)
+
+
+def chatty():
+    return Chatty().eval()
 
 
 def wrong():
@@ -40,55 +65,61 @@ def boom():
     raise ValueError("bad config")
 '''
 
-BARE = str(WORKDIR / "factories.py") + ":bare"  # a 1-layer Hyena LM from a file, inputs described by options
+# {dir} is the run's temporary folder (it holds factories.py, the dumps, the plot and the cache)
+BARE = "{dir}/factories.py:bare"  # a 1-layer Hyena LM from a file, inputs described by options
 BARE_OPTS = ["--input-shape", "1,32", "--vocab", "32", "--arg", "n_layer=1"]
 
 # name -> (argv after `lcsm-compile`, extra env)
 COMMANDS = {
     "detect_order2": (["detect", ORDER2, "--json"], {"LCSM_LOGS": "detect"}),
+    "detect_order2_dynamo": (["detect", ORDER2, "--capture", "dynamo", "--json"], {}),
     "detect_attention": (["detect", ATTENTION, "--json"], {}),
+    "detect_wrap": (["detect", WRAP, "--json"], {}),
     "detect_bare_file": (["detect", BARE, *BARE_OPTS, "--json"], {}),
-    "explain_accepted": (["explain", ORDER2, "fft_irfft", "--json"], {}),
-    "explain_rejected": (["explain", WRAP, "fft_irfft"], {}),
-    "passes_json": (["passes", ORDER2, "--json", "--timing", "--diff", "--print-after", "layer_schedule"], {"LCSM_LOGS": "passes"}),
+    "passes_json": (["passes", ORDER2, "--json", "--timing", "--diff", "--print-after", "layer_schedule",
+                     "--print-after", "time_axis", "--print-before", "detect"], {"LCSM_LOGS": "passes"}),
     "passes_stop": (["passes", BARE, *BARE_OPTS, "--stop-after", "detect", "--print-after-all", "--timing"], {}),
     "schedule_json": (["schedule", ORDER2, "--format", "json"], {}),
     "schedule_dot": (["schedule", BARE, *BARE_OPTS, "--format", "dot"], {}),
-    "kernels_model": (["kernels", ORDER2, "--check", "--dump", str(WORKDIR / "kernels"), "--json"], {}),
-    "kernels_bank": (["kernels", "--channels", "37", "--max-len", "64", "--crossover", "4"], {}),
-    "verify": (["verify", ORDER2, "--json", "--prompt-lens", "1,20,63"], {}),
+    "kernels_model": (["kernels", ORDER2, "--check", "--dump", "{dir}/kernels", "--json"], {}),
+    "kernels_bank": (["kernels", "--channels", "37", "--max-len", "64", "--crossover", "4", "--json"], {}),
+    "verify": (["verify", ORDER2, "--json", "--length", "48", "--prompt-lens", "1,20,47"], {}),
     "verify_fail": (["verify", BARE, *BARE_OPTS, "--tol", "0", "--prompt-lens", "30", "--no-progress"], {}),
-    "bench": (["bench", ORDER2, "--length", "40", "--prompt", "8", "--json", "--plot", str(WORKDIR / "bench.png")], {}),
+    "verify_floats": (["verify", "{dir}/factories.py:regressor", "--input-shape", "2,24,4", "--dtype", "float32",
+                       "--json"], {}),
+    "verify_chatty": (["verify", "{dir}/factories.py:chatty", "--input-shape", "1,16", "--vocab", "32",
+                       "--prompt-lens", "1,15", "--json"], {}),
+    "bench": (["bench", ORDER2, "--length", "40", "--prompt", "8", "--json", "--plot", "{dir}/bench.png"], {}),
     "bench_compiled": (["bench", BARE, *BARE_OPTS, "--length", "24", "--prompt", "4", "--compile", "--json"], {}),
-    "tune": (["tune", "--channels", "64", "--max-size", "16", "--json"], {"LCSM_CACHE_DIR": str(WORKDIR / "cache")}),
+    "tune": (["tune", "--channels", "64", "--max-size", "16", "--json"], {"LCSM_CACHE_DIR": "{dir}/cache"}),
     "demo": (["demo", "--layers", "1", "--d-model", "16", "--vocab", "32", "--prompt", "8", "--tokens", "40",
               "--verify-len", "48", "--json"], {}),
     "bad_spec": (["detect", "no_colon_here"], {}),
 }
 
 
-def _run(argv, env):
-    full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+def _run(argv, env, folder):
+    sub = lambda s: s.replace("{dir}", str(folder))  # noqa: E731
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **{k: sub(v) for k, v in env.items()}}
     if "LCSM_LOGS" not in env:
         full.pop("LCSM_LOGS", None)
     full["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [full.get("PYTHONPATH")] if p])
-    return subprocess.run([sys.executable, "-m", "lcsm_compile.cli", *argv], cwd=ROOT, env=full,
+    return subprocess.run([sys.executable, "-m", "lcsm_compile", *map(sub, argv)], cwd=folder, env=full,
                           capture_output=True, text=True, timeout=600)
 
 
 class Runs:
     """Starts the commands every selected test declared (@uses) on first use."""
 
-    def __init__(self, names):
-        WORKDIR.mkdir(parents=True, exist_ok=True)
-        (WORKDIR / "factories.py").write_text(FACTORIES)
-        shutil.rmtree(WORKDIR / "cache", ignore_errors=True)  # `tune` must write the cache itself
+    def __init__(self, names, folder):
+        self.dir = folder
+        (folder / "factories.py").write_text(FACTORIES)
         self.pool = ThreadPoolExecutor(max_workers=3)
-        self.futures = {n: self.pool.submit(_run, *COMMANDS[n]) for n in names}
+        self.futures = {n: self.pool.submit(_run, *COMMANDS[n], folder) for n in names}
 
     def __getitem__(self, name):
         if name not in self.futures:
-            self.futures[name] = self.pool.submit(_run, *COMMANDS[name])
+            self.futures[name] = self.pool.submit(_run, *COMMANDS[name], self.dir)
         return self.futures[name].result()
 
 
@@ -101,11 +132,11 @@ def uses(*names):
 
 
 @pytest.fixture(scope="module")
-def runs(request):
+def runs(request, tmp_path_factory):
     names = []
     for item in request.session.items:
         names += [n for n in getattr(getattr(item, "function", None), "cli_runs", ()) if n not in names]
-    r = Runs(names)
+    r = Runs(names, tmp_path_factory.mktemp("cli"))
     yield r
     r.pool.shutdown(wait=True)
 
@@ -123,26 +154,44 @@ def _one_error_line(proc):
     return lines[0]
 
 
+def _layer(c):
+    """blocks.N of a candidate's module path."""
+    return ".".join(c["module_path"].split(".")[:2])
+
+
+def _sites(detect):
+    """(short, long) candidate names per layer of a Hyena LM, in layer order, from `detect --json`."""
+    by_layer = {}
+    for c in detect["candidates"]:
+        by_layer.setdefault(_layer(c), {})[c["kind"]] = c["name"]
+    return [(by_layer[k]["short"], by_layer[k]["long"]) for k in sorted(by_layer)]
+
+
 # -- detect -------------------------------------------------------------------------------------
 
-@uses("detect_order2")
-def test_detect_json_accepts_hyena(runs):
-    proc = runs["detect_order2"]
-    data = _json(proc)
-    assert proc.returncode == 0 and data["decodable"] is True and data["model"] == ORDER2
-    verdicts = {c["name"]: (c["kind"], c["verdict"]) for c in data["candidates"]}
-    assert verdicts == {"conv1d": ("short", "ACCEPTED"), "fft_irfft": ("long", "ACCEPTED"),
-                        "conv1d_1": ("short", "ACCEPTED"), "fft_irfft_1": ("long", "ACCEPTED")}
-    assert [p["name"] for p in data["passes"]] == list(ANALYSIS_PASSES)
+@uses("detect_order2", "detect_order2_dynamo")
+def test_detect_json_accepts_hyena_at_both_capture_levels(runs):
+    for name, level in (("detect_order2", "export"), ("detect_order2_dynamo", "dynamo")):
+        proc = runs[name]
+        data = _json(proc)
+        assert proc.returncode == 0 and data["decodable"] is True and data["model"] == ORDER2
+        assert data["capture"]["level"] == level
+        # two layers, each one short and one long convolution, all accepted
+        assert sorted((_layer(c), c["kind"], c["verdict"]) for c in data["candidates"]) == [
+            ("blocks.0", "long", "ACCEPTED"), ("blocks.0", "short", "ACCEPTED"),
+            ("blocks.1", "long", "ACCEPTED"), ("blocks.1", "short", "ACCEPTED")]
+        assert {c["channels"] for c in data["candidates"] if c["kind"] == "long"} == {32}
+        assert [p["name"] for p in data["passes"]] == list(ANALYSIS_PASSES)
 
 
 @uses("detect_order2")
 def test_lcsm_logs_detect_writes_log_lines(runs):
-    err = runs["detect_order2"].stderr
-    lines = [ln for ln in err.splitlines() if ln.startswith("[lcsm detect]")]
-    assert any("fft_irfft: fft_conv long ACCEPTED" in ln for ln in lines), err[-2000:]
+    proc = runs["detect_order2"]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("[lcsm detect]")]
+    for c in _json(proc)["candidates"]:  # one line per candidate, with its verdict
+        assert any(c["name"] in ln and "ACCEPTED" in ln for ln in lines), (c["name"], proc.stderr[-2000:])
     assert any("decodable=True" in ln for ln in lines)
-    assert "[lcsm passes]" not in err  # only the areas asked for
+    assert "[lcsm passes]" not in proc.stderr  # only the areas asked for
 
 
 @uses("detect_attention")
@@ -150,8 +199,9 @@ def test_detect_non_decodable_is_a_result_not_an_error(runs):
     proc = runs["detect_attention"]
     data = _json(proc)
     assert proc.returncode == 0 and data["decodable"] is False
-    sdpa = [c for c in data["candidates"] if c["verdict"] == "REJECTED"]
-    assert [(c["name"], c["reason"]) for c in sdpa] == [("scaled_dot_product_attention", "TIME_MIXING_OP")]
+    rejected = [c for c in data["candidates"] if c["verdict"] == "REJECTED"]
+    assert [c["reason"] for c in rejected] == ["TIME_MIXING_OP"]
+    assert "attention" in (rejected[0]["spelling"] + rejected[0]["explanation"]).lower()
 
 
 def _stub_pipeline(monkeypatch):
@@ -187,46 +237,99 @@ def test_detect_bare_model_from_a_file_with_input_options(runs):
     assert sorted(c["kind"] for c in data["candidates"]) == ["long", "short"]
 
 
-# -- explain ------------------------------------------------------------------------------------
+# -- --json: only JSON on stdout ----------------------------------------------------------------
 
-@uses("explain_accepted")
-def test_explain_accepted_candidate(runs):
-    data = _json(runs["explain_accepted"])
-    assert data["name"] == "fft_irfft" and data["verdict"] == "ACCEPTED"
-    assert [m["path"] for m in data["module_stack"]][-1] == "blocks.0.mixer.filter_fn"
-    assert any(s["file"].endswith("hyena.py") and "fftconv_ref" in s["code"] for s in data["source_lines"])
-    roles = {n["name"]: n["role"] for n in data["subgraph"]}
-    assert roles["fft_irfft"] == "conv" and "input" in roles.values() and "output" in roles.values()
-    assert "filter" in roles.values()  # the implicit filter MLP behind the verdict
-    assert "fft_irfft_1" not in roles  # the other layer's convolution is not part of this one
-    assert "stack_trace" in data and "hyena.py" in data["stack_trace"]
-
-
-@uses("explain_rejected")
-def test_explain_rejected_candidate(runs):
-    proc = runs["explain_rejected"]
+@uses("verify_chatty")
+def test_json_stdout_holds_only_json_while_the_model_prints(runs):
+    """The factory file prints when imported, the model when built and at every forward (capture,
+    the float64 reference): all of it goes to stderr, stdout parses as one JSON document."""
+    proc = runs["verify_chatty"]
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "REJECTED WRAP_AROUND" in proc.stdout and "circular convolution" in proc.stdout
-    assert "examples/models/negatives.py:68 in forward" in proc.stdout  # the irfft line of FixedSizeFFTConv
-    assert "! %fft_irfft" in proc.stdout and "> %getitem_1" in proc.stdout and "f %fft_rfft " in proc.stdout
-    assert "torch/" not in proc.stdout.split("subgraph:")[0]  # source lines are the user's, not torch's
+    data = json.loads(proc.stdout)
+    assert data["passed"] is True and [r["prompt_len"] for r in data["runs"]] == [1, 15]
+    for banner in ("factories: imported", "chatty: building", "chatty: forward"):
+        assert banner in proc.stderr and banner not in proc.stdout
+
+
+def test_without_json_the_users_prints_stay_on_stdout(tmp_path, capsys):
+    """The redirection is for --json only; a table run prints what the model prints where it did."""
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    spec = f"{tmp_path}/factories.py:chatty"
+    args = cli.build_parser().parse_args(["detect", spec, "--input-shape", "1,8", "--vocab", "32"])
+    args.stdout = sys.stdout
+    with cli._stdout_to_stderr(False):
+        cli._load(args)
+    assert "chatty: building" in capsys.readouterr().out
+    with cli._stdout_to_stderr(True):
+        cli._load(args)
+    out, err = capsys.readouterr()
+    assert "chatty: building" in err and out == ""
+
+
+# -- explain (in process: the candidate's name comes from the detect run) ------------------------
+
+def _explain(capsys, spec, name, *flags):
+    assert cli.main(["explain", spec, name, *flags]) == 0
+    return capsys.readouterr().out
+
+
+def _resolve(file):
+    path = Path(file)
+    return path if path.is_absolute() else Path.cwd() / path
+
+
+@uses("detect_order2")
+def test_explain_accepted_candidate(runs, capsys):
+    (_, long0), (_, long1) = _sites(_json(runs["detect_order2"]))
+    data = json.loads(_explain(capsys, ORDER2, long0, "--json"))
+    assert data["name"] == long0 and data["verdict"] == "ACCEPTED"
+    assert [m["path"] for m in data["module_stack"]][-1] == "blocks.0.mixer.filter_fn"
+    assert any(_resolve(s["file"]).parts[-2:] == ("models", "hyena.py") and "fftconv_ref" in s["code"]
+               for s in data["source_lines"])
+    roles = {n["name"]: n["role"] for n in data["subgraph"]}
+    assert roles[long0] == "conv" and {"input", "output", "filter"} <= set(roles.values())
+    assert long1 not in roles  # the other layer's convolution is not part of this one
+    assert "hyena.py" in data["stack_trace"]
+
+
+@uses("detect_wrap")
+def test_explain_rejected_candidate_text_matches_its_json(runs, capsys):
+    (cand,) = [c for c in _json(runs["detect_wrap"])["candidates"] if c["reason"] == "WRAP_AROUND"]
+    data = json.loads(_explain(capsys, WRAP, cand["name"], "--json"))
+    assert data["verdict"] == "REJECTED" and data["reason"] == "WRAP_AROUND" and data["offending"]
+    # the source line of the offending irfft, found in the file itself rather than pasted from a run
+    src = ROOT / "examples" / "models" / "negatives.py"
+    lines = src.read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("class FixedSizeFFTConv"))
+    irfft = next(i + 1 for i in range(start, len(lines)) if "torch.fft.irfft" in lines[i])
+    assert any(_resolve(s["file"]) == src and s["line"] == irfft and s["function"] == "forward"
+               for s in data["source_lines"])
+    assert all("torch" + os.sep not in s["file"] for s in data["source_lines"])  # the user's frames, not torch's
+
+    text = _explain(capsys, WRAP, cand["name"])  # the text rendering shows the same pieces
+    assert text.splitlines()[0] == f"{cand['name']}: {data['spelling']} ({data['kind']}) REJECTED WRAP_AROUND"
+    for s in data["source_lines"]:
+        assert f"{s['file']}:{s['line']} in {s['function']}" in text
+    marks = {"offending": "!", "input": ">", "output": "<", "filter": "f"}
+    for n in data["subgraph"]:
+        if n["role"] in marks and len(n["name"]) <= 24:
+            assert f"{marks[n['role']]} %{n['name']}" in text, n
 
 
 # -- passes -------------------------------------------------------------------------------------
 
 @uses("passes_json", "passes_stop")
-def test_passes_json_timing_diff_and_stop_after(runs):
+def test_passes_json_timing_diff_print_before_and_stop_after(runs):
     proc = runs["passes_json"]
     data = _json(proc)
     names = [p["name"] for p in data["passes"]]
-    assert names[: len(ANALYSIS_PASSES)] == list(ANALYSIS_PASSES)
-    assert "decode_rewrite" in names
-    assert all(p["seconds"] >= 0 for p in data["passes"]) and data["passes"][0]["seconds"] > 0
+    assert names == list(PASS_NAMES)
+    by = {p["name"]: p for p in data["passes"]}
     assert data["total_seconds"] == pytest.approx(sum(p["seconds"] for p in data["passes"]), abs=1e-2)
-    rewrite = data["passes"][names.index("decode_rewrite")]
-    assert rewrite["diff"].startswith("--- after safety_net") and "lcsm.conv_step" in rewrite["diff"]
-    if "layer_schedule" in names:
-        assert "critical path" in data["passes"][names.index("layer_schedule")]["dump"]
+    assert by["detect"]["before"] == by["time_axis"]["dump"]  # --print-before: the previous pass's output
+    assert "before" not in by["time_axis"] and "dump" not in by["detect"]  # only what was asked for
+    assert by["decode_rewrite"]["diff"].startswith("--- after safety_net") and "lcsm.conv_step" in by["decode_rewrite"]["diff"]
+    assert "critical path" in by["layer_schedule"]["dump"]
     assert "[lcsm passes] pass capture" in proc.stderr
 
     stop = runs["passes_stop"]  # the 1-layer model from a file
@@ -239,32 +342,33 @@ def test_passes_json_timing_diff_and_stop_after(runs):
 
 # -- schedule -----------------------------------------------------------------------------------
 
-@uses("schedule_json", "schedule_dot")
+@uses("schedule_json", "schedule_dot", "detect_order2", "detect_bare_file")
 def test_schedule_json_and_dot(runs):
-    proc = runs["schedule_json"]
-    if proc.returncode == 2 and "no layer schedule" in proc.stderr:
-        pytest.skip("decoder.schedule is not in this build yet")
-    data = _json(proc)
-    assert data["levels"] == [["conv1d"], ["fft_irfft"], ["conv1d_1"], ["fft_irfft_1"]]
-    assert data["critical_path"] == ["conv1d", "fft_irfft", "conv1d_1", "fft_irfft_1"]
+    data = _json(runs["schedule_json"])
+    sites = _sites(_json(runs["detect_order2"]))
+    chain = [name for pair in sites for name in pair]  # short0 -> long0 -> short1 -> long1
+    assert data["levels"] == [[n] for n in chain] and data["critical_path"] == chain
     groups = data["tile_groups"]
-    assert [g["size"] for g in groups][:3] == [1, 2, 4]
-    assert all(g["sites"] == ["fft_irfft", "fft_irfft_1"] and g["channels"] == 64 for g in groups)
+    assert [g["size"] for g in groups] == [2**k for k in range(9)]  # every tile size below max_len 320
+    longs = [long for _, long in sites]
+    assert all(g["sites"] == longs and g["channels"] == 64 and g["every"] == 2 * g["size"] for g in groups)
     dot = runs["schedule_dot"]  # the 1-layer model from a file
     assert dot.returncode == 0, dot.stderr[-2000:]
-    assert dot.stdout.startswith("digraph") and '"conv1d" -> "fft_irfft"' in dot.stdout
+    ((short, long),) = _sites(_json(runs["detect_bare_file"]))
+    assert dot.stdout.startswith("digraph") and f'"{short}" -> "{long}"' in dot.stdout
 
 
 # -- kernels ------------------------------------------------------------------------------------
 
-@uses("kernels_model", "kernels_bank")
+@uses("kernels_model", "kernels_bank", "detect_order2")
 def test_kernels_check_and_dump(runs):
     proc = runs["kernels_model"]
     data = _json(proc)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ks = data["kernels"]
     update = [k for k in ks if k["kernel"] == "update"]
-    assert len(update) == 1 and update[0]["constexprs"] == {"BLOCK_C": 32} and update[0]["sites"] == ["fft_irfft", "fft_irfft_1"]
+    longs = [long for _, long in _sites(_json(runs["detect_order2"]))]
+    assert len(update) == 1 and update[0]["constexprs"] == {"BLOCK_C": 32} and update[0]["sites"] == longs
     sizes = [k["constexprs"]["U"] for k in ks if k["kernel"] == "direct_tile"]
     assert sizes == [U for U in (1, 2, 4, 8, 16, 32, 64) if U <= data["crossover"]]
     for k in ks:  # each specialisation against its torch reference (TRITON_INTERPRET=1 here)
@@ -273,32 +377,63 @@ def test_kernels_check_and_dump(runs):
     assert launched == {(k["kernel"], tuple(sorted(k["constexprs"].items()))) for k in ks}
     files = sorted(Path(p).name for p in data["dumped"])
     assert len(files) == len(ks) and "update_BLOCK_C32_float32_io-float32.py" in files
-    src = (WORKDIR / "kernels" / "direct_tile_U4_BLOCK_C64_float32.py").read_text()
+    src = (runs.dir / "kernels" / "direct_tile_U4_BLOCK_C64_float32.py").read_text()
     compile(src, "dumped", "exec")
     assert "@triton.jit" in src and "def _direct_tile_kernel(" in src and '"U": 4' in src
 
-    bank = runs["kernels_bank"]
-    assert bank.returncode == 0, bank.stderr[-2000:]
-    assert "update       BLOCK_C=64" in bank.stdout and "U=4, BLOCK_C=64" in bank.stdout and "U=8" not in bank.stdout
-    assert "FFT tiles U in [8, 16, 32]" in bank.stdout
+    bank = _json(runs["kernels_bank"])  # 37 channels, max_len 64, crossover 4: tiles 1, 2, 4 direct
+    assert [(k["kernel"], k["constexprs"]) for k in bank["kernels"]] == [
+        ("update", {"BLOCK_C": 64}), ("direct_tile", {"U": 1, "BLOCK_C": 64}),
+        ("direct_tile", {"U": 2, "BLOCK_C": 64}), ("direct_tile", {"U": 4, "BLOCK_C": 64})]
+    assert bank["fft_tile_sizes"] == [8, 16, 32] and bank["channels"] == 37
+
+
+def test_kernels_check_without_triton_names_the_extra(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("checked after loading the model"))
+    assert cli.main(["kernels", "m:f", "--check"]) == 2
+    assert "lcsm-compile[gpu]" in capsys.readouterr().err
 
 
 # -- verify -------------------------------------------------------------------------------------
 
-@uses("verify", "verify_fail")
+@uses("verify", "verify_fail", "verify_floats")
 def test_verify_teacher_forced(runs):
     proc = runs["verify"]
     data = _json(proc)
-    assert proc.returncode == 0 and data["passed"] is True and data["length"] == 64
-    assert [r["prompt_len"] for r in data["runs"]] == [1, 20, 63]
-    assert all(r["max_rel_err"] < 1e-5 and r["steps"] == 64 - r["prompt_len"] for r in data["runs"])
-    assert 0 < data["max_rel_err"] < 1e-5
+    assert proc.returncode == 0 and data["passed"] is True and data["length"] == 48  # --length
+    assert [r["prompt_len"] for r in data["runs"]] == [1, 20, 47]
+    assert all(r["max_rel_err"] < 1e-5 and r["steps"] == 48 - r["prompt_len"] for r in data["runs"])
+    assert data["max_rel_err"] == max(r["max_rel_err"] for r in data["runs"])
+
     fail = runs["verify_fail"]  # tol 0: no float32 decode is bit-exact with the float64 model
     assert fail.returncode == 1, fail.stderr[-2000:]
-    assert "FAIL: max relative error" in fail.stdout and "     30      2" in fail.stdout
+    lines = fail.stdout.splitlines()
+    row = next(ln.split() for ln in lines if ln.split()[:1] == ["30"])
+    assert row[1] == "2" and float(row[2]) > 0  # prompt 30, 2 steps to the example length 32
+    assert lines[-1].startswith("FAIL: max relative error")
+
+    floats = _json(runs["verify_floats"])  # a bare model on float inputs described by --input-shape/--dtype
+    assert floats["passed"] is True and floats["length"] == 24 and floats["max_rel_err"] < 1e-5
 
 
 # -- bench --------------------------------------------------------------------------------------
+
+def _check_timings(data):
+    """The figures of one bench run agree with each other (they are derived from the same times)."""
+    n = data["steps"]
+    for k in ("eager_recompute", "lcsm"):
+        d = data[k]
+        assert d["total_s"] == pytest.approx(d["prefill_s"] + d["steps_s"], abs=2e-5)
+        assert d["ms_per_token"] == pytest.approx(1e3 * d["steps_s"] / n, rel=1e-3, abs=1e-3)
+        assert d["tokens_per_s"] == pytest.approx(n / d["steps_s"], rel=5e-3)
+        assert d["last_token_ms"] <= 1e3 * d["steps_s"] + 1e-3
+    speedup = data["eager_recompute"]["steps_s"] / data["lcsm"]["steps_s"]
+    assert data["speedup_steps"] == pytest.approx(speedup, rel=1e-2)
+
 
 @uses("bench")
 def test_bench_greedy(runs):
@@ -306,15 +441,46 @@ def test_bench_greedy(runs):
     data = _json(proc)
     assert proc.returncode == 0 and data["mode"] == "greedy" and data["steps"] == 40 - 8 - 1
     assert data["tokens_match"] is True  # the decoder generates what the eager model generates
-    assert data["lcsm"]["tokens_per_s"] > 0 and data["eager_recompute"]["tokens_per_s"] > 0
-    assert (WORKDIR / "bench.png").stat().st_size > 1000 and data["compiled_step"] is False
+    _check_timings(data)
+    png = runs.dir / "bench.png"
+    assert data["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["compiled_step"] is False and data["compile_s"] is None
 
 
 @uses("bench_compiled")
 def test_bench_compiled_step(runs):
     data = _json(runs["bench_compiled"])
-    assert data["compiled_step"] is True and data["compile_s"] > 0 and data["steps"] == 24 - 4 - 1
+    assert data["compiled_step"] is True and isinstance(data["compile_s"], float) and data["steps"] == 24 - 4 - 1
     assert data["tokens_match"] is True
+    _check_timings(data)
+
+
+def test_bench_plot_without_matplotlib_fails_before_the_run(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "have_matplotlib", lambda: False)
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the check"))
+    assert cli.main(["bench", "m:f", "--plot", "out.png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--plot" in err[0] and "lcsm-compile[bench]" in err[0]
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_bench_results_survive_a_failing_plot(as_json, monkeypatch, capsys, tmp_path):
+    """The plot is written after the run: if that fails, the finished results are still printed."""
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cli, "_plot", broken)
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    argv = ["bench", f"{tmp_path}/factories.py:bare", *BARE_OPTS, "--length", "12", "--prompt", "4", "--no-progress",
+            "--plot", str(tmp_path / "p.png")] + (["--json"] if as_json else [])
+    assert cli.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "OSError: disk full" in err and "the results above are complete" in err
+    if as_json:
+        data = json.loads(out)
+        assert data["plot"] is None and data["steps"] == 12 - 4 - 1 and data["tokens_match"] is True
+    else:
+        assert "speedup (steps):" in out and "plot written" not in out
 
 
 @pytest.mark.parametrize("argv,usage", [(["bench", "mixer", "--help"], "usage: lcsm-compile bench mixer"),
@@ -331,11 +497,30 @@ def test_bench_mixer_and_generate_are_wired(argv, usage, capsys):
 def test_tune_measures_chooses_and_caches(runs):
     data = _json(runs["tune"])
     assert [r[0] for r in data["rows"]] == [1, 2, 4, 8, 16]
-    assert all(direct > 0 and fft > 0 for _, direct, fft in data["rows"])
-    assert data["crossover"] == tuning.choose_crossover(data["rows"])
-    cache = json.loads((WORKDIR / "cache" / "tuning.json").read_text())
+    assert data["crossover"] == reference_crossover(data["rows"])
+    cache = json.loads((runs.dir / "cache" / "tuning.json").read_text())
     (entry,) = cache.values()
-    assert entry["crossover"] == data["crossover"] and entry["channels"] == 64
+    assert entry["crossover"] == data["crossover"] and entry["channels"] == 64 and entry["rows"] == data["rows"]
+
+
+def test_tune_no_save_prints_without_caching(monkeypatch, capsys, tmp_path):
+    rows = [(1, 1e-6, 5e-6), (2, 2e-6, 5e-6), (4, 9e-6, 5e-6), (8, 1e-6, 9e-6)]  # direct wins to 2, then 4 breaks it
+    monkeypatch.setenv("LCSM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "measure", lambda device, channels, max_size: rows)
+    assert cli.main(["tune", "--no-save"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "crossover = 2 (largest tile computed directly; not saved)"
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main(["tune"]) == 0  # and without --no-save it is written
+    assert json.loads((tmp_path / "tuning.json").read_text())[tuning.device_key("cpu")]["crossover"] == 2
+
+
+def test_tune_on_a_device_that_is_not_here_is_a_device_error(capsys):
+    device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    for dev, expect in ((device, "expected a"), ("gpu", "expected 'cpu' or 'cuda[:N]'")):
+        assert cli.main(["tune", "--device", dev]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lcsm-compile: error: device") and expect in err[0], err
 
 
 @uses("demo")
@@ -343,11 +528,27 @@ def test_demo_is_exact_and_matches_the_naive_loop(runs):
     data = _json(runs["demo"])
     assert data["exactness"]["passed"] is True and data["long_convs"] == 1
     assert [r["prompt_len"] for r in data["exactness"]["runs"]] == [1, 37]
-    assert all(0 < r["max_rel_err"] < 1e-5 for r in data["exactness"]["runs"])
-    assert data["tokens_identical"] == 40 and data["lcsm_s"] > 0 and data["state_bytes"] > 0
+    assert all(r["max_rel_err"] < 1e-5 for r in data["exactness"]["runs"])
+    assert data["tokens_identical"] == 40 and isinstance(data["compile_s"], float)
+    assert data["speedup"] == pytest.approx(data["naive_s"] / data["lcsm_s"], rel=1e-2)
 
 
-# -- errors -------------------------------------------------------------------------------------
+def test_demo_help_describes_every_option(capsys):
+    import argparse
+
+    from lcsm_compile import demo
+
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    out = capsys.readouterr().out
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    for action in parser._actions:
+        assert action.help, action.option_strings  # argparse prints nothing for an option without help
+        assert action.option_strings[-1] in out
+
+
+# -- errors and exit codes ----------------------------------------------------------------------
 
 @uses("bad_spec")
 def test_errors_are_one_line_exit_2(runs):
@@ -370,6 +571,36 @@ def test_error_messages_in_process(argv, expect, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and expect in err[0], err
 
+
+@pytest.mark.parametrize("raised,rc,expect", [
+    (RuntimeError("inside the pipeline"), 1, "lcsm-compile: error: RuntimeError: inside the pipeline (rerun with --traceback"),
+    (KeyboardInterrupt(), 130, "lcsm-compile: interrupted"),
+])
+def test_unexpected_error_and_interrupt_exit_codes(raised, rc, expect, monkeypatch, capsys):
+    def run(args):
+        raise raised
+
+    monkeypatch.setattr(cli, "_tune", run)
+    assert cli.main(["tune"]) == rc
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expect), err
+    if rc == 1:  # --traceback shows the real exception instead
+        with pytest.raises(RuntimeError, match="inside the pipeline"):
+            cli.main(["--traceback", "tune"])
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["table", "json"])
+def test_a_closed_stdout_pipe_ends_quietly(json_flag):
+    """`lcsm-compile ... | head`: the reader is gone before the output is written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lcsm_compile", "tune", "--channels", "4", "--max-size", "2",
+                             "--no-save", *json_flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == ""
+
+
+# -- loading ------------------------------------------------------------------------------------
 
 def test_lcsm_logs_parsing():
     levels, unknown = logs.parse("detect, passes+debug, bogus")
@@ -404,3 +635,24 @@ def test_bare_embedding_model_gets_token_ids_without_vocab(tmp_path):
     assert 0 <= int(loaded.inputs[0].min()) and int(loaded.inputs[0].max()) < 32
     floats = loading.load(f"{tmp_path}/factories.py:bare", input_shape="1,8,4", dtype="float32")
     assert not floats.tokens and floats.inputs[0].shape == (1, 8, 4)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16", "int32"])
+def test_dtype_and_seed_options_shape_the_example_inputs(dtype, tmp_path):
+    """--dtype sets the example's dtype, --seed its values: the same seed gives the same inputs,
+    another seed others, matching torch's generator seeded by hand."""
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    opts = ["--input-shape", "2,16"] + (["--vocab", "32"] if dtype == "int32" else [])
+
+    def example(seed):
+        args = cli.build_parser().parse_args(["detect", f"{tmp_path}/factories.py:bare", *opts, "--dtype", dtype,
+                                              "--seed", str(seed)])
+        return cli._load(args).inputs[0]
+
+    a, b, c = example(3), example(3), example(4)
+    assert a.dtype == getattr(torch, dtype) and a.shape == (2, 16)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g = torch.Generator().manual_seed(3)
+    want = torch.randint(0, 32, (2, 16), generator=g, dtype=torch.int32) if dtype == "int32" else \
+        torch.randn(2, 16, generator=g).to(getattr(torch, dtype))
+    assert torch.equal(a, want)

@@ -10,7 +10,7 @@ import lcsm_compile
 from examples.models import ZOO, get
 from helpers import random_inputs, rel_err
 from lcsm_compile import generation
-from lcsm_compile.errors import DTypeError, MaxLenExceeded, NotDecodable, SessionNotStarted, ShapeError
+from lcsm_compile.errors import DeviceError, DTypeError, MaxLenExceeded, NotDecodable, SessionNotStarted, ShapeError
 
 POSITIVES = [e for e in ZOO if e.decodable]
 
@@ -123,11 +123,15 @@ def test_bad_inputs(decoders):
         session.prefill(torch.zeros(2, 4))
     with pytest.raises(ShapeError, match="sequence on dim 1"):
         session.prefill(torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(DeviceError, match="expected device cpu"):
+        session.prefill(random_inputs(inputs[0], 4).to("meta"))
     session.prefill(random_inputs(inputs[0], L - 1))
     with pytest.raises(ShapeError, match="batch 2"):
         session.step(random_inputs(inputs[0], 1, batch=3))
     with pytest.raises(ShapeError, match="length 1"):
         session.step(random_inputs(inputs[0], 2))
+    with pytest.raises(DeviceError, match="expected device cpu"):
+        session.step(random_inputs(inputs[0], 1).to("meta"))
     session.step(random_inputs(inputs[0], 1))
     with pytest.raises(MaxLenExceeded, match="past max_len"):
         session.step(random_inputs(inputs[0], 1))
@@ -229,3 +233,25 @@ def test_compiled_step_under_inference_mode_and_grad(mode):
     with torch.no_grad():
         assert rel_err(torch.cat(ys, 1).detach(), model(ids)) < 1e-5
     assert decoder.step_fn.compilations == 1
+
+
+def test_decoder_conv_must_name_a_bank(decoders):
+    _, inputs, decoder = decoders("hyena_order2")
+    with pytest.raises(ValueError, match=r"conv: expected one of \['flash', 'floor', 'lazy'\], got 'bad'"):
+        lcsm_compile.Decoder(decoder.report, max_len=decoder.max_len, example_inputs=inputs, conv="bad")
+
+
+@pytest.mark.parametrize("crossover", [1, 8])
+def test_optimize_crossover_sets_the_direct_tiles(crossover, decoders):
+    """crossover: the largest tile computed directly; the bank and the schedule both follow it, and
+    the decode stays exact."""
+    model, inputs, _ = decoders("hyena_order2")
+    decoder = lcsm_compile.optimize(model, inputs, crossover=crossover)
+    assert decoder.bank.crossover == crossover and decoder.bank.block == 2 * crossover
+    kinds = {g["size"]: g["kernel"] for g in decoder.schedule.to_json()["tile_groups"]}
+    assert kinds == {U: "direct" if U <= crossover else "fft" for U in kinds}
+    x = random_inputs(inputs[0], 100)
+    with torch.no_grad():
+        session = decoder.session()
+        y = torch.cat([session.prefill(x[:, :3])] + [session.step(x[:, t : t + 1]) for t in range(3, 100)], 1)
+        assert rel_err(y, model(x)) < 1e-5

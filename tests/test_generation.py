@@ -135,6 +135,98 @@ def test_top_p_after_temperature_matches_definition():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# (a2) sampling against a reference written from the definitions, not from lcsm_compile.generation
+
+
+def reference_distribution(logits, temperature=1.0, top_k=None, top_p=None):
+    """The distribution HF's sampler draws the next token from, for 1-D `logits`, in float64: softmax of
+    logits / temperature; top-k keeps every token at least as probable as the k-th most probable; top-p then
+    keeps the smallest set of most probable tokens whose mass (renormalised after top-k) reaches top_p."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    if top_k is not None:
+        kth = torch.sort(p, descending=True).values[min(top_k, p.numel()) - 1]
+        p = torch.where(p >= kth, p, torch.zeros_like(p))
+        p = p / p.sum()
+    if top_p is not None and top_p < 1.0:
+        order = torch.argsort(p, descending=True, stable=True)
+        cum = torch.cumsum(p[order], 0)
+        n = int((cum < top_p).sum()) + 1  # the first prefix whose mass reaches top_p
+        keep = torch.zeros_like(p, dtype=torch.bool)
+        keep[order[:n]] = True
+        p = torch.where(keep, p, torch.zeros_like(p))
+        p = p / p.sum()
+    return p
+
+
+LOG = lambda *probs: torch.tensor(probs, dtype=torch.float64).log()  # noqa: E731
+
+
+@pytest.mark.parametrize("logits, opts, want", [
+    (LOG(0.5, 0.25, 0.125, 0.125), {}, [0.5, 0.25, 0.125, 0.125]),
+    (LOG(0.5, 0.25, 0.125, 0.125), dict(top_p=0.7), [2 / 3, 1 / 3, 0, 0]),  # 0.5 < 0.7 <= 0.75
+    (LOG(0.5, 0.25, 0.125, 0.125), dict(top_p=0.75), [2 / 3, 1 / 3, 0, 0]),  # reaching top_p exactly is enough
+    (LOG(0.5, 0.25, 0.125, 0.125), dict(top_k=1), [1, 0, 0, 0]),
+    (LOG(0.5, 0.25, 0.25), dict(temperature=0.5), [2 / 3, 1 / 6, 1 / 6]),  # p^2, renormalised
+    (torch.tensor([0.0, math.log(4)]), dict(temperature=2.0), [1 / 3, 2 / 3]),  # sqrt(4) = 2
+    (LOG(0.4, 0.2, 0.2, 0.2), dict(top_k=2), [0.4, 0.2, 0.2, 0.2]),  # ties with the k-th all stay
+    (LOG(0.5, 0.3, 0.2), dict(top_k=2, top_p=0.6), [1, 0, 0]),  # top-k -> (0.625, 0.375): 0.625 >= 0.6
+    (LOG(0.5, 0.3, 0.2), dict(top_k=2, top_p=0.7), [0.625, 0.375, 0]),
+])
+def test_reference_distribution_by_hand(logits, opts, want):
+    assert torch.allclose(reference_distribution(logits, **opts), torch.tensor(want, dtype=torch.float64), atol=1e-12)
+
+
+def _within_sampling_noise(counts, probs, n):
+    """Every count within 5 standard deviations of n * p, and exactly 0 where p is 0."""
+    for c, p in zip(counts.tolist(), probs.tolist()):
+        if p == 0:
+            assert c == 0, (counts, probs)
+        else:
+            assert abs(c - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1, (counts, probs)
+
+
+SAMPLING_CASES = [dict(), dict(temperature=0.7), dict(top_k=3), dict(top_p=0.8), dict(temperature=1.5, top_k=4, top_p=0.9)]
+
+
+@pytest.mark.parametrize("opts", SAMPLING_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_generate_samples_the_reference_distribution(opts):
+    """Each of n rows draws its first token from the same logits: the counts follow the reference
+    distribution, and the second token follows the distribution of the logits the decoder returned for
+    that row's first token (a step's logits depend on what was fed)."""
+    n, V = 40000, 6
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(V, generator=g) * 1.5
+    then = torch.randn(V, V, generator=g) * 1.5  # logits after token a: then[a]
+
+    def prefill(ids):
+        return first.expand(ids.shape[0], ids.shape[1], V).clone()
+
+    def step(ids):
+        return then[ids[:, 0]][:, None, :]
+
+    out = generate(prefill, step, torch.zeros(n, 1, dtype=torch.long), 2, do_sample=True,
+                   generator=torch.Generator().manual_seed(1), **opts)
+    a, b = out[:, 1], out[:, 2]
+    p0 = reference_distribution(first, **opts)
+    _within_sampling_noise(torch.bincount(a, minlength=V), p0, n)
+    for tok in range(V):
+        rows = a == tok
+        if rows.sum() >= 500:
+            _within_sampling_noise(torch.bincount(b[rows], minlength=V), reference_distribution(then[tok], **opts),
+                                   int(rows.sum()))
+
+
+def test_sampling_check_can_fail():
+    """Negative control: tokens drawn without the warpers do not pass for the top-p distribution."""
+    n, V = 40000, 6
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0)) * 1.5
+    plain = torch.multinomial(torch.softmax(logits, -1).expand(n, V), 1, replacement=True,
+                              generator=torch.Generator().manual_seed(1))[:, 0]
+    with pytest.raises(AssertionError):
+        _within_sampling_noise(torch.bincount(plain, minlength=V), reference_distribution(logits, top_p=0.8), n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # (b) fast decoder == naive loop
 
 

@@ -104,25 +104,48 @@ def test_dense_conv1d_is_channel_mixing():
     assert reasons(analyze(Dense())) == {Reason.CHANNEL_MIXING}
 
 
-def test_gated_region_is_not_a_function_of_the_input_alone():
-    """A conv whose output is multiplied by another activation before any slice stays accepted:
-    the gate is outside the conv; but a filter spectrum times an activation gate is not linear."""
+class Gated(nn.Module):
+    """An FFT conv gated by an activation after its output slice (Hyena's gate, outside the conv), by
+    a parameter inside the spectrum (still a convolution), or by a function of the input's own
+    spectrum inside it (no longer linear in the input)."""
 
-    class Gated(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.k = nn.Parameter(decay_filter(C, LMAX, 2))
+    def __init__(self, gate):
+        super().__init__()
+        self.gate = gate
+        self.k = nn.Parameter(decay_filter(C, LMAX, 2))
+        self.g = nn.Parameter(torch.randn(C, 1))
 
-        def forward(self, x):
-            u = x.transpose(1, 2)
-            n = 2 * u.shape[-1]
-            spec = torch.fft.rfft(u, n=n) * torch.fft.rfft(self.k[:, : u.shape[-1]], n=n)
-            y = torch.fft.irfft(spec * torch.sigmoid(u.mean(-1, keepdim=True)), n=n)[..., : u.shape[-1]]
-            return y.transpose(1, 2)
+    def forward(self, x):
+        u = x.transpose(1, 2)
+        n_l = u.shape[-1]
+        n = 2 * n_l
+        spec = torch.fft.rfft(u, n=n) * torch.fft.rfft(self.k[:, :n_l], n=n)
+        if self.gate == "spectrum_of_input":
+            spec = spec * torch.sigmoid(torch.fft.rfft(u, n=n).real)
+        elif self.gate == "parameter":
+            spec = spec * torch.sigmoid(self.g)
+        y = torch.fft.irfft(spec, n=n)[..., :n_l]
+        if self.gate == "after_slice":
+            y = y * torch.sigmoid(u)
+        return y.transpose(1, 2)
 
-    report = analyze(Gated())
+
+@pytest.mark.parametrize("gate", ["after_slice", "parameter"])
+def test_gates_that_keep_a_convolution_are_accepted(gate):
+    report = analyze(Gated(gate))
+    assert report.decodable, report.table()
+    assert [(c.kind, c.verdict) for c in report.candidates] == [("long", Verdict.ACCEPTED)]
+
+
+def test_spectrum_gated_by_the_input_is_nonlinear():
+    """The same convolution with its spectrum multiplied by a function of the input's spectrum: the
+    candidate itself is declined as NONLINEAR (by the linearity check, not because some op was
+    seen to mix positions: no TIME_MIXING_OP), where the parameter gate above is accepted."""
+    report = analyze(Gated("spectrum_of_input"))
     assert not report.decodable
-    assert reasons(report) & {Reason.NONLINEAR, Reason.TIME_MIXING_OP}
+    (conv,) = [c for c in report.candidates if c.kind == "long"]
+    assert conv.verdict is Verdict.REJECTED and conv.reason is Reason.NONLINEAR, report.table()
+    assert Reason.TIME_MIXING_OP not in reasons(report)
 
 
 def _cap(lo=2, hi=64):

@@ -1,10 +1,22 @@
-"""Triton kernels (red cell, direct tile) against the torch reference, on fresh random inputs.
+"""Triton kernels (red cell, direct tile) against float64 references, on fresh random inputs.
 
 Without CUDA the kernels run in the Triton interpreter, which must be switched on before the first
-`import triton` (triton.jit reads TRITON_INTERPRET when it decorates a kernel).
+`import triton` (triton.jit reads TRITON_INTERPRET when it decorates a kernel). triton comes with
+the [test] extra: a missing install fails this module instead of skipping 50 tests.
+
+Tolerances. The red cell's result is checked element by element against the float64 value
+A + h0 * x: within the rounding of the state arithmetic plus half a unit in the last place of the
+IO dtype (one rounding to nearest). The interpreter stores bfloat16 by truncating the float32
+value (it has no bfloat16 of its own): there the bound is one unit instead, and
+test_interpreter_truncates_bfloat16 pins that behaviour so a fixed interpreter shows up. A kernel
+that did its arithmetic in the IO dtype fails these bounds (the negative controls). The direct tile
+is compared by relative error within about 3x of the error observed here (fp32 ~1.1e-7, fp64
+~2.1e-16, largest at U = 32), and exactly on integer data where every operation is exact.
 """
 
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -12,7 +24,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-triton = pytest.importorskip("triton")
+if sys.platform != "linux":
+    pytest.skip("triton ships Linux wheels only", allow_module_level=True)
+if importlib.util.find_spec("triton") is None:
+    pytest.fail("triton is not installed: the kernel tests need it (pip install -e '.[test]')", pytrace=False)
+
+import triton  # noqa: E402
 
 from lcsm_compile.errors import DeviceError, DTypeError, ShapeError  # noqa: E402
 from lcsm_compile.kernels import reference  # noqa: E402
@@ -21,9 +38,9 @@ from lcsm_compile.kernels import triton_direct, triton_update  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not common.interpret_mode():
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1 (triton was imported before this module)", allow_module_level=True)
+    pytest.fail("no CUDA and TRITON_INTERPRET is not 1: triton was imported before this module set it", pytrace=False)
 
-TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+TILE_TOL = {torch.float32: 3e-7, torch.float64: 6e-16}  # ~3x the largest relative error observed
 C = 37  # not a multiple of any channel block: the channel mask is exercised
 
 
@@ -35,7 +52,43 @@ def rel_err(a, b):
 
 
 def randn(*shape, dtype=torch.float32):
-    return torch.randn(*shape, device=DEVICE).to(dtype)
+    """Standard normal values that use all of `dtype`'s bits (drawn in float64, then rounded)."""
+    return torch.randn(*shape, device=DEVICE, dtype=torch.float64).to(dtype)
+
+
+def ulp(v, dtype):
+    """Spacing of `dtype` at |v| (the subnormal spacing below the smallest normal), as float64."""
+    fi = torch.finfo(dtype)
+    return fi.eps * torch.exp2(torch.floor(torch.log2(v.double().abs().clamp_min(fi.tiny))))
+
+
+def truncates(io_dtype):
+    """The interpreter stores bfloat16 by truncating float32 (see the module docstring)."""
+    return io_dtype == torch.bfloat16 and DEVICE == "cpu"
+
+
+def check_update(y, X, A, x, h0, t, nearest=None):
+    """y against the float64 value A[t] + h0 * x of the red cell: every element within the state
+    arithmetic's rounding plus one rounding into y's dtype (to nearest, or toward zero where the
+    interpreter truncates). Raises AssertionError naming the worst element."""
+    state, io = X.dtype, y.dtype
+    nearest = not truncates(io) if nearest is None else nearest
+    a, h, xs = A[t].double(), h0.double(), x.to(state).double()
+    ideal = a + h * xs
+    u = torch.finfo(state).eps / 2
+    bound = 2 * u * (a.abs() + (h * xs).abs() + ideal.abs())  # two roundings in the state dtype
+    if io != state:
+        bound = bound + (0.5 if nearest else 1.0) * ulp(ideal.abs() + bound, io)
+        if io.itemsize < 4 < state.itemsize:  # float64 -> float32 -> 16 bits: one more rounding
+            bound = bound + 0.5 * ulp(ideal, torch.float32)
+    excess = ((y.double() - ideal).abs() - bound) / ulp(ideal, io)
+    worst = int(excess.argmax())
+    assert excess.max() <= 0, f"{io} red cell off by {excess.flatten()[worst]:.2f} ulp beyond its bound at element {worst}"
+
+
+def red_cell_inputs(state_dtype, io_dtype, B=6, N=3):
+    X, A = randn(B, N, C, dtype=state_dtype), randn(B, N, C, dtype=state_dtype)
+    return X, A, randn(N, C, dtype=io_dtype), randn(C, dtype=state_dtype), int(torch.randint(0, B, ()))
 
 
 # -- red cell -----------------------------------------------------------------------------------
@@ -48,18 +101,58 @@ IO_CASES = [(torch.float32, io) for io in (torch.float32, torch.bfloat16, torch.
 @pytest.mark.parametrize("N", [1, 3])
 @pytest.mark.parametrize("block_c", [None, 16])
 def test_update_matches_reference(state_dtype, io_dtype, N, block_c):
-    B = 6
-    X, A = randn(B, N, C, dtype=state_dtype), randn(B, N, C, dtype=state_dtype)
-    h0, x = randn(C, dtype=state_dtype), randn(N, C, dtype=io_dtype)
-    t = int(torch.randint(0, B, ()))
+    X, A, x, h0, t = red_cell_inputs(state_dtype, io_dtype, N=N)
     Xr, Ar, yr = X.clone(), A.clone(), torch.empty(N, C, dtype=io_dtype, device=DEVICE)
     reference.update(Xr, Ar, x, h0, t, yr)
     A0 = A.clone()
     y = torch.full((N, C), float("nan"), dtype=io_dtype, device=DEVICE)
     triton_update.update(X, A, x, h0, t, y, block_c=block_c)
-    assert rel_err(y, yr) <= TOL[io_dtype]
+    check_update(y, X, A0, x, h0, t)
+    check_update(yr, X, A0, x, h0, t)  # the torch reference meets the same bound
     assert torch.equal(X, Xr)  # row t holds x in the state dtype, every other row untouched
     assert torch.equal(A, A0)  # the red cell reads the accumulator, never writes it
+
+
+@pytest.mark.parametrize("state_dtype,io_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                  (torch.float64, torch.float32), (torch.float64, torch.bfloat16)],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_update_check_rejects_arithmetic_in_the_io_dtype(state_dtype, io_dtype):
+    """Negative control: the red cell computed in the IO dtype (or rounded toward zero where the
+    bound asks for rounding to nearest) fails check_update."""
+    X, A, x, h0, t = red_cell_inputs(state_dtype, io_dtype, B=2, N=8)
+    in_io = A[t].to(io_dtype) + h0.to(io_dtype) * x
+    with pytest.raises(AssertionError, match="beyond its bound"):
+        check_update(in_io, X, A, x, h0, t)
+    if io_dtype == torch.bfloat16:  # truncated stores fail the round-to-nearest bound a GPU is held to
+        y32 = (A[t].double() + h0.double() * x.double()).float()
+        truncated = (y32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+        check_update(truncated, X, A, x, h0, t, nearest=False)
+        with pytest.raises(AssertionError, match="beyond its bound"):
+            check_update(truncated, X, A, x, h0, t, nearest=True)
+
+
+@pytest.mark.parametrize("state_dtype,io_dtype", IO_CASES, ids=lambda d: str(d).replace("torch.", ""))
+def test_update_is_exact_where_the_arithmetic_is(state_dtype, io_dtype):
+    """Small integers: every product and sum is exact in every dtype, so y equals A + h0 * x exactly."""
+    B, N = 4, 3
+    ints = lambda *shape, dtype: torch.randint(-8, 9, shape, device=DEVICE).to(dtype)  # noqa: E731
+    X, A, h0, x = ints(B, N, C, dtype=state_dtype), ints(B, N, C, dtype=state_dtype), ints(C, dtype=state_dtype), ints(N, C, dtype=io_dtype)
+    y = torch.empty(N, C, dtype=io_dtype, device=DEVICE)
+    triton_update.update(X, A, x, h0, 2, y)
+    assert torch.equal(y, (A[2] + h0 * x.to(state_dtype)).to(io_dtype))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a property of the CPU interpreter")
+def test_interpreter_truncates_bfloat16():
+    """The interpreter writes bfloat16 as the top 16 bits of the float32 value (truncation toward
+    zero), not rounded to nearest as a GPU and torch do: the reason truncates() widens the bound.
+    If this fails, the interpreter rounds now and the bound can go back to half a unit."""
+    X, A, x, h0, t = red_cell_inputs(torch.float32, torch.bfloat16, N=8)
+    y = torch.empty_like(x)
+    triton_update.update(X, A, x, h0, t, y)
+    y32 = A[t] + h0 * x.float()  # the kernel's float32 arithmetic: a multiply, then an add
+    top_bits = (y32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    assert torch.equal(y, top_bits) and not torch.equal(y, y32.to(torch.bfloat16))
 
 
 def test_update_strided_io_and_nan():
@@ -75,7 +168,11 @@ def test_update_strided_io_and_nan():
     triton_update.update(X, A, x, h0, 2, y)
     assert torch.equal(torch.isnan(y), torch.isnan(yr)) and torch.isnan(y).sum() == 1
     ok = ~torch.isnan(yr)
-    assert rel_err(y[ok], yr[ok]) <= 1e-6
+    x0 = x.nan_to_num(0.0)
+    y0 = torch.empty(N, C, device=DEVICE)
+    triton_update.update(X.clone(), A, x0, h0, 2, y0)  # the same cell without the NaN
+    assert torch.equal(y[ok], y0[ok])
+    check_update(y0, X, A, x0, h0, 2)
     assert torch.equal(X.isnan(), Xr.isnan())
 
 
@@ -89,7 +186,7 @@ def test_update_on_channel_slices_of_the_state(channels):
     Xr, Ar, yr = X.clone(), A.clone(), torch.empty_like(y)
     reference.update(Xr[:, :, channels], Ar[:, :, channels], x, h0[channels], 4, yr)
     triton_update.update(X[:, :, channels], A[:, :, channels], x, h0[channels], 4, y, block_c=8)
-    assert rel_err(y, yr) <= TOL[torch.bfloat16]
+    check_update(y, X[:, :, channels], A[:, :, channels], x, h0[channels], 4)
     assert torch.equal(X, Xr)  # exactly the sliced channels of row 4 written
 
 
@@ -99,23 +196,62 @@ def tile_cases(U):
     return [(U, 2 * U + 3), (max(1, U // 2), 2 * U + 1), (U, U + 1), (max(1, U - 1), max(1, U // 2))]
 
 
+def tile_error(A, A0, X, h, args):
+    """Relative error of a tile's contribution A - A0 against the torch tile computed in float64.
+    The contribution, not A: A's own size must not hide an error in it; rows outside
+    [out_start, out_stop) are zero in both, so a stray write shows up too."""
+    Ar = A0.double().clone()
+    reference.direct_tile(X.double(), Ar, h.double(), *args)
+    return rel_err(A.double() - A0.double(), Ar - A0.double())
+
+
+def tile_problem(U, m, Lh, N, state_dtype):
+    B = 2 * U + 2
+    X, A, h = randn(B, N, C, dtype=state_dtype), randn(B, N, C, dtype=state_dtype), randn(C, Lh, dtype=state_dtype)
+    in_start = int(torch.randint(0, B - 2 * U + 1, ()))
+    return X, A, h, (in_start, in_start + U, in_start + U + m, U)
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("U", [1, 2, 4, 8, 16, 32])
 def test_direct_tile_matches_reference(U, state_dtype):
     for N in (1, 3):
         for m, Lh in tile_cases(U):
-            B = 2 * U + 2
-            X, A = randn(B, N, C, dtype=state_dtype), randn(B, N, C, dtype=state_dtype)
-            h = randn(C, Lh, dtype=state_dtype)
-            in_start = int(torch.randint(0, B - 2 * U + 1, ()))
-            args = (in_start, in_start + U, in_start + U + m, U)
-            A0, Ar = A.clone(), A.clone()
-            reference.direct_tile(X, Ar, h, *args)
+            X, A, h, args = tile_problem(U, m, Lh, N, state_dtype)
+            A0 = A.clone()
             triton_direct.direct_tile(X, A, h, *args, block_c=16 if N == 3 else None)
-            # compare the tile's contribution: A's own size must not hide an error in it; rows
-            # outside [out_start, out_stop) are zero in both, so a stray write shows up too
-            err = rel_err(A - A0, Ar - A0)
-            assert err <= TOL[state_dtype], (N, m, Lh, err)
+            err = tile_error(A, A0, X, h, args)
+            assert err <= TILE_TOL[state_dtype], (N, m, Lh, err)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_direct_tile_check_rejects_lower_precision_and_a_missing_lag(state_dtype):
+    """Negative controls: the tile with its inputs rounded to a narrower dtype, or without its
+    longest lag, fails the tolerance above."""
+    U = 8
+    X, A, h, args = tile_problem(U, U, 2 * U, 3, state_dtype)
+    narrow = torch.float32 if state_dtype == torch.float64 else torch.bfloat16
+    low = A.clone()
+    reference.direct_tile(X.to(narrow).to(state_dtype), low, h.to(narrow).to(state_dtype), *args)
+    assert tile_error(low, A, X, h, args) > 10 * TILE_TOL[state_dtype]
+    short = A.clone()
+    reference.direct_tile(X, short, h[:, : 2 * U - 1], *args)  # lag 2U - 1 dropped
+    assert tile_error(short, A, X, h, args) > 10 * TILE_TOL[state_dtype]
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("U", [1, 4, 32])
+def test_direct_tile_is_exact_on_integers(U, state_dtype):
+    """Small integers: sums of at most 32 products below 64 are exact in float32, so the tile's
+    result equals the float64 reference exactly, whatever the order of its additions."""
+    B, N = 2 * U + 2, 2
+    ints = lambda *shape: torch.randint(-8, 9, shape, device=DEVICE).to(state_dtype)  # noqa: E731
+    X, A, h = ints(B, N, C), ints(B, N, C), ints(C, 2 * U)
+    args = (1, 1 + U, 1 + 2 * U, U)
+    Ar = A.double().clone()
+    reference.direct_tile(X.double(), Ar, h.double(), *args)
+    triton_direct.direct_tile(X, A, h, *args)
+    assert torch.equal(A.double(), Ar)
 
 
 @pytest.mark.parametrize("U", [1, 4])
@@ -131,7 +267,7 @@ def test_direct_tile_nan_propagates_like_reference(U):
     triton_direct.direct_tile(X, A, h, 0, U, 2 * U, U)
     assert torch.equal(A.isnan(), Ar.isnan()) and A.isnan().sum() == U
     ok = ~Ar.isnan()
-    assert rel_err(A[ok], Ar[ok]) <= 1e-6
+    assert rel_err(A[ok], Ar[ok]) <= TILE_TOL[torch.float32]
 
 
 def test_direct_tile_empty_tile_is_a_noop():
@@ -178,44 +314,51 @@ def _cache_keys(kernel, calls):
 def _run_positions(monkeypatch, module, name, launches):
     rec = _Recorder(getattr(module, name))
     monkeypatch.setattr(module, name, rec)
-    cache_before = _device_cache_size(rec.kernel)
     for launch in launches:
         launch()
-    return rec, cache_before
-
-
-def _device_cache_size(kernel):
-    """Compiled variants of a kernel on the current GPU; None under the interpreter."""
-    caches = getattr(kernel, "device_caches", None)
-    if caches is None or not torch.cuda.is_available():
-        return None
-    return len(caches[torch.cuda.current_device()][0])
+    return rec
 
 
 POSITIONS = [0, 1, 2, 16, 5]  # 1 and multiples of 16 are what Triton specialises by default
 
 
-def test_update_compiles_once_across_positions(monkeypatch):
+def _update_launches():
     B, N = 32, 2
     X, A, h0, x, y = randn(B, N, C), randn(B, N, C), randn(C), randn(N, C), randn(N, C)
     triton_update.update(X, A, x, h0, 3, y)  # warm: compile before counting
-    rec, before = _run_positions(
-        monkeypatch, triton_update, "_update_kernel", [lambda t=t: triton_update.update(X, A, x, h0, t, y) for t in POSITIONS]
-    )
-    assert len(set(_cache_keys(rec.kernel, rec.calls))) == 1
-    if before is not None:
-        assert _device_cache_size(rec.kernel) == before
+    return [lambda t=t: triton_update.update(X, A, x, h0, t, y) for t in POSITIONS]
 
 
-def test_direct_tile_compiles_once_across_positions(monkeypatch):
+def _direct_launches():
     U, N = 2, 2
     X, A, h = randn(40, N, C), randn(40, N, C), randn(C, 2 * U)
     triton_direct.direct_tile(X, A, h, 3, 3 + U, 4 + U, U)  # warm
-    launches = [lambda s=s, m=m: triton_direct.direct_tile(X, A, h, s, s + U, s + U + m, U) for s, m in zip(POSITIONS, [1, 2, 1, 2, 1])]
-    rec, before = _run_positions(monkeypatch, triton_direct, "_direct_tile_kernel", launches)
+    return [lambda s=s, m=m: triton_direct.direct_tile(X, A, h, s, s + U, s + U + m, U) for s, m in zip(POSITIONS, [1, 2, 1, 2, 1])]
+
+
+def test_update_compiles_once_across_positions(monkeypatch):
+    rec = _run_positions(monkeypatch, triton_update, "_update_kernel", _update_launches())
     assert len(set(_cache_keys(rec.kernel, rec.calls))) == 1
-    if before is not None:
-        assert _device_cache_size(rec.kernel) == before
+
+
+def test_direct_tile_compiles_once_across_positions(monkeypatch):
+    rec = _run_positions(monkeypatch, triton_direct, "_direct_tile_kernel", _direct_launches())
+    assert len(set(_cache_keys(rec.kernel, rec.calls))) == 1
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA: the interpreter compiles nothing, so it has no compile "
+                                             "cache; on CPU the cache keys above are checked instead")
+@pytest.mark.parametrize("module,name,launches", [(triton_update, "_update_kernel", _update_launches),
+                                                  (triton_direct, "_direct_tile_kernel", _direct_launches)])
+def test_gpu_compile_cache_holds_one_variant(module, name, launches):
+    """On a GPU, the real cache: no new compiled variant once the kernel ran at one position."""
+    kernel = getattr(module, name)
+    runs = launches()  # compiles the first variant
+    cache = kernel.device_caches[torch.cuda.current_device()][0]
+    before = len(cache)
+    for launch in runs:
+        launch()
+    assert len(cache) == before
 
 
 def test_cache_key_check_can_fail():
@@ -303,7 +446,12 @@ def test_engine_with_triton_kernels_decodes_exactly(dtype):
     ys = torch.stack([conv.step(x[..., t]) for t in range(P, L)], -1)
     xd, hd = x.double(), h.double()
     want = torch.stack([(hd[:, : t + 1].flip(-1) * xd[..., : t + 1]).sum(-1) for t in range(P, L)], -1)
-    assert rel_err(ys, want) <= (1e-12 if dtype == torch.float64 else 1e-2)
+    if dtype == torch.float64:
+        assert rel_err(ys, want) <= 1e-15  # ~3x the 2.8e-16 observed
+    else:  # float32 accumulation: nothing beyond the one rounding of each output into bfloat16
+        w32 = want.float()
+        stored = (w32.view(torch.int32) & -65536).view(torch.float32) if truncates(dtype) else w32.to(dtype)
+        assert rel_err(ys, want) <= 1.05 * rel_err(stored, want) + 1e-6
 
 
 # -- the GPU compiler, without a GPU ------------------------------------------------------------
@@ -340,8 +488,7 @@ def test_kernels_compile_to_sm90_cubin():
 
     from triton.backends import backends
 
-    if "nvidia" not in backends:
-        pytest.skip("triton has no nvidia backend here")
+    assert "nvidia" in backends, f"triton's Linux wheels ship the nvidia backend; this one has {sorted(backends)}"
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

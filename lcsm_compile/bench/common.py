@@ -5,6 +5,7 @@ printed as if measured: tables prefix it with '~' and list it in an "est" column
 """
 
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -13,6 +14,10 @@ import time
 
 import numpy as np
 import torch
+
+# An estimate further than this from the full run it is validated against is flagged in the output
+# (a benchmark's judgement, never a test's: timings on these machines are noisy).
+DEVIATION_FLAG = 0.15
 
 # -- timers ------------------------------------------------------------------------------------
 
@@ -57,8 +62,10 @@ def fit_cost(ts, costs, basis=LINEAR):
 
 
 def integrate_cost(coef, basis, L):
-    """Sum of the fitted cost over every step t = 0..L-1 (an exact discrete sum, not an integral)."""
-    return float(basis_values(basis, np.arange(L)).sum(0) @ np.asarray(coef))
+    """Sum of the fitted cost over every step t = 0..L-1 (an exact discrete sum, not an integral).
+    A step the fit puts below zero counts as zero: noisy samples on a loaded machine can tilt the
+    fit, and no step costs less than nothing, so totals never shrink as L grows."""
+    return float(np.clip(basis_values(basis, np.arange(L)) @ np.asarray(coef), 0.0, None).sum())
 
 
 def sample_windows(step, L, positions=8, steps=40, max_window_s=0.5, clock=time.perf_counter):
@@ -181,6 +188,14 @@ def _json_default(o):
 def loglog_slope(x0, y0, x1, y1):
     """Slope of the line through (x0, y0) and (x1, y1) in log-log space."""
     return math.log(y1 / y0) / math.log(x1 / x0)
+
+
+MATPLOTLIB_MISSING = "matplotlib is not installed (pip install 'lcsm-compile[bench]')"
+
+
+def have_matplotlib() -> bool:
+    """Plots are optional: checked before a run, so a missing matplotlib never costs a finished table."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot_loglog(path, series, xlabel="L", ylabel="seconds", title=None):

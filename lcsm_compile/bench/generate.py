@@ -389,9 +389,10 @@ def validation_rows(results):
         for k in BASELINES:
             m = r["methods"][k]
             if m["measured_s"] is not None:
+                dev = (m["estimate_s"] - m["measured_s"]) / m["measured_s"]
                 rows.append({"config": r["config"], "L": r["L"], "method": k, "measured_s": m["measured_s"],
-                             "estimated_s": m["estimate_s"],
-                             "deviation": (m["estimate_s"] - m["measured_s"]) / m["measured_s"]})
+                             "estimated_s": m["estimate_s"], "deviation": dev,
+                             "flag": abs(dev) > common.DEVIATION_FLAG})
     return rows
 
 
@@ -508,10 +509,11 @@ def _run(args):
     log(results_table(results))
 
     val = validation_rows(results)
-    log("\nEstimator check (estimate vs full run):")
-    log(common.format_table(["config", "L", "method", "measured_s", "estimated_s", "dev"],
+    log(f"\nEstimator check (estimate vs full run; flag if |dev| > {common.DEVIATION_FLAG:.0%}):")
+    log(common.format_table(["config", "L", "method", "measured_s", "estimated_s", "dev", "flag"],
                             [[v["config"], v["L"], v["method"], common.fmt_num(v["measured_s"]),
-                              common.fmt_num(v["estimated_s"]), f"{v['deviation']:+.1%}"] for v in val])
+                              common.fmt_num(v["estimated_s"]), f"{v['deviation']:+.1%}",
+                              "FLAG" if v["flag"] else "ok"] for v in val])
         if val else "  (no baseline run in full)")
 
     log("\nExactness: flash logits teacher-forced on the generated sequence vs the float64 model's forward; "
@@ -545,6 +547,9 @@ def _run(args):
         "benchmark": "generate", "machine": info, "config": config, "decoder_options": opts,
         "results": results, "fits": fits, "validation": val, "targets": tg, "wall_s": wall,
     })
-    plot(results, png_path)
-    log(f"\nwrote {json_path} and {png_path} ({wall:.1f} s)")
+    if common.have_matplotlib():
+        plot(results, png_path)
+        log(f"\nwrote {json_path} and {png_path} ({wall:.1f} s)")
+    else:
+        log(f"\nwrote {json_path}; no plot: {common.MATPLOTLIB_MISSING} ({wall:.1f} s)")
     return 0

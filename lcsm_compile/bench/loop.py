@@ -221,8 +221,8 @@ def main(argv=None):
     common.write_json(os.path.join(args.out, "backend_loop.json"), out)
     with open(os.path.join(args.out, "backend_loop.txt"), "w") as f:
         f.write(text + "\n")
-    try:
+    if common.have_matplotlib():
         plot(out, os.path.join(args.out, "backend_loop.png"))
-    except ImportError:
-        print("matplotlib missing: no plot", file=sys.stderr)
+    else:
+        print(f"no plot: {common.MATPLOTLIB_MISSING}", file=sys.stderr)
     return 0

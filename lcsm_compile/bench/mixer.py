@@ -27,7 +27,6 @@ from lcsm_compile.bench import common
 METHODS = ("lazy", "eager", "naive", "offline", "flash")
 BASELINES = ("lazy", "eager", "naive")  # the stepwise baselines that may be estimated
 VALIDATE_L = 4096
-DEVIATION_FLAG = 0.15
 MAX_REL_ERR = {"float32": 1e-5, "float64": 1e-12}  # above it an output is wrong: flagged '!' and WRONG
 TARGETS = {"lazy_over_flash": 110.0, "flash_over_offline": 4.0, "slope": 1.3}
 
@@ -351,7 +350,7 @@ def validation_rows(results):
                 dev = (m["estimate"]["total_s"] - m["measured_s"]) / m["measured_s"]
                 rows.append({"C": r["C"], "L": r["L"], "method": k, "measured_s": m["measured_s"],
                              "estimated_s": m["estimate"]["total_s"], "deviation": dev,
-                             "flag": abs(dev) > DEVIATION_FLAG})
+                             "flag": abs(dev) > common.DEVIATION_FLAG})
     return rows
 
 
@@ -469,7 +468,7 @@ def _run(args):
     log(results_table(results))
 
     val = validation_rows(results)
-    log(f"\nEstimator validation (estimate vs full run; flag if |dev| > {DEVIATION_FLAG:.0%}):")
+    log(f"\nEstimator validation (estimate vs full run; flag if |dev| > {common.DEVIATION_FLAG:.0%}):")
     log(common.format_table(["C", "L", "method", "measured_s", "estimated_s", "dev", "flag"],
                             [[v["C"], v["L"], v["method"], common.fmt_num(v["measured_s"]), common.fmt_num(v["estimated_s"]),
                               f"{v['deviation']:+.1%}", "FLAG" if v["flag"] else "ok"] for v in val]) if val else "  (none run)")
@@ -497,6 +496,9 @@ def _run(args):
         "results": results, "validation": val, "slopes": {str(k): v for k, v in slope_by_c.items()},
         "targets": tg, "wall_s": wall,
     })
-    plot(results, png_path)
-    log(f"\nwrote {json_path} and {png_path} ({wall:.1f} s)")
+    if common.have_matplotlib():
+        plot(results, png_path)
+        log(f"\nwrote {json_path} and {png_path} ({wall:.1f} s)")
+    else:
+        log(f"\nwrote {json_path}; no plot: {common.MATPLOTLIB_MISSING} ({wall:.1f} s)")
     return 0
