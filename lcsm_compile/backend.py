@@ -102,6 +102,22 @@ class CompileRecord:
     runner: Any = None  # the DecodedGraph (kind "decode")
     seconds: float = 0.0
     times: dict = field(default_factory=dict)
+    trace_id: Any = None  # dynamo's (compile id, attempt) of the graph
+
+
+def _record(record):
+    """Append `record`; when dynamo restarted the analysis of the same frame (a new attempt of one
+    compile id, e.g. after inductor's float specialization), replace that attempt's entry instead.
+    Returns True for a restart that came to the same conclusion (its warning was already logged)."""
+    record.trace_id = torch._guards.CompileContext.current_trace_id()
+    last = records[-1] if records else None
+    restart = (last is not None and record.trace_id is not None and last.trace_id is not None
+               and last.trace_id.compile_id == record.trace_id.compile_id
+               and last.trace_id.attempt < record.trace_id.attempt)
+    if restart:
+        records.pop()
+    records.append(record)
+    return restart and (last.kind, last.reason) == (record.kind, record.reason)
 
 
 class _Fallback(Exception):
@@ -150,23 +166,23 @@ def lcsm_backend(gm, example_inputs, *, options=None, mode=None):
         with torch._guards.tracing(None), torch._guards.compile_context(None):
             runner = DecodedGraph(gm, example_inputs, plan, opts, record)
     except _Static as exc:
-        log.warning("lcsm backend: %s; running this graph eagerly (torch.compile(..., dynamic=True) compiles "
-                    "one graph for every length)", exc)
         record.kind, record.reason = "static", str(exc)
-        records.append(record)
+        if not _record(record):
+            log.warning("lcsm backend: %s; running this graph eagerly (torch.compile(..., dynamic=True) "
+                        "compiles one graph for every length)", exc)
         return gm.forward
     except _Fallback as exc:
         record.kind, record.reason, record.report = "fallback", exc.reason, exc.report or record.report
         record.seconds = time.perf_counter() - t0
-        records.append(record)
-        return _fallback(gm, example_inputs, exc.reason, record.report, opts)
+        repeated = _record(record)
+        return _fallback(gm, example_inputs, exc.reason, record.report, opts, warn=not repeated)
     record.runner, record.seconds = runner, time.perf_counter() - t0
-    records.append(record)
+    _record(record)
     log.info("lcsm backend: decoding this graph (max_len=%d, built in %.2fs)", runner.max_len, record.seconds)
     return runner
 
 
-def _fallback(gm, example_inputs, reason, report, opts):
+def _fallback(gm, example_inputs, reason, report, opts, warn=True):
     if opts["fallback"] == "error":
         error = NotDecodable(report if report is not None else _reason_report(reason, opts))
 
@@ -174,7 +190,8 @@ def _fallback(gm, example_inputs, reason, report, opts):
             raise error
 
         return raise_not_decodable
-    log.warning("lcsm backend: not decoding this graph: %s; running it through %s", reason, opts["fallback"])
+    if warn:
+        log.warning("lcsm backend: not decoding this graph: %s; running it through %s", reason, opts["fallback"])
     if opts["fallback"] == "eager":
         return gm.forward
     return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)

@@ -1,4 +1,5 @@
-"""Canonicalize: map torch-level (dynamo) and ATen-level (export) spellings to one op vocabulary.
+"""Canonicalize: map the ATen spellings of an op (as exported, or decomposed to core ATen) to one op
+vocabulary. Both capture levels hand over an exported ATen graph (the dynamo graph is exported too).
 
 The FX graph is kept as captured; canonicalize annotates every node with a `COp`: the canonical op
 name, its tensor inputs and normalized arguments (dims as non-negative ints, sizes as sympy/int).
@@ -135,8 +136,6 @@ def _bind(node, names):
     bound.update(node.kwargs)
     if names and names[-1] in ("dims",) and len(args) > len(names):  # x.permute(0, 2, 1), x.flip(1, 2)
         bound[names[-1]] = args[len(names) - 1:]
-    if node.op == "call_method" and spelling(node) == "permute" and len(args) > 2:
-        bound["dims"] = args[1:]
     return {k: _val(v) for k, v in bound.items()}
 
 
@@ -179,11 +178,6 @@ def canonical(node, roles=None):
         return COp(node, "sym", inputs, {}, name)
     if name == "getitem":
         return _getitem(node, inputs, name)
-    if name == "getattr":  # dynamo spells x.T, x.mT, x.real as getattr(x, "T")
-        attr = node.args[1]
-        op = {"T": "permute", "mT": "transpose", "mH": "transpose", "H": "transpose", "real": "complex_view",
-              "imag": "complex_view"}.get(attr, "unknown")
-        return COp(node, op, inputs, {"attr": attr, "dims": None}, f"getattr.{attr}")
     if name in _SPELLINGS:
         op, names = _SPELLINGS[name]
         p = _bind(node, names)

@@ -357,7 +357,9 @@ class GraphAsModule(torch.nn.Module):
                     self.register_buffer(f"state_{i}", t, persistent=False)
 
     def forward(self, x):
-        return _ItemInterpreter(self.graph_module, self._item_of).run(*self._args(x))
+        # each exported node keeps the module path and source line of the dynamo node it came from
+        with torch.fx.traceback.preserve_node_meta():
+            return _ItemInterpreter(self.graph_module, self._item_of).run(*self._args(x))
 
     def _args(self, x):
         args = []
@@ -400,15 +402,14 @@ class DynamoSource:
     plan: InputPlan = None  # which graph input is which (else worked out by plan_inputs)
 
 
-def from_dynamo(gm, backend_inputs, user_inputs=None, max_len=None, plan=None):
+def from_dynamo(gm, backend_inputs, user_inputs=None, max_len=None, plan=None, dynamic=True):
     """The canonical capture of a dynamo graph: the graph as a module of its user input, exported.
     Returns (Captured, GraphAsModule)."""
     plan = plan or plan_inputs(gm, backend_inputs, user_inputs)
     x = backend_inputs[plan.input_index]
     state = {i: t for i, (t, (kind, _)) in enumerate(zip(backend_inputs, plan.roles)) if kind == "state"}
     module = GraphAsModule(gm, plan, state)
-    example = (x.detach().clone(),)
-    cap = capture_export(module, example, int(max_len or x.shape[1]), level="dynamo")
+    cap = capture_export(module, (x.detach().clone(),), int(max_len or x.shape[1]), dynamic, level="dynamo")
     return cap, module
 
 
@@ -626,10 +627,7 @@ def capture(model, inputs, level, max_len, dynamic=True):
     if level == "export":
         return capture_export(model, inputs, max_len, dynamic)
     gm, backend_inputs, used = capture_dynamo(model, inputs, dynamic)
-    plan = plan_inputs(gm, backend_inputs, used)
-    x = backend_inputs[plan.input_index]
-    state = {i: t for i, (t, (kind, _)) in enumerate(zip(backend_inputs, plan.roles)) if kind == "state"}
-    cap = capture_export(GraphAsModule(gm, plan, state), (x.detach().clone(),), max_len, dynamic, level="dynamo")
+    cap, _ = from_dynamo(gm, backend_inputs, used, max_len, dynamic=dynamic)
     cap.user_inputs = tuple(inputs)
     return cap
 

@@ -265,8 +265,9 @@ class Analysis:
         if not isinstance(target, torch._ops.OpOverload):
             raise Unknown()
         name = target._overloadpacket.__name__
-        if registered(node) is not None:  # a user-declared convolution keeps its input's layout
-            return TimeInfo("activation", self.info[first_tensor(node)].axis, "conv_part", "registered mixer")
+        mixer = registered(node)
+        if mixer is not None:  # a user-declared convolution keeps its input's layout
+            return TimeInfo("activation", self.info[node.args[mixer.input_arg]].axis, "conv_part", "registered mixer")
         args = _normalized(node)
         if name in CONV_PARTS:
             return CONV_PARTS[name](self, node, args)
