@@ -415,35 +415,32 @@ def _schedule(args):
 
 # -- kernels ------------------------------------------------------------------------------------
 
-KERNEL_SOURCES = {"update": ("lcsm_compile.kernels.triton_update", "_update_kernel"),
-                  "direct_tile": ("lcsm_compile.kernels.triton_direct", "_direct_tile_kernel")}
-
-
 def kernel_plan(sites, *, max_len, crossover, state_dtype, bank_channels=None):
     """The Triton specialisations a CUDA decode launches: the red cell once per long-conv site
-    (channel block from the site's width), the direct tile per size U <= crossover over the bank.
-    sites: [(name, channels, io dtype name)]. Returns (specs, fft tile sizes)."""
-    from lcsm_compile.kernels.triton_common import block_c_direct, block_c_update
+    (channel block from the site's width), the direct tile per size kernel_for assigns it, over the
+    bank. sites: [(name, channels, io dtype name)]. Returns (specs, fft tile sizes)."""
+    from lcsm_compile.kernels.registry import KERNELS, kernel_for
     from lcsm_compile.schedule import tile_sizes
 
     C = bank_channels or sum(c for _, c, _ in sites)
+    update = KERNELS["update"]
     specs = {}
     for name, width, io in sites:
-        key = ("update", block_c_update(width), io)
-        spec = specs.setdefault(key, {"kernel": "update", "constexprs": {"BLOCK_C": block_c_update(width)},
-                                      "state_dtype": state_dtype, "io_dtype": io, "channels": width, "sites": [],
-                                      "when": "every step: the red cell of each site"})
+        ce = update.specialise(width)
+        spec = specs.setdefault(("update", tuple(ce.items()), io),
+                                {"kernel": "update", "constexprs": ce, "state_dtype": state_dtype, "io_dtype": io,
+                                 "channels": width, "sites": [], "when": update.when})
         spec["sites"].append(name)
         spec["channels"] = max(spec["channels"], width)
     ffts = []
     for U in tile_sizes(0, max_len):
-        if U >= 2 * crossover:  # the engine: direct tiles below its block of 2 x crossover rows
+        kernel = KERNELS[kernel_for(U, crossover)]
+        if kernel.triton is None:
             ffts.append(U)
             continue
-        specs[("direct_tile", U)] = {"kernel": "direct_tile", "constexprs": {"U": U, "BLOCK_C": block_c_direct(C, U)},
-                                     "state_dtype": state_dtype, "io_dtype": None, "channels": C,
-                                     "sites": [n for n, _, _ in sites],
-                                     "when": f"steps i with i & -i == {U} (one in {2 * U}), one call over the bank"}
+        specs[(kernel.name, U)] = {"kernel": kernel.name, "constexprs": kernel.specialise(C, U),
+                                   "state_dtype": state_dtype, "io_dtype": None, "channels": C,
+                                   "sites": [n for n, _, _ in sites], "when": kernel.when.format(U=U, U2=2 * U)}
     return list(specs.values()), ffts
 
 
@@ -456,7 +453,9 @@ def _spec_filename(spec):
 def _kernel_source(kernel):
     """(path, first line, source with decorator) of a @triton.jit function, read from its file
     without importing triton."""
-    module, func = KERNEL_SOURCES[kernel]
+    from lcsm_compile.kernels.registry import KERNELS
+
+    module, func = KERNELS[kernel].source()
     path = importlib.util.find_spec(module).origin
     with open(path) as f:
         text = f.read()

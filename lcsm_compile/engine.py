@@ -14,6 +14,7 @@ import torch
 from lcsm_compile import schedule
 from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, ShapeError, check_tensor
 from lcsm_compile.kernels import reference as torch_kernels
+from lcsm_compile.kernels.registry import KERNELS, block_rows, kernel_for
 from lcsm_compile.kernels.triton_common import triton_usable
 from lcsm_compile.tuning import crossover_for
 
@@ -66,20 +67,19 @@ class OnlineConv:
         self.h0 = self.h[:, 0].contiguous()
         self.use_triton = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda" and triton_usable(self.device))
         if self.use_triton:  # imported only here: importing triton is slow and CPU users never need it
-            from lcsm_compile.kernels import triton_direct, triton_update
-
-            self._update, self._direct = triton_update.update, triton_direct.direct_tile
+            self._update, self._direct = KERNELS["update"].launcher(), KERNELS["direct_tile"].launcher()
         else:
             self._update = torch_kernels.update
         self.crossover = crossover_for(self.device) if crossover is None else int(crossover)
 
-        # Direct tiles (U < block) run on the time-major block, FFT tiles (U >= block) on the
-        # channel-major history. Tile operators for every size a decode can use: Toeplitz blocks
-        # for direct tiles (the Triton kernel gathers lags itself), spectra of h[:, :2U] for FFT.
-        self.block = 2 * self.crossover
+        # Direct tiles run on the time-major block, FFT tiles on the channel-major history
+        # (kernels.registry.kernel_for decides). Tile operators for every size a decode can use:
+        # Toeplitz blocks for direct tiles (the Triton kernel gathers lags itself), spectra of
+        # h[:, :2U] for FFT tiles.
+        self.block = block_rows(self.crossover)
         self.toeplitz, self.spectra = {}, {}
         for U in schedule.tile_sizes(0, self.max_len):
-            if U >= self.block:
+            if kernel_for(U, self.crossover) == "fft_tile":
                 self.spectra[U] = torch_kernels.tile_spectrum(self.h, U)
             elif not self.use_triton:
                 self.toeplitz[U] = torch_kernels.toeplitz(self.h, U).contiguous()
@@ -140,7 +140,7 @@ class OnlineConv:
     def memory_breakdown(self) -> dict:
         """Bytes held per part: filters (time domain, for the prefill and direct tiles), Toeplitz
         blocks (direct tiles), spectra (FFT tiles), and once bound the history, accumulators and
-        the time-major block (the last 2 x crossover positions, both as inputs and accumulators)."""
+        the time-major block (block_rows(crossover) positions, both as inputs and accumulators)."""
         size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
         parts = {
             "filters": size(self.h, self.h0),
@@ -237,7 +237,7 @@ class OnlineConv:
             self.Xc[..., b0 : t + 1] = self.Xb[: r + 1].permute(1, 2, 0)
         if t + 1 < self.max_len:
             out_stop = min(t + 1 + U, self.max_len)
-            if U >= self.block:
+            if U in self.spectra:  # an FFT tile (kernel_for, decided at build time)
                 torch_kernels.fft_tile(self.Xc, self.Ac, self.spectra[U], t + 1 - U, t + 1, out_stop, U)
             elif self.use_triton:
                 self._direct(self.Xb, self.Ab, self.h, r + 1 - U, r + 1, out_stop - b0, U)

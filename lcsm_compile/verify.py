@@ -127,33 +127,25 @@ def _dtype(name):
     return getattr(torch, name)
 
 
-def _check_one(spec, rows, common, reference, triton_update, triton_direct):
-    k, ce = spec["kernel"], spec["constexprs"]
+def _check_one(spec, rows):
+    """One call of the specialisation's Triton launcher against its torch reference on the same
+    inputs (kernels.registry): relative error of what each wrote, and the tolerance of its dtype."""
+    from lcsm_compile.kernels.registry import KERNELS
+    from lcsm_compile.kernels.triton_common import rel_err
+
+    kernel = KERNELS[spec["kernel"]]
+    if kernel.triton is None:
+        raise ValueError(f"kernel {spec['kernel']!r} has no Triton implementation to check")
     sd = _dtype(spec["state_dtype"])
-    C = int(spec["channels"])
-    if k == "update":
-        io = _dtype(spec.get("io_dtype") or spec["state_dtype"])
-        B = 4
-        X, A = torch.randn(B, rows, C, dtype=sd), torch.randn(B, rows, C, dtype=sd)
-        h0, x = torch.randn(C, dtype=sd), torch.randn(rows, C).to(io)
-        t = int(torch.randint(0, B, ()))
-        Xr, Ar, yr = X.clone(), A.clone(), torch.empty(rows, C, dtype=io)
-        reference.update(Xr, Ar, x, h0, t, yr)
-        y = torch.full((rows, C), float("nan"), dtype=io)
-        triton_update.update(X, A, x, h0, t, y, block_c=ce["BLOCK_C"])
-        return max(common.rel_err(y, yr), common.rel_err(X, Xr)), KERNEL_TOL[str(io).replace("torch.", "")]
-    if k == "direct_tile":
-        U = int(ce["U"])
-        B = 2 * U + 1
-        X, A = torch.randn(B, rows, C, dtype=sd), torch.randn(B, rows, C, dtype=sd)
-        h = torch.randn(C, 2 * U + 3, dtype=sd)
-        in_start = int(torch.randint(0, B - 2 * U + 1, ()))
-        args = (in_start, in_start + U, in_start + 2 * U, U)
-        A0, Ar = A.clone(), A.clone()
-        reference.direct_tile(X, Ar, h, *args)
-        triton_direct.direct_tile(X, A, h, *args, block_c=ce["BLOCK_C"])
-        return common.rel_err(A - A0, Ar - A0), KERNEL_TOL[spec["state_dtype"]]
-    raise ValueError(f"unknown kernel {k!r}")
+    io = _dtype(spec.get("io_dtype") or spec["state_dtype"])
+    args, written = kernel.check_inputs(spec["constexprs"], int(spec["channels"]), rows, sd, io)
+    ref_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    before = [a.clone() for a in (args[i] for i in written)]
+    kernel.reference(*ref_args)
+    kernel.launcher()(*args, block_c=spec["constexprs"]["BLOCK_C"])
+    err = max(rel_err(args[i] - b, ref_args[i] - b) for i, b in zip(written, before))
+    tol = max(KERNEL_TOL[str(args[i].dtype).replace("torch.", "")] for i in written)  # the least precise output
+    return err, tol
 
 
 def check_kernels_here(specs, rows=2, seed=0) -> dict:
@@ -161,9 +153,7 @@ def check_kernels_here(specs, rows=2, seed=0) -> dict:
     must not have been imported before TRITON_INTERPRET was set on a machine without CUDA)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from lcsm_compile.kernels import reference
     from lcsm_compile.kernels import triton_common as common
-    from lcsm_compile.kernels import triton_direct, triton_update
 
     torch.manual_seed(seed)
     device_note = "cuda" if torch.cuda.is_available() else "cpu (TRITON_INTERPRET=1)"
@@ -172,7 +162,7 @@ def check_kernels_here(specs, rows=2, seed=0) -> dict:
     for spec in specs:
         start = time.perf_counter()
         try:
-            err, tol = _check_one(spec, rows, common, reference, triton_update, triton_direct)
+            err, tol = _check_one(spec, rows)
             results.append({**spec, "rel_err": err, "tol": tol, "passed": bool(err <= tol),
                              "seconds": round(time.perf_counter() - start, 3)})
         except Exception as exc:  # noqa: BLE001 - reported per kernel, the others still run

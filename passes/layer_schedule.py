@@ -15,6 +15,7 @@ import networkx as nx
 import torch
 
 from lcsm_compile.errors import LcsmError
+from lcsm_compile.kernels.registry import kernel_for
 from lcsm_compile.schedule import tile_sizes
 
 lcsm = torch.ops.lcsm
@@ -102,7 +103,7 @@ def run(step_gm, sites, *, max_len, crossover, bank_width) -> LayerSchedule:
     groups = [
         {
             "size": U,
-            "kernel": "direct" if U <= crossover else "fft",
+            "kernel": kernel_for(U, crossover).removesuffix("_tile"),
             "channels": bank_width,
             "first_step": U,  # step i (1-based after the prefill) runs the tile of size i & -i
             "every": 2 * U,

@@ -241,17 +241,28 @@ def test_decoder_conv_must_name_a_bank(decoders):
         lcsm_compile.Decoder(decoder.report, max_len=decoder.max_len, example_inputs=inputs, conv="bad")
 
 
-@pytest.mark.parametrize("crossover", [1, 8])
-def test_optimize_crossover_sets_the_direct_tiles(crossover, decoders):
-    """crossover: the largest tile computed directly; the bank and the schedule both follow it, and
-    the decode stays exact."""
+@pytest.mark.parametrize("crossover", [1, 8, 48])
+def test_optimize_crossover_sets_the_direct_tiles(crossover, decoders, monkeypatch):
+    """crossover: the largest tile computed directly. The kernel the bank runs for each tile size is
+    the kernel the schedule prints (48 is not a power of two: U = 32 direct, 64 FFT), and the
+    decode stays exact."""
+    from lcsm_compile.kernels import reference
+
     model, inputs, _ = decoders("hyena_order2")
     decoder = lcsm_compile.optimize(model, inputs, crossover=crossover)
-    assert decoder.bank.crossover == crossover and decoder.bank.block == 2 * crossover
-    kinds = {g["size"]: g["kernel"] for g in decoder.schedule.to_json()["tile_groups"]}
-    assert kinds == {U: "direct" if U <= crossover else "fft" for U in kinds}
-    x = random_inputs(inputs[0], 100)
+    assert decoder.bank.crossover == crossover
+    printed = {g["size"]: g["kernel"] for g in decoder.schedule.to_json()["tile_groups"]}
+    assert printed == {U: "direct" if U <= crossover else "fft" for U in printed}
+    ran = {}
+    for name, kind in (("fft_tile", "fft"), ("direct_tile_from_toeplitz", "direct")):
+        def record(*args, _kind=kind, _run=getattr(reference, name)):
+            ran.setdefault(args[-1], set()).add(_kind)  # every tile kernel takes U last
+            return _run(*args)
+        monkeypatch.setattr(reference, name, record)
+    x = random_inputs(inputs[0], 200)
     with torch.no_grad():
         session = decoder.session()
-        y = torch.cat([session.prefill(x[:, :3])] + [session.step(x[:, t : t + 1]) for t in range(3, 100)], 1)
+        y = torch.cat([session.prefill(x[:, :3])] + [session.step(x[:, t : t + 1]) for t in range(3, 200)], 1)
         assert rel_err(y, model(x)) < 1e-5
+    assert {1, 8, 32, 64, 128} <= set(ran)  # both sides of every crossover tested ran
+    assert ran == {U: {printed[U]} for U in ran}

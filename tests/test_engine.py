@@ -56,7 +56,7 @@ def test_direct_reference_agrees_with_fft_reference():
     assert rel_err(direct_reference(h, x), reference(h, x)) < 1e-13
 
 
-@pytest.mark.parametrize("crossover", [1, 2, 8, 64])
+@pytest.mark.parametrize("crossover", [1, 2, 3, 8, 48, 64])
 @pytest.mark.parametrize("prefill_len", [0, 1, 37, 299, 300])
 def test_float64_exact(crossover, prefill_len):
     C, L = 5, 300
