@@ -4,6 +4,11 @@ y_t = sum_{s<=t} h[t-s] * x_s for every channel, with x_t arriving one position 
 Per position the only sequential work is the red cell y_t = A_t + h0 * x_t; the rest is the gray
 tile of the relaxed schedule (lcsm_compile.schedule), run as a direct Toeplitz product for small
 tiles and as a size-2U FFT middle product with precomputed filter spectra for large ones.
+
+One channel-major buffer S [N, C, max_len] holds the whole position-indexed state: a tile reads
+inputs of positions already decoded and adds to accumulators of positions to come, so position p
+holds its accumulator A_p until its red cell consumes it and its input x_p from then on. That is
+half of keeping the history and the accumulators apart.
 """
 
 import copy
@@ -95,8 +100,7 @@ class OnlineConv:
                 raise DTypeError(f"x: expected dtype in {allowed} for filters accumulating in {self.dtype}, got {io_dtype}")
             self.batch_shape, self.io_dtype = tuple(batch_shape), io_dtype
             n = math.prod(self.batch_shape)
-            self.Xc = torch.zeros(n, self.channels, self.max_len, dtype=self.dtype, device=self.device)
-            self.Ac = torch.zeros_like(self.Xc)
+            self.S = torch.zeros(n, self.channels, self.max_len, dtype=self.dtype, device=self.device)
             self.Xb = torch.zeros(self.block, n, self.channels, dtype=self.dtype, device=self.device)
             self.Ab = torch.zeros_like(self.Xb)
         elif tuple(batch_shape) != self.batch_shape:
@@ -119,7 +123,7 @@ class OnlineConv:
     def _unbind(self):
         """No state yet: the first prefill/step fixes the batch dims and IO dtype and allocates it."""
         self.batch_shape = self.io_dtype = None
-        self.Xc = self.Ac = self.Xb = self.Ab = None
+        self.S = self.Xb = self.Ab = None
         self.reset()
 
     def fork(self):
@@ -130,8 +134,8 @@ class OnlineConv:
 
     def reset(self):
         """Forget every input; keeps the allocated state and the batch layout."""
-        if self.Xc is not None:
-            for state in (self.Xc, self.Ac, self.Xb, self.Ab):
+        if self.S is not None:
+            for state in (self.S, self.Xb, self.Ab):
                 state.zero_()
         self.position = 0
         self.prefill_len = 0
@@ -139,19 +143,19 @@ class OnlineConv:
 
     def memory_breakdown(self) -> dict:
         """Bytes held per part: filters (time domain, for the prefill and direct tiles), Toeplitz
-        blocks (direct tiles), spectra (FFT tiles), and once bound the history, accumulators and
-        the time-major block (block_rows(crossover) positions, both as inputs and accumulators)."""
+        blocks (direct tiles), spectra (FFT tiles), and once bound the state (inputs of decoded
+        positions and accumulators of positions to come, in one buffer) and the time-major block
+        (block_rows(crossover) positions, as inputs and accumulators)."""
         size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
         parts = {
             "filters": size(self.h, self.h0),
             "toeplitz": size(*self.toeplitz.values()),
             "spectra": size(*self.spectra.values()),
-            "history": 0,
-            "accumulators": 0,
+            "state": 0,
             "block": 0,
         }
-        if self.Xc is not None:
-            parts.update(history=size(self.Xc), accumulators=size(self.Ac), block=size(self.Xb, self.Ab))
+        if self.S is not None:
+            parts.update(state=size(self.S), block=size(self.Xb, self.Ab))
         return parts
 
     def memory_bytes(self) -> int:
@@ -191,8 +195,8 @@ class OnlineConv:
             after = torch.arange(self.max_len, device=self.device) >= first[..., None]
             full = full.masked_fill(after, float("nan"))
             xs = x.reshape(-1, width, P).to(self.dtype)
-        self.Xc[:, sl, :P] = xs
-        self.Ac[:, sl, P:] = full[..., P:]
+        self.S[:, sl, :P] = xs  # inputs of the prompt (no tile reads them: the FFT above covered them)
+        self.S[:, sl, P:] = full[..., P:]  # accumulators of every position to come
         self.position = self.prefill_len = P
         return full[..., :P].to(x.dtype).reshape(x.shape)
 
@@ -210,7 +214,7 @@ class OnlineConv:
             raise MaxLenExceeded(f"step: position {t} is past max_len = {self.max_len}; reset() or build with a larger max_len")
         sl = slice(None) if channels is None else channels
         width = self.channels if channels is None else len(range(self.channels)[sl])
-        if self.Xc is None or x.shape[:-1] != self.batch_shape or x.dtype != self.io_dtype or x.device != self.device:
+        if self.S is None or x.shape[:-1] != self.batch_shape or x.dtype != self.io_dtype or x.device != self.device:
             self._check_input(x, "x", time_axis=False, width=width)
             self._bind(x.shape[:-1], x.dtype)
         elif x.shape[-1] != width:
@@ -218,7 +222,7 @@ class OnlineConv:
         r = (t - self.prefill_len) % self.block  # this position's row in the block
         if self._block_start != t - r:  # entering a new block: bring in what the prefill and FFT tiles accumulated for it
             b0, nb = t - r, min(self.block, self.max_len - (t - r))
-            self.Ab[:nb] = self.Ac[..., b0 : b0 + nb].permute(2, 0, 1)
+            self.Ab[:nb] = self.S[..., b0 : b0 + nb].permute(2, 0, 1)
             self._block_start = b0
         y = torch.empty(x.shape, dtype=x.dtype, device=self.device)
         if channels is None:
@@ -233,12 +237,12 @@ class OnlineConv:
         i = t - self.prefill_len + 1  # steps taken since the prefill, this one included
         r, b0 = (i - 1) % self.block, self._block_start
         U = schedule.tile_size(i)  # the gray tile of schedule.tile_after, inlined: this is the hot path
-        if r == self.block - 1 or t + 1 == self.max_len:  # block complete: flush it to the history
-            self.Xc[..., b0 : t + 1] = self.Xb[: r + 1].permute(1, 2, 0)
+        if r == self.block - 1 or t + 1 == self.max_len:  # block complete: its inputs replace its consumed accumulators
+            self.S[..., b0 : t + 1] = self.Xb[: r + 1].permute(1, 2, 0)
         if t + 1 < self.max_len:
             out_stop = min(t + 1 + U, self.max_len)
             if U in self.spectra:  # an FFT tile (kernel_for, decided at build time)
-                torch_kernels.fft_tile(self.Xc, self.Ac, self.spectra[U], t + 1 - U, t + 1, out_stop, U)
+                torch_kernels.fft_tile(self.S, self.S, self.spectra[U], t + 1 - U, t + 1, out_stop, U)
             elif self.use_triton:
                 self._direct(self.Xb, self.Ab, self.h, r + 1 - U, r + 1, out_stop - b0, U)
             else:

@@ -179,10 +179,20 @@ class Session:
         pos = torch.tensor([self.position], device=self.decoder.device)
         return self.decoder.step_fn(self.handle, pos, inputs=(x,))
 
-    def memory_breakdown(self) -> dict:
-        """Bytes per part: the bank's (history, accumulators, block, spectra, Toeplitz blocks,
-        filters; the last three shared by every session of the decoder) and the ring buffers."""
-        return self.state.memory_breakdown()
+    def memory_breakdown(self, per_channel_position=False) -> dict:
+        """Bytes per part: the bank's (state, block, spectra, Toeplitz blocks, filters; the last
+        three shared by every session of the decoder) and the ring buffers.
+        per_channel_position: each part divided by batch rows x long-conv channels x max_len, the
+        cost of one position of one channel (after a prefill; the state is 4 bytes in float32)."""
+        parts = self.state.memory_breakdown()
+        if per_channel_position:
+            if self._batch is None:
+                raise SessionNotStarted("memory_breakdown(per_channel_position=True): call prefill(prompt) first")
+            if self.state.bank is None:
+                raise ValueError("memory_breakdown(per_channel_position=True): this model has no long convolution")
+            cells = self._batch * self.state.bank.channels * self.decoder.max_len
+            parts = {k: v / cells for k, v in parts.items()}
+        return parts
 
     def memory_bytes(self) -> int:
         """Bytes this session holds, shared filter operators included: sum of memory_breakdown()."""

@@ -114,8 +114,8 @@ def test_quick_run_covers_every_method_config_and_length(quick_run):
         for ratio, (a, b) in {"lazy/flash": ("lazy", "flash"), "naive/flash": ("naive", "flash"),
                               "flash/floor": ("flash", "floor")}.items():
             assert r["ratios"][ratio] == pytest.approx(m[a]["time_s"] / m[b]["time_s"])
-        # history + accumulators of the 64 long-conv channels at batch 1, float32: at least 2 * 64 * L * 4
-        assert m["flash"]["memory_bytes"] >= 2 * 64 * r["L"] * 4
+        # the state (inputs and accumulators) of the 64 long-conv channels at batch 1, float32: 64 * L * 4
+        assert m["flash"]["memory_bytes"] >= 64 * r["L"] * 4
     small, large = data["results"]  # and the L-sized parts dominate: twice L, more than 1.5x the bytes
     assert large["methods"]["flash"]["memory_bytes"] > 1.5 * small["methods"]["flash"]["memory_bytes"]
     assert set(data["fits"]["2x32"]) == set(generate.BASELINES)

@@ -101,7 +101,7 @@ def test_memory_bytes_counts_bank_and_rings(decoders):
     session = decoder.session()
     session.prefill(random_inputs(inputs[0], 10))
     bank = session.state.bank
-    state = sum(t.numel() * t.element_size() for t in (bank.Xc, bank.Ac, bank.Xb, bank.Ab))
+    state = sum(t.numel() * t.element_size() for t in (bank.S, bank.Xb, bank.Ab))
     spectra = sum(t.numel() * t.element_size() for t in bank.spectra.values())
     rings = sum(r.numel() * r.element_size() for r in session.state.rings.values())
     assert state > 0 and spectra > 0 and rings > 0
@@ -185,8 +185,9 @@ def test_custom_ops_pass_opcheck(decoders):
 
 
 def test_memory_bytes_matches_the_state_it_should_hold():
-    """history + accumulators + ring buffers + spectra (+ the filters and Toeplitz blocks the
-    prefill and direct tiles use), computed from the sizes alone, within 10%."""
+    """state (inputs and accumulators in one buffer) + ring buffers + spectra (+ the filters and
+    Toeplitz blocks the prefill and direct tiles use), computed from the sizes alone, within 10%;
+    per channel and position the state is 4 bytes in float32."""
     from lcsm_compile.models import demo_lm
 
     L, B, d, layers = 1024, 3, 32, 2
@@ -195,13 +196,14 @@ def test_memory_bytes_matches_the_state_it_should_hold():
         warnings.simplefilter("ignore")
         decoder = lcsm_compile.optimize(model, (torch.randint(0, 64, (B, 32)),), max_len=L)
     session = decoder.session()
+    with pytest.raises(SessionNotStarted, match="prefill"):
+        session.memory_breakdown(per_channel_position=True)
     session.prefill(torch.randint(0, 64, (B, 7)))
     C, f32 = layers * d, 4  # order 2: one long conv of width d per layer
-    block = 2 * decoder.bank.crossover
+    block = decoder.bank.block
     fft_sizes = [U for U in (2**k for k in range(20)) if block <= U < L]
     expected = {
-        "history": B * C * L * f32,
-        "accumulators": B * C * L * f32,
+        "state": B * C * L * f32,
         "block": 2 * block * B * C * f32,
         "spectra": sum((U + 1) * C * 2 * f32 for U in fft_sizes),
         "toeplitz": sum(U * U * C * f32 for U in (2**k for k in range(20)) if U < block),
@@ -212,8 +214,10 @@ def test_memory_bytes_matches_the_state_it_should_hold():
     assert set(got) == set(expected)
     total = sum(expected.values())
     assert abs(session.memory_bytes() - total) <= 0.1 * total, (got, expected)
-    for part in ("history", "accumulators", "spectra", "rings"):
+    for part in ("state", "spectra", "rings"):
         assert abs(got[part] - expected[part]) <= 0.1 * expected[part], part
+    per = session.memory_breakdown(per_channel_position=True)
+    assert per["state"] == f32 and per["block"] == pytest.approx(expected["block"] / (B * C * L))
     with torch.no_grad():
         session.step(torch.randint(0, 64, (B, 1)))
     assert session.memory_breakdown()["rings"] == expected["rings"] * 3 // 2  # a step keeps its K-window

@@ -92,7 +92,7 @@ def test_low_precision_inputs_accumulate_in_float32(dtype):
     h, x = random_filters(C, L), torch.randn(C, L).to(dtype)
     conv = OnlineConv(h)
     y = decode(conv, x, 100)
-    assert y.dtype == dtype and conv.Xc.dtype == torch.float32
+    assert y.dtype == dtype and conv.S.dtype == torch.float32
     ref = reference(h, x)
     rounding = rel_err(ref.to(dtype), ref)
     assert rel_err(y, ref) <= 1.05 * rounding + 1e-6
@@ -107,7 +107,7 @@ def test_batch_dims_share_filters():
     y = decode(conv, x, 17)
     assert y.shape == x.shape
     assert rel_err(y, reference(h, x)) < TOL64
-    # filters and tile operators are shared: only history/accumulators/block scale with the rows
+    # filters and tile operators are shared: only the state and the block scale with the rows
     decode(single, x[0, 0], 17)
     per_row = (conv.memory_bytes() - single.memory_bytes()) / 7
     assert per_row == pytest.approx(single.memory_bytes() - _filter_bytes(single))
@@ -132,13 +132,13 @@ def test_reset_and_reuse_without_reallocation():
     conv = OnlineConv(h)
     x1, x2 = torch.randn(C, L), torch.randn(C, L)
     decode(conv, x1, 10)
-    ptrs = [t.data_ptr() for t in (conv.Xc, conv.Ac, conv.Xb, conv.Ab)]
+    ptrs = [t.data_ptr() for t in (conv.S, conv.Xb, conv.Ab)]
     size = conv.memory_bytes()
     conv.reset()
     assert conv.position == 0
     y = decode(conv, x2, 0)
     assert rel_err(y, reference(h, x2)) < 5e-7
-    assert [t.data_ptr() for t in (conv.Xc, conv.Ac, conv.Xb, conv.Ab)] == ptrs
+    assert [t.data_ptr() for t in (conv.S, conv.Xb, conv.Ab)] == ptrs
     assert conv.memory_bytes() == size
 
 
@@ -147,7 +147,7 @@ def test_memory_bytes_counts_state():
     conv = OnlineConv(random_filters(C, L), crossover=4)
     before = conv.memory_bytes()
     conv.step(torch.randn(2, C))
-    state = 2 * (2 * C * L * 4) + 2 * (conv.block * 2 * C * 4)  # history + accumulators, block in and out
+    state = 2 * C * L * 4 + 2 * (conv.block * 2 * C * 4)  # one state buffer (inputs and accumulators), block in and out
     assert conv.memory_bytes() - before == state
     spectra = sum(C * (U + 1) * 8 for U in conv.spectra)
     assert spectra > 0 and before >= spectra + C * L * 4
@@ -219,7 +219,7 @@ def test_fork_shares_filters_and_keeps_its_own_state():
     x1, x2 = torch.randn(C, L, dtype=torch.float64), torch.randn(2, C, L, dtype=torch.float64)
     parent.prefill(x1[..., :7])
     child = parent.fork()
-    assert child.position == 0 and child.Xc is None  # fresh: its batch dims come from its own first call
+    assert child.position == 0 and child.S is None  # fresh: its batch dims come from its own first call
     assert child.h.data_ptr() == parent.h.data_ptr()
     assert all(child.spectra[U].data_ptr() == parent.spectra[U].data_ptr() for U in parent.spectra)
     assert all(child.toeplitz[U].data_ptr() == parent.toeplitz[U].data_ptr() for U in parent.toeplitz)
