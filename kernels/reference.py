@@ -4,9 +4,10 @@ The engine keeps two views of a bank of N rows x C channels (N = flattened batch
 - the block, time-major, holding the B positions being decoded now (B = 2 x the largest
   direct tile): Xb [B, N, C] inputs, Ab [B, N, C] accumulators. The red cell and the direct
   tiles touch only the block, one contiguous row per position, so they stay in cache;
-- the history, channel-major: Xc [N, C, Lmax] inputs, Ac [N, C, Lmax] contributions to future
-  outputs. FFT tiles read and write whole rows of it; blocks are loaded from Ac and flushed to Xc
-  once per B positions.
+- the state, channel-major: S [N, C, Lmax], the input of every position already decoded and the
+  accumulated contributions to every position to come (a tile reads the past and writes the
+  future, so one buffer holds both). FFT tiles read and write whole rows of it; a block is loaded
+  from its accumulators on entry and its inputs flushed over them once per B positions.
 Filters h [C, Lmax] (lag axis last) are shared by all N rows. A tile of size U adds the
 contribution of inputs [in_start, in_start + U) to outputs [out_start, out_stop) with
 out_start = in_start + U and out_stop <= out_start + U (lags 1..2U-1).
@@ -56,9 +57,10 @@ def direct_tile(Xb, Ab, h, in_start, out_start, out_stop, U):
     direct_tile_from_toeplitz(Xb, Ab, toeplitz(h, U), in_start, out_start, out_stop, U)
 
 
-def fft_tile(Xc, Ac, S, in_start, out_start, out_stop, U):
-    """FFT tile on the channel-major history: a cyclic convolution of size 2U with the precomputed
-    spectrum S [C, U+1]; the middle product is outputs [U, 2U) of the cyclic result."""
-    f = torch.fft.rfft(Xc[..., in_start : in_start + U], n=2 * U)
-    f *= S
-    Ac[..., out_start:out_stop] += torch.fft.irfft(f, n=2 * U)[..., U : U + out_stop - out_start]
+def fft_tile(X, A, spectrum, in_start, out_start, out_stop, U):
+    """FFT tile on the channel-major state (X and A may be one tensor: the ranges are disjoint): a
+    cyclic convolution of size 2U with the precomputed spectrum [C, U+1]; the middle product is
+    outputs [U, 2U) of the cyclic result."""
+    f = torch.fft.rfft(X[..., in_start : in_start + U], n=2 * U)
+    f *= spectrum
+    A[..., out_start:out_stop] += torch.fft.irfft(f, n=2 * U)[..., U : U + out_stop - out_start]

@@ -84,5 +84,5 @@ KERNELS = {
         ("lcsm_compile.kernels.triton_direct", "direct_tile", "_direct_tile_kernel"),
         lambda C, U: {"U": U, "BLOCK_C": block_c_direct(C, U)}, _direct_inputs),
     "fft_tile": TileKernel(
-        "fft_tile", reference.fft_tile, "steps i with i & -i == {U}: torch.fft on the channel-major history"),
+        "fft_tile", reference.fft_tile, "steps i with i & -i == {U}: torch.fft on the channel-major state"),
 }

@@ -548,7 +548,7 @@ def _kernels(args):
             row += f" {err:>9} {s['tol'] or 0:>7.0e}  {'yes' if s['passed'] else 'NO'}"
         out.append(row + f"  {s['when']}")
     if ffts:
-        out.append(f"FFT tiles U in {ffts} run torch.fft on the channel-major history (no Triton kernel)")
+        out.append(f"FFT tiles U in {ffts} run torch.fft on the channel-major state (no Triton kernel)")
     out.append(f"note: {data['note']}")
     if args.check:
         out.append(f"checked against lcsm_compile.kernels.reference on {data['check_device']}")

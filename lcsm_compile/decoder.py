@@ -20,7 +20,7 @@ class Decoder:
     programs / schedule: the decode_rewrite and layer_schedule artifacts (lcsm_compile.pipeline runs
     those passes when they are not given)."""
 
-    def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None, compile=False,
+    def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None, compile="auto",
                  programs=None, schedule=None):
         if conv not in BANKS:
             raise ValueError(f"conv: expected one of {sorted(BANKS)}, got {conv!r}")
@@ -75,11 +75,15 @@ class Decoder:
         """Hugging Face generate() semantics on a fresh session; see lcsm_compile.generation.generate."""
         session = self.session()
         options.setdefault("max_len", self.max_len)
-        with torch.no_grad():
-            return generation.generate(session.prefill, session.step, prompt_ids, max_new_tokens, **options)
+        self.step_fn.expect(max_new_tokens - 1)  # compile="auto" compiles up front for a long generation
+        try:
+            with torch.no_grad():
+                return generation.generate(session.prefill, session.step, prompt_ids, max_new_tokens, **options)
+        finally:
+            self.step_fn.expect(0)
 
 
-def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=None, compile=False, validate=True) -> Decoder:
+def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=None, compile="auto", validate=True) -> Decoder:
     """Analyze `model`, build its Decoder and check it (lcsm_compile.pipeline: every pass, in order).
 
     Raises NotDecodable (carrying the Report) when some op that mixes positions is not an accepted
@@ -87,8 +91,10 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     reproduce the model teacher-forced on random inputs (DECODE_MISMATCH).
     conv: "flash" (ours), or the "lazy"/"floor" baselines on the same step program ("floor" drops
     every lag > 0, so it is never validated).
-    compile: compile the step program with inductor (once per batch size, a few seconds on CPU) so
-    a step is not dominated by Python dispatch; worth it for long generations.
+    compile: "auto" (default) runs the step program eagerly and compiles it with inductor (once
+    per batch size, a few seconds on CPU, so a step is not dominated by Python dispatch) when a
+    generation is long enough to pay for it (runtime.AUTO_COMPILE_CALLS steps, taken or announced
+    by generate); True compiles on the first step, False never.
     validate: run the translation validation (passes/validate.py; its time is in report.passes)."""
     from lcsm_compile import pipeline
 

@@ -77,7 +77,7 @@ class OnlineConv:
             self._update = torch_kernels.update
         self.crossover = crossover_for(self.device) if crossover is None else int(crossover)
 
-        # Direct tiles run on the time-major block, FFT tiles on the channel-major history
+        # Direct tiles run on the time-major block, FFT tiles on the channel-major state
         # (kernels.registry.kernel_for decides). Tile operators for every size a decode can use:
         # Toeplitz blocks for direct tiles (the Triton kernel gathers lags itself), spectra of
         # h[:, :2U] for FFT tiles.

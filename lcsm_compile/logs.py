@@ -5,7 +5,7 @@
     LCSM_LOGS=all+debug              every area at DEBUG
     LCSM_LOGS=detect+debug,passes    detect at DEBUG, passes at INFO
 
-Areas: detect, passes, schedule, kernels, backend. Enabled loggers write one line per record to
+Areas: detect, passes, schedule, kernels, backend, runtime. Enabled loggers write one line per record to
 stderr (`[lcsm detect] ...`) and do not propagate, so a root logging set-up cannot print them
 twice. Modules log through `get_logger(area)`; with LCSM_LOGS unset nothing is printed and a
 disabled call costs one level check. `configure_from_env()` runs on `import lcsm_compile`: it only
@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-AREAS = ("detect", "passes", "schedule", "kernels", "backend")
+AREAS = ("detect", "passes", "schedule", "kernels", "backend", "runtime")
 ENV = "LCSM_LOGS"
 ROOT = "lcsm_compile"
 

@@ -6,6 +6,7 @@ buffers for short convolutions) and its position. Sessions are independent and c
 """
 
 import copy
+import time
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ import torch.utils._pytree as pytree
 
 from lcsm_compile import ops
 from lcsm_compile.errors import DeviceError, DTypeError, MaxLenExceeded, SessionNotStarted, ShapeError
+from lcsm_compile.logs import get_logger
 
 
 class SessionState:
@@ -72,42 +74,90 @@ class SessionState:
         return {**(self.bank.memory_breakdown() if self.bank is not None else {}), "rings": rings}
 
 
+# "auto": how many calls of one input signature run eagerly before the step program is compiled.
+# Compiling costs about as much as this many eager steps save (README: "The fast path by default"),
+# so compiling then never costs more than twice the best choice made knowing the length up front.
+AUTO_COMPILE_CALLS = 1024
+
+
 class Program:
     """A rewritten graph; calls rebuild the model's output structure from its flat outputs.
 
     compile=True compiles it with inductor directly (compile_fx, what torch.compile's default
     backend runs), not through dynamo: the program is already an FX graph with static shapes, so
-    there is nothing to trace and no guards to evaluate on every call (on the 4x128 demo model a
-    step takes ~0.96 ms this way against ~1.34 ms through torch.compile). Inductor fuses the
+    there is nothing to trace and no guards to evaluate on every call. Inductor fuses the
     time-local ops; the lcsm custom ops stay opaque calls. One compilation per input signature
     (shapes, strides, dtypes, devices): the session and position are tensor inputs, so one serves
     every position and session of a batch size; `compilations` counts them.
+    compile="auto": run eagerly, and compile a signature once it has made AUTO_COMPILE_CALLS calls,
+    or at once when `expect(n)` announced that many (a generation of known length). A failed
+    automatic compile (e.g. no C++ compiler) is logged and the program stays eager.
     """
 
     def __init__(self, gm, out_spec, compile=False):
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile: expected True, False or 'auto', got {compile!r}")
         self.gm = gm
         self.out_spec = out_spec
         self.compile = compile
         self.compiled = {}  # input signature -> inductor-compiled callable
+        self.calls = {}  # input signature -> eager calls so far (compile="auto")
+        self.expected = 0  # calls announced by expect()
 
     @property
     def compilations(self) -> int:
         return len(self.compiled)
 
+    def expect(self, calls):
+        """Announce `calls` upcoming calls (0: none known): under compile="auto" a signature with
+        that many ahead is compiled on its first call."""
+        self.expected = max(0, int(calls))
+
     def __call__(self, *prefix, inputs):
         args = (*prefix, *inputs)
-        if not self.compile:
-            return pytree.tree_unflatten(list(self.gm(*args)), self.out_spec)
+        if self.compile is False:
+            return self._eager(args)
         key = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in args)
         fn = self.compiled.get(key)
+        if fn is None:
+            if self.compile == "auto":
+                n = self.calls[key] = self.calls.get(key, 0) + 1
+                if n + self.expected < AUTO_COMPILE_CALLS:
+                    return self._eager(args)
+                fn = self._auto_compile(key, args, n)
+                if fn is None:
+                    return self._eager(args)
+            else:
+                fn = self._compile(key, args)
         with torch.no_grad():  # decoding never needs autograd; an inference graph is the fast one
-            if fn is None:
-                from torch._inductor.compile_fx import compile_fx
-
-                # a fresh graph over the same module: inductor's passes may rewrite the graph in place
-                gm = torch.fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
-                fn = self.compiled[key] = compile_fx(gm, list(args))
             return pytree.tree_unflatten(list(fn(*args)), self.out_spec)
+
+    def _eager(self, args):
+        return pytree.tree_unflatten(list(self.gm(*args)), self.out_spec)
+
+    def _compile(self, key, args):
+        from torch._inductor.compile_fx import compile_fx
+
+        with torch.no_grad():
+            # a fresh graph over the same module: inductor's passes may rewrite the graph in place
+            gm = torch.fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+            fn = self.compiled[key] = compile_fx(gm, list(args))
+        return fn
+
+    def _auto_compile(self, key, args, n):
+        log = get_logger("runtime")
+        why = f"{self.expected} steps announced" if self.expected else f"{n} steps taken"
+        start = time.perf_counter()
+        try:
+            fn = self._compile(key, args)
+        except Exception as exc:  # noqa: BLE001 - any inductor failure: the eager program is exact too
+            log.warning("compile='auto': compiling the step program failed (%s: %s); it stays eager",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self.compile = False
+            return None
+        log.info("compile='auto': compiled the step program for batch %s (%s; %.1f s)",
+                    tuple(args[-1].shape)[:1], why, time.perf_counter() - start)
+        return fn
 
 
 def _contiguous_strides(shape):

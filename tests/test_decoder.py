@@ -1,6 +1,7 @@
 """optimize(): teacher-forced exactness of prefill + steps on every accepted zoo model, generate()
 against the naive loop, and typed errors for bad input."""
 
+import logging
 import warnings
 
 import pytest
@@ -170,6 +171,70 @@ def test_compiled_step_is_exact_and_compiles_once_per_batch_size(decoders):
         sc = decoder.session()
         yc = [sc.prefill(c[:, :10])] + [sc.step(c[:, t : t + 1]) for t in range(10, 20)]
         assert decoder.step_fn.compilations == 2 and rel_err(torch.cat(yc, 1), model(c)) < 1e-5
+
+
+def test_auto_compile_switches_after_enough_steps_and_stays_exact(decoders, monkeypatch, caplog):
+    """compile="auto" (the default): eager until a batch size has taken AUTO_COMPILE_CALLS steps,
+    then compiled, logged once, with the decode exact across the switch."""
+    from lcsm_compile import runtime
+
+    monkeypatch.setattr(runtime, "AUTO_COMPILE_CALLS", 30)
+    model, inputs, _ = decoders("hyena_order2")
+    decoder = lcsm_compile.optimize(model, inputs, validate=False)
+    assert decoder.step_fn.compile == "auto"
+    x = random_inputs(inputs[0], 80)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="lcsm_compile.runtime"):
+        session = decoder.session()
+        ys = [session.prefill(x[:, :5])]
+        for t in range(5, 80):
+            ys.append(session.step(x[:, t : t + 1]))
+            assert decoder.step_fn.compilations == (1 if t - 5 + 1 >= 30 else 0), t
+        assert rel_err(torch.cat(ys, 1), model(x)) < 1e-5
+    lines = [r.getMessage() for r in caplog.records if r.name == "lcsm_compile.runtime"]
+    assert len(lines) == 1 and "compiled the step program" in lines[0] and "30 steps taken" in lines[0], lines
+
+
+def test_auto_compile_compiles_a_long_generation_up_front(decoders, monkeypatch):
+    """generate announces its length: a generation of AUTO_COMPILE_CALLS steps or more is compiled
+    on its first step, a shorter one never; tokens equal the naive loop's either way."""
+    from lcsm_compile import runtime
+
+    monkeypatch.setattr(runtime, "AUTO_COMPILE_CALLS", 40)
+    model, inputs, _ = decoders("hyena_order2")
+    prompt = inputs[0][:, :4]
+    for new_tokens, compiled in ((20, 0), (41, 1)):
+        decoder = lcsm_compile.optimize(model, inputs, validate=False)
+        calls = []  # how many calls its signature had made when it was compiled
+
+        def spy(key, args, _compile=decoder.step_fn._compile, _fn=decoder.step_fn):
+            calls.append(_fn.calls[key])
+            return _compile(key, args)
+
+        monkeypatch.setattr(decoder.step_fn, "_compile", spy)
+        ours = decoder.generate(prompt, new_tokens)
+        assert decoder.step_fn.compilations == compiled and calls == [1] * compiled  # compiled at its first step
+        assert torch.equal(ours, generation.naive_generate(model, prompt, new_tokens))
+        assert decoder.step_fn.expected == 0  # the announcement ends with the generation
+
+
+def test_auto_compile_that_fails_stays_eager_with_a_warning(decoders, monkeypatch, caplog):
+    from lcsm_compile import runtime
+
+    monkeypatch.setattr(runtime, "AUTO_COMPILE_CALLS", 3)
+    model, inputs, _ = decoders("hyena_order2")
+    decoder = lcsm_compile.optimize(model, inputs, validate=False)
+
+    def no_compiler(key, args):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(decoder.step_fn, "_compile", no_compiler)
+    x = random_inputs(inputs[0], 30)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="lcsm_compile.runtime"):
+        session = decoder.session()
+        y = torch.cat([session.prefill(x[:, :2])] + [session.step(x[:, t : t + 1]) for t in range(2, 30)], 1)
+    assert rel_err(y, model(x)) < 1e-5 and decoder.step_fn.compile is False
+    lines = [r.getMessage() for r in caplog.records if r.name == "lcsm_compile.runtime"]
+    assert len(lines) == 1 and "no C++ compiler found" in lines[0] and "stays eager" in lines[0]
 
 
 def test_custom_ops_pass_opcheck(decoders):
