@@ -74,10 +74,13 @@ class SessionState:
         return {**(self.bank.memory_breakdown() if self.bank is not None else {}), "rings": rings}
 
 
-# "auto": how many calls of one input signature run eagerly before the step program is compiled.
-# Compiling costs about as much as this many eager steps save (README: "The fast path by default"),
-# so compiling then never costs more than twice the best choice made knowing the length up front.
+# compile="auto": a batch size is compiled once its calls so far, or those a generation announced,
+# reach AUTO_COMPILE_CALLS (about the steps a compile costs: README, "Compiling the step program"); so
+# compiling never costs more than twice the best choice made knowing the length up front. The
+# last AUTO_TRIAL_CALLS eager calls are then timed against as many compiled ones, and the compiled
+# program is kept only if it is faster (for a small model on CPU it can be slower).
 AUTO_COMPILE_CALLS = 1024
+AUTO_TRIAL_CALLS = 16
 
 
 class Program:
@@ -89,9 +92,8 @@ class Program:
     time-local ops; the lcsm custom ops stay opaque calls. One compilation per input signature
     (shapes, strides, dtypes, devices): the session and position are tensor inputs, so one serves
     every position and session of a batch size; `compilations` counts them.
-    compile="auto": run eagerly, and compile a signature once it has made AUTO_COMPILE_CALLS calls,
-    or at once when `expect(n)` announced that many (a generation of known length). A failed
-    automatic compile (e.g. no C++ compiler) is logged and the program stays eager.
+    compile="auto": see AUTO_COMPILE_CALLS; `expect(n)` announces n calls (a generation of known
+    length). A failed automatic compile (e.g. no C++ compiler) is logged and the program stays eager.
     """
 
     def __init__(self, gm, out_spec, compile=False):
@@ -101,7 +103,7 @@ class Program:
         self.out_spec = out_spec
         self.compile = compile
         self.compiled = {}  # input signature -> inductor-compiled callable
-        self.calls = {}  # input signature -> eager calls so far (compile="auto")
+        self.auto = {}  # input signature -> _AutoTrial (compile="auto")
         self.expected = 0  # calls announced by expect()
 
     @property
@@ -109,8 +111,7 @@ class Program:
         return len(self.compiled)
 
     def expect(self, calls):
-        """Announce `calls` upcoming calls (0: none known): under compile="auto" a signature with
-        that many ahead is compiled on its first call."""
+        """Announce `calls` upcoming calls (0: none known), for compile="auto"."""
         self.expected = max(0, int(calls))
 
     def __call__(self, *prefix, inputs):
@@ -118,22 +119,17 @@ class Program:
         if self.compile is False:
             return self._eager(args)
         key = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in args)
-        fn = self.compiled.get(key)
-        if fn is None:
-            if self.compile == "auto":
-                n = self.calls[key] = self.calls.get(key, 0) + 1
-                if n + self.expected < AUTO_COMPILE_CALLS:
-                    return self._eager(args)
-                fn = self._auto_compile(key, args, n)
-                if fn is None:
-                    return self._eager(args)
-            else:
-                fn = self._compile(key, args)
-        with torch.no_grad():  # decoding never needs autograd; an inference graph is the fast one
-            return pytree.tree_unflatten(list(fn(*args)), self.out_spec)
+        if self.compile == "auto":
+            return self._auto(key, args)
+        fn = self.compiled.get(key) or self._compile(key, args)
+        return self._run(fn, args)
 
     def _eager(self, args):
         return pytree.tree_unflatten(list(self.gm(*args)), self.out_spec)
+
+    def _run(self, fn, args):
+        with torch.no_grad():  # decoding never needs autograd; an inference graph is the fast one
+            return pytree.tree_unflatten(list(fn(*args)), self.out_spec)
 
     def _compile(self, key, args):
         from torch._inductor.compile_fx import compile_fx
@@ -144,9 +140,26 @@ class Program:
             fn = self.compiled[key] = compile_fx(gm, list(args))
         return fn
 
-    def _auto_compile(self, key, args, n):
+    def _auto(self, key, args):
+        trial = self.auto.setdefault(key, _AutoTrial())
+        fn = self.compiled.get(key)
+        if trial.verdict == "eager" or (fn is None and not trial.due(self.expected)):
+            return trial.timed(lambda: self._eager(args), trial.eager)
+        if fn is None:
+            fn = self._auto_compile(key, args, trial)
+            if fn is None:
+                return self._eager(args)
+            return self._run(fn, args)  # its first call may still pay for lazy set-up: not timed
+        if trial.verdict is None:
+            out = trial.timed(lambda: self._run(fn, args), trial.compiled)
+            if len(trial.compiled) == AUTO_TRIAL_CALLS:
+                trial.decide(tuple(args[-1].shape)[:1])
+            return out
+        return self._run(fn, args)
+
+    def _auto_compile(self, key, args, trial):
         log = get_logger("runtime")
-        why = f"{self.expected} steps announced" if self.expected else f"{n} steps taken"
+        why = f"{self.expected} steps announced" if self.expected else f"{trial.calls} steps taken"
         start = time.perf_counter()
         try:
             fn = self._compile(key, args)
@@ -156,8 +169,36 @@ class Program:
             self.compile = False
             return None
         log.info("compile='auto': compiled the step program for batch %s (%s; %.1f s)",
-                    tuple(args[-1].shape)[:1], why, time.perf_counter() - start)
+                 tuple(args[-1].shape)[:1], why, time.perf_counter() - start)
         return fn
+
+
+class _AutoTrial:
+    """compile="auto" for one input signature: eager calls counted and the last ones timed, then
+    the compiled program timed and kept (verdict "compiled") or dropped ("eager")."""
+
+    def __init__(self):
+        self.calls, self.eager, self.compiled, self.verdict = 0, [], [], None
+
+    def due(self, expected):
+        """Compile now? Once enough eager calls were timed, if the calls made or those announced pay for it."""
+        return self.calls >= AUTO_TRIAL_CALLS and max(self.calls, expected) >= AUTO_COMPILE_CALLS
+
+    def timed(self, call, times):
+        start = time.perf_counter()
+        out = call()
+        if self.verdict is None:
+            if times is self.eager:
+                self.calls += 1
+            times.append(time.perf_counter() - start)
+            del times[:-AUTO_TRIAL_CALLS]
+        return out
+
+    def decide(self, batch):
+        eager, compiled = sorted(self.eager)[len(self.eager) // 2], sorted(self.compiled)[len(self.compiled) // 2]
+        self.verdict = "compiled" if compiled < eager else "eager"
+        get_logger("runtime").info("compile='auto': batch %s step %.3f ms compiled vs %.3f ms eager: keeping %s",
+                                   batch, 1e3 * compiled, 1e3 * eager, self.verdict)
 
 
 def _contiguous_strides(shape):

@@ -2,6 +2,7 @@
 against the naive loop, and typed errors for bad input."""
 
 import logging
+import time
 import warnings
 
 import pytest
@@ -175,44 +176,73 @@ def test_compiled_step_is_exact_and_compiles_once_per_batch_size(decoders):
 
 def test_auto_compile_switches_after_enough_steps_and_stays_exact(decoders, monkeypatch, caplog):
     """compile="auto" (the default): eager until a batch size has taken AUTO_COMPILE_CALLS steps,
-    then compiled, logged once, with the decode exact across the switch."""
+    then compiled and timed against the eager steps, logged, with the decode exact throughout."""
     from lcsm_compile import runtime
 
     monkeypatch.setattr(runtime, "AUTO_COMPILE_CALLS", 30)
     model, inputs, _ = decoders("hyena_order2")
     decoder = lcsm_compile.optimize(model, inputs, validate=False)
     assert decoder.step_fn.compile == "auto"
-    x = random_inputs(inputs[0], 80)
+    x = random_inputs(inputs[0], 90)
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="lcsm_compile.runtime"):
         session = decoder.session()
         ys = [session.prefill(x[:, :5])]
-        for t in range(5, 80):
+        for t in range(5, 90):
             ys.append(session.step(x[:, t : t + 1]))
-            assert decoder.step_fn.compilations == (1 if t - 5 + 1 >= 30 else 0), t
+            assert decoder.step_fn.compilations == (1 if t - 5 + 1 > 30 else 0), t  # the 31st step compiles
         assert rel_err(torch.cat(ys, 1), model(x)) < 1e-5
     lines = [r.getMessage() for r in caplog.records if r.name == "lcsm_compile.runtime"]
-    assert len(lines) == 1 and "compiled the step program" in lines[0] and "30 steps taken" in lines[0], lines
+    assert len(lines) == 2 and "compiled the step program" in lines[0] and "30 steps taken" in lines[0], lines
+    assert "ms compiled vs" in lines[1] and lines[1].endswith(("keeping compiled", "keeping eager")), lines
 
 
-def test_auto_compile_compiles_a_long_generation_up_front(decoders, monkeypatch):
+def test_auto_compile_keeps_the_eager_program_when_the_compiled_one_is_slower(decoders, monkeypatch, caplog):
+    from lcsm_compile import runtime
+
+    monkeypatch.setattr(runtime, "AUTO_COMPILE_CALLS", 20)
+    model, inputs, _ = decoders("hyena_order2")
+    decoder = lcsm_compile.optimize(model, inputs, validate=False)
+    program, runs = decoder.step_fn, []
+
+    def slow_compile(key, args):  # a "compiled" program 20 ms slower per call than the eager one
+        def fn(*a):
+            runs.append(1)
+            time.sleep(0.02)
+            return program.gm(*a)
+
+        program.compiled[key] = fn
+        return fn
+
+    monkeypatch.setattr(program, "_compile", slow_compile)
+    x = random_inputs(inputs[0], 80)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="lcsm_compile.runtime"):
+        session = decoder.session()
+        y = torch.cat([session.prefill(x[:, :3])] + [session.step(x[:, t : t + 1]) for t in range(3, 80)], 1)
+    assert rel_err(y, model(x)) < 1e-5
+    assert len(runs) == 1 + runtime.AUTO_TRIAL_CALLS  # its first call and the timed trial, then eager again
+    assert caplog.records[-1].getMessage().endswith("keeping eager")
+
+
+def test_auto_compile_compiles_a_long_generation_early(decoders, monkeypatch):
     """generate announces its length: a generation of AUTO_COMPILE_CALLS steps or more is compiled
-    on its first step, a shorter one never; tokens equal the naive loop's either way."""
+    once AUTO_TRIAL_CALLS eager steps were timed, a shorter one never; tokens equal the naive
+    loop's either way."""
     from lcsm_compile import runtime
 
     monkeypatch.setattr(runtime, "AUTO_COMPILE_CALLS", 40)
     model, inputs, _ = decoders("hyena_order2")
     prompt = inputs[0][:, :4]
-    for new_tokens, compiled in ((20, 0), (41, 1)):
+    for new_tokens, compiled in ((30, 0), (41, 1)):
         decoder = lcsm_compile.optimize(model, inputs, validate=False)
-        calls = []  # how many calls its signature had made when it was compiled
+        calls = []  # how many eager calls its signature had made when it was compiled
 
         def spy(key, args, _compile=decoder.step_fn._compile, _fn=decoder.step_fn):
-            calls.append(_fn.calls[key])
+            calls.append(_fn.auto[key].calls)
             return _compile(key, args)
 
         monkeypatch.setattr(decoder.step_fn, "_compile", spy)
         ours = decoder.generate(prompt, new_tokens)
-        assert decoder.step_fn.compilations == compiled and calls == [1] * compiled  # compiled at its first step
+        assert decoder.step_fn.compilations == compiled and calls == [runtime.AUTO_TRIAL_CALLS] * compiled
         assert torch.equal(ours, generation.naive_generate(model, prompt, new_tokens))
         assert decoder.step_fn.expected == 0  # the announcement ends with the generation
 
