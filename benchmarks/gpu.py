@@ -20,6 +20,9 @@ import os
 import sys
 import time
 
+# torch and lcsm_compile are imported inside the functions: a dry run must set TRITON_INTERPRET
+# before triton is first imported (lcsm_compile imports it).
+
 SIZES = {
     "cuda": {"mixer_channels": [2048, 8192], "mixer_lengths": [16384, 65536],
              "lms": ["8x256", "18x864"], "lm_length": 8192, "prompt": 128, "vocab": 256,
@@ -93,7 +96,7 @@ def run(args, device, size):
     print(f"benchmarks/gpu.py on {device}{' (dry run: tiny sizes, not a measurement)' if args.dry_run else ''}: "
           f"{info.get('cuda_device', info['cpu_model'])}, torch {info['torch']}. Times in seconds; "
           "'~' = estimated from sampled steps (see 'est').")
-    print(table(rows, common))
+    print(table(rows))
     print(f"{'PASS' if passed else 'FAIL'}: {sum(r['ok'] for r in rows)} of {len(rows)} rows ok")
     data = {"benchmark": "gpu", "device": device, "dry_run": args.dry_run, "machine": info,
             "checks": {"kernels": kernels, "decoders": decoders},
@@ -175,7 +178,9 @@ def table_rows(kernels, decoders, mixer_results, gen_results, mixer_tol, gen_tol
     return rows
 
 
-def table(rows, common):
+def table(rows):
+    from lcsm_compile.bench import common
+
     headers = ["part", "case", "rel_err", "tol", "ok", "flash_s", "lazy_s", "other_s", "lazy/fl", "ratio", "est"]
     cells = []
     for r in rows:
