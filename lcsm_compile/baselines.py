@@ -1,10 +1,17 @@
-"""Convolution banks with OnlineConv's decoding interface, for the baselines benchmarks report.
+"""The convolution baselines every benchmark reports beside flash, one home each.
 
-- LazyConv: every red cell is a dot product of the whole history with the reversed filter.
-- FloorConv: each convolution cut to its lag-0 term, the per-token work no exact method beats.
-Both are exact only for what they claim (LazyConv is exact; FloorConv is not a convolution).
+Banks with OnlineConv's decoding interface (prefill(x [..., C, P], channels), red_cell(x [..., C],
+channels), advance(), step(x), fork(), reset(), memory_bytes()), so the mixer benchmark and
+Decoder(conv=...) drive them exactly as they drive the flash bank:
+- LazyConv:  y_t = <history, reversed filter>, O(t) reads per position;
+- EagerConv: x_t * h scattered into every future accumulator, O(L - t) writes per position;
+- NaiveConv: the FFT convolution of the whole prefix at every position (a model's forward, redone);
+- FloorConv: each convolution cut to its lag-0 term: not the model, the per-token timing floor.
+And fft_conv: one FFT convolution of a finished sequence (the offline lower bound, not causal).
+Lazy, eager and naive are exact; the floor is not a convolution.
 """
 
+import bisect
 import copy
 import math
 
@@ -13,32 +20,66 @@ import torch
 from lcsm_compile.engine import prepare_filters, state_dtype_for
 
 
+def fft_conv(h, x, length=None):
+    """Causal convolution y[..., :length] of x [..., C, P] (zero after P) with filters h [C, >= length]:
+    one FFT of a power-of-two size >= P + length - 1, so nothing wraps around. length: default P."""
+    P = x.shape[-1]
+    length = P if length is None else length
+    n = 1 << max(0, (P + length - 2).bit_length())
+    return torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(h[:, :length], n=n), n=n)[..., :length]
+
+
 class _Bank:
+    """What every baseline bank shares: filters [C, max_len] in the state dtype (skip folded into
+    lag 0), a position, state allocated by the first call for its batch rows, prefill by one FFT."""
+
     def __init__(self, h, skip=None, *, max_len=None):
         C, Lh = h.shape
         self.channels, self.max_len = C, Lh if max_len is None else int(max_len)
         self.dtype, self.device = state_dtype_for(h.dtype), h.device
         self.h = prepare_filters(h, skip, self.max_len, self.dtype)
+        self.layout = None  # the filters in the layout red_cell reads, when not self.h
+        self.state = None  # {part name: tensor}, see _allocate
         self.position = self.prefill_len = 0
 
+    def _allocate(self, rows):
+        """The state of a decode of `rows` batch rows: {memory_breakdown name: zeroed tensor}."""
+        return {}
+
+    def _state(self, batch_shape):
+        if self.state is None:
+            self.state = self._allocate(math.prod(batch_shape))
+        return self.state
+
     def fork(self):
+        """A bank sharing these filters, with no state yet."""
         other = copy.copy(self)
-        other.reset()
+        other.state = None
+        other.position = other.prefill_len = 0
         return other
 
     def reset(self):
+        """Forget every input; keeps the allocated state."""
+        for t in (self.state or {}).values():
+            t.zero_()
         self.position = self.prefill_len = 0
 
     def prefill(self, x, channels=None):
-        sl = slice(None) if channels is None else channels
+        """The prompt's outputs [..., C, P] by one FFT convolution; _ingest keeps what later steps need."""
+        sl = _cols(channels)
         P = x.shape[-1]
-        xs = x.reshape(-1, x.shape[-2], P).to(self.dtype)
-        n = 2 * max(P, 1)
-        y = torch.fft.irfft(torch.fft.rfft(xs, n=n) * torch.fft.rfft(self.h[sl, :P], n=n), n=n)[..., :P]
+        xs = x.reshape(math.prod(x.shape[:-2]), x.shape[-2], P).to(self.dtype)
+        self._ingest(self._state(x.shape[:-2]), xs, sl)
         self.position = self.prefill_len = P
-        return y.to(x.dtype).reshape(x.shape)
+        if P == 0:
+            return x.clone()
+        return fft_conv(self.h[sl], xs).to(x.dtype).reshape(x.shape)
+
+    def _ingest(self, state, xs, sl):
+        """Keep the prompt xs [rows, C, P] in the state."""
 
     def step(self, x):
+        """Take the input at the next position, x [..., C]; returns that position's output [..., C]."""
         y = self.red_cell(x)
         self.advance()
         return y
@@ -47,10 +88,14 @@ class _Bank:
         self.position += 1
 
     def memory_breakdown(self):
-        return {"filters": _nbytes(self.h)}
+        return {"filters": _nbytes(self.h) + _nbytes(self.layout), **{k: _nbytes(v) for k, v in (self.state or {}).items()}}
 
     def memory_bytes(self):
         return sum(self.memory_breakdown().values())
+
+
+def _cols(channels):
+    return slice(None) if channels is None else channels
 
 
 def _nbytes(t):
@@ -58,72 +103,123 @@ def _nbytes(t):
 
 
 class LazyConv(_Bank):
-    """y_t = <history, reversed filter>: O(t) work per position, batched over channels and rows.
+    """y_t = <history, reversed filter>: O(t) reads per position, batched over channels and rows.
 
-    Time-major history [max_len, N, C] and reversed filters [max_len, C], accumulated block by
-    block of positions into a cache-sized buffer in place (the mixer benchmark's fastest layout:
-    it reads history and filter at about copy bandwidth, so the baseline is as fast as its O(t)
-    reads allow, not slowed by a large temporary or a per-channel GEMV).
+    Time-major history [max_len, rows, C] and reversed filters [max_len, C], accumulated block by
+    block of positions into a buffer that stays in cache, in place: the step reads history and
+    filter once each, with no large temporary, so the baseline is as fast as its O(t) reads allow.
     """
 
-    BLOCK_BYTES = 2 << 20  # the accumulator [K, N, W]: small enough to stay in L2/L3
+    # the accumulator [K, rows, C] per device: inside L2/L3 on a CPU; on a GPU larger, so a step is
+    # a few kernel launches rather than one per small block
+    BLOCK_BYTES = {"cpu": 2 << 20, "cuda": 32 << 20}
 
     def __init__(self, h, skip=None, *, max_len=None):
         super().__init__(h, skip, max_len=max_len)
-        self.h_rev = self.h.flip(-1).T.contiguous()  # [max_len, C]: h_rev[max_len-1-k] = h[:, k]
-        self.X = None  # [max_len, N, C], bound by the first call
-        self.acc = None
+        self.layout = self.h.flip(-1).T.contiguous()  # [max_len, C]: layout[max_len-1-k] = h[:, k]
 
-    def _bind(self, batch_shape):
-        if self.X is None:
-            n = math.prod(batch_shape)
-            self.X = torch.zeros(self.max_len, n, self.channels, dtype=self.dtype, device=self.device)
-            self.K = max(8, self.BLOCK_BYTES // (n * self.channels * self.X.element_size()))
-            self.acc = torch.empty(min(self.K, self.max_len), n, self.channels, dtype=self.dtype, device=self.device)
+    def _allocate(self, rows):
+        X = torch.zeros(self.max_len, rows, self.channels, dtype=self.dtype, device=self.device)
+        block = self.BLOCK_BYTES.get(self.device.type, self.BLOCK_BYTES["cpu"])
+        self.K = max(8, block // (rows * self.channels * X.element_size()))
+        return {"history": X, "block": torch.zeros_like(X[: min(self.K, self.max_len)])}
 
-    def fork(self):
-        other = super().fork()
-        other.X = other.acc = None
-        return other
-
-    def reset(self):
-        super().reset()
-        if self.X is not None:
-            self.X.zero_()
-
-    def prefill(self, x, channels=None):
-        sl = slice(None) if channels is None else channels
-        P = x.shape[-1]
-        self._bind(x.shape[:-2])
-        self.X[:P, :, sl] = x.reshape(-1, x.shape[-2], P).permute(2, 0, 1).to(self.dtype)
-        return super().prefill(x, channels)
+    def _ingest(self, state, xs, sl):
+        state["history"][: xs.shape[-1], :, sl] = xs.permute(2, 0, 1)
 
     def red_cell(self, x, channels=None):
-        sl = slice(None) if channels is None else channels
-        t = self.position
-        self._bind(x.shape[:-1])
-        X, hr = self.X[:, :, sl], self.h_rev[:, None, sl]
-        X[t] = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        sl, t = _cols(channels), self.position
+        state = self._state(x.shape[:-1])
+        X, hr = state["history"][:, :, sl], self.layout[:, None, sl]
+        X[t] = x.reshape(-1, x.shape[-1])
         off = self.max_len - 1 - t  # hr[off + s] = h[t - s]
-        acc = self.acc[: min(self.K, t + 1), :, sl]
+        acc = state["block"][: min(self.K, t + 1), :, sl]
         acc.zero_()
         for a in range(0, t + 1, self.K):
             b = min(a + self.K, t + 1)
             acc[: b - a].addcmul_(X[a:b], hr[off + a : off + b])
         return acc.sum(0).to(x.dtype).reshape(x.shape)
 
-    def memory_breakdown(self):
-        return {"filters": _nbytes(self.h) + _nbytes(self.h_rev), "history": _nbytes(self.X), "block": _nbytes(self.acc)}
+    def run_bytes(self, length, rows=1):
+        """Bytes a decode of positions 0..length-1 reads: history and filter, t+1 positions each, per step."""
+        return self.layout.element_size() * rows * self.channels * length * (length + 1)
+
+
+class EagerConv(_Bank):
+    """At position t, acc[t:] += x_t * h[:max_len - t] in place; y_t = acc[t] is then complete.
+
+    Time-major accumulators [max_len, rows, C] and filters [max_len, C]: one contiguous span per step.
+    """
+
+    def __init__(self, h, skip=None, *, max_len=None):
+        super().__init__(h, skip, max_len=max_len)
+        self.layout = self.h.T.contiguous()
+
+    def _allocate(self, rows):
+        return {"accumulators": torch.zeros(self.max_len, rows, self.channels, dtype=self.dtype, device=self.device)}
+
+    def _ingest(self, state, xs, sl):
+        P = xs.shape[-1]
+        if P:  # the prompt's contributions to every later output
+            state["accumulators"][P:, :, sl] = fft_conv(self.h[sl], xs, self.max_len)[..., P:].permute(2, 0, 1)
+
+    def red_cell(self, x, channels=None):
+        sl, t = _cols(channels), self.position
+        acc = self._state(x.shape[:-1])["accumulators"][t:, :, sl]
+        acc.addcmul_(self.layout[: self.max_len - t, None, sl], x.reshape(-1, x.shape[-1]).to(self.dtype))
+        return acc[0].to(x.dtype, copy=True).reshape(x.shape)  # a copy: reset() clears acc
+
+    def run_bytes(self, length, rows=1):
+        """Bytes a decode of positions 0..length-1 touches: reads acc and h, writes acc, L - t positions each."""
+        return self.layout.element_size() * 3 * rows * self.channels * length * (length + 1) // 2
+
+
+class NaiveConv(_Bank):
+    """At position t, the FFT convolution of the whole prefix, the filter's spectrum included (a
+    model's forward recomputes it each call); y_t is its last output. FFT size: the smallest
+    5-smooth n >= 2(t+1), kinder than Hyena's n = 2(t+1), which hits slow prime sizes at many t."""
+
+    def __init__(self, h, skip=None, *, max_len=None):
+        super().__init__(h, skip, max_len=max_len)
+        self.sizes = fast_sizes(2 * self.max_len)
+
+    def _allocate(self, rows):
+        return {"history": torch.zeros(rows, self.channels, self.max_len, dtype=self.dtype, device=self.device)}
+
+    def _ingest(self, state, xs, sl):
+        state["history"][:, sl, : xs.shape[-1]] = xs
+
+    def red_cell(self, x, channels=None):
+        sl, t = _cols(channels), self.position
+        X = self._state(x.shape[:-1])["history"][:, sl]
+        X[..., t] = x.reshape(-1, x.shape[-1])
+        p = t + 1
+        n = self.sizes[bisect.bisect_left(self.sizes, 2 * p)]
+        f = torch.fft.rfft(X[..., :p], n=n) * torch.fft.rfft(self.h[sl, :p], n=n)
+        return torch.fft.irfft(f, n=n)[..., t].to(x.dtype).reshape(x.shape)
+
+
+def fast_sizes(limit):
+    """Sorted 5-smooth numbers (2^a 3^b 5^c) up to the first one >= limit: fast FFT sizes."""
+    out, p2 = [], 1
+    while p2 < 2 * limit:
+        p3 = p2
+        while p3 < 2 * limit:
+            p5 = p3
+            while p5 < 2 * limit:
+                out.append(p5)
+                p5 *= 5
+            p3 *= 3
+        p2 *= 2
+    return sorted(out)
 
 
 class FloorConv(_Bank):
     """Lag-0 term only: y_t = h0 * x_t. Not the model's output: a timing floor."""
 
     def red_cell(self, x, channels=None):
-        sl = slice(None) if channels is None else channels
-        return (x.to(self.dtype) * self.h[sl, 0]).to(x.dtype)
+        return (x.to(self.dtype) * self.h[_cols(channels), 0]).to(x.dtype)
 
     def prefill(self, x, channels=None):
-        sl = slice(None) if channels is None else channels
         self.position = self.prefill_len = x.shape[-1]
-        return (x.to(self.dtype) * self.h[sl, 0, None]).to(x.dtype)
+        return (x.to(self.dtype) * self.h[_cols(channels), 0, None]).to(x.dtype)

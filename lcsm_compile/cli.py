@@ -620,21 +620,30 @@ def _bench_forward(which, rest):
     return rc if isinstance(rc, int) else 0
 
 
-def _generate(step_fn, first, n, desc, show):
-    """n tokens, one step_fn(last) call each, timed per token. step_fn returns the next input."""
+def _decode(session, x, P, n, pick, desc, show):
+    """prefill(x[:, :P]) then n steps on `session`, each step's input the previous output's pick
+    (greedy) or, when pick is None, the next position of x (teacher forcing). Returns (prefill
+    seconds, per-step seconds, the inputs fed after the prompt)."""
     from tqdm import tqdm
 
-    times, x, outs = [], first, []
-    for _ in tqdm(range(n), desc=desc, unit="tok", leave=False, disable=not show):
+    start = time.perf_counter()
+    out = session.prefill(x[:, :P])
+    prefill_s = time.perf_counter() - start
+    nxt = x[:, P : P + 1] if pick is None else pick(out)
+    fed, times = [nxt], []
+    for t in tqdm(range(P + 1, P + 1 + n), desc=desc, unit="tok", leave=False, disable=not show):
         start = time.perf_counter()
-        x = step_fn(x)
+        out = session.step(nxt)
+        nxt = x[:, t : t + 1] if pick is None else pick(out)
         times.append(time.perf_counter() - start)
-        outs.append(x)
-    return outs, times
+        fed.append(nxt)
+    return prefill_s, times, fed
 
 
 def _bench(args):
     import torch
+
+    from lcsm_compile.generation import NaiveSession
 
     if args.plot and not have_matplotlib():  # before the run, not after it
         raise CliError(f"--plot: {MATPLOTLIB_MISSING}")
@@ -656,43 +665,18 @@ def _bench(args):
             warm.step(x[:, P : P + 1])
         compile_s = time.perf_counter() - start
     greedy = loaded.tokens
-    model, show = loaded.model, not (args.json or args.no_progress)
+    show = not (args.json or args.no_progress)
 
-    def pick(out):  # next input from the last position's output: greedy argmax, or teacher forcing
+    def pick(out):  # greedy: the next input is the argmax of the last position's output
         last = out if isinstance(out, torch.Tensor) else torch.utils._pytree.tree_leaves(out)[0]
         return last[:, -1].argmax(-1, keepdim=True).to(x.dtype)
 
+    pick = pick if greedy else None  # teacher forcing: the next input is the next position of x
+    n = length - P - 1
     with torch.no_grad():
-        # eager: recompute the model on the whole prefix at every position
-        seq = [x[:, :P]]
-        start = time.perf_counter()
-        first = model(x[:, :P])
-        prefill_naive = time.perf_counter() - start
-        nxt = pick(first) if greedy else x[:, P : P + 1]
-
-        def naive_step(cur):
-            seq.append(cur)
-            t = sum(s.shape[1] for s in seq)
-            out = model(torch.cat(seq, 1))
-            return pick(out) if greedy else x[:, t : t + 1]
-
-        naive_outs, naive_t = _generate(naive_step, nxt, length - P - 1, "eager recompute", show)
-        naive_tokens = [nxt] + naive_outs
-
-        session = decoder.session()
-        start = time.perf_counter()
-        first = session.prefill(x[:, :P])
-        prefill_lcsm = time.perf_counter() - start
-        nxt = pick(first) if greedy else x[:, P : P + 1]
-        pos = [P]
-
-        def lcsm_step(cur):
-            out = session.step(cur)
-            pos[0] += 1
-            return pick(out) if greedy else x[:, pos[0] : pos[0] + 1]
-
-        lcsm_outs, lcsm_t = _generate(lcsm_step, nxt, length - P - 1, "lcsm decoder", show)
-        lcsm_tokens = [nxt] + lcsm_outs
+        # eager: the model recomputed on the whole prefix at every position
+        prefill_naive, naive_t, naive_tokens = _decode(NaiveSession(loaded.model), x, P, n, pick, "eager recompute", show)
+        prefill_lcsm, lcsm_t, lcsm_tokens = _decode(decoder.session(), x, P, n, pick, "lcsm decoder", show)
 
     match = bool(torch.equal(torch.cat(naive_tokens, 1), torch.cat(lcsm_tokens, 1))) if greedy else None
     n = len(naive_t)

@@ -7,7 +7,7 @@ A decoder is two callables:
 
 :func:`generate` drives them exactly the way ``transformers.GenerationMixin._sample`` drives a model with a KV
 cache (greedy or multinomial sampling, temperature / top-k / top-p warpers, EOS and padding, streamer), so a
-fast decoder and the O(L^2) loop of :func:`naive_generate` produce the same tokens from the same logits and
+fast decoder and the O(L^2) loop of :func:`naive_generate` (a :class:`NaiveSession`) produce the same tokens from the same logits and
 the same ``torch.Generator``.
 
 Semantics followed (transformers ``src/transformers/generation/``):
@@ -37,10 +37,11 @@ import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.utils._pytree as pytree
 
-from lcsm_compile.errors import DTypeError, MaxLenExceeded, ShapeError
+from lcsm_compile.errors import DTypeError, MaxLenExceeded, SessionNotStarted, ShapeError
 
-__all__ = ["process_logits", "generate", "naive_generate"]
+__all__ = ["process_logits", "generate", "NaiveSession", "naive_generate"]
 
 EosIds = Union[int, Sequence[int], torch.Tensor, None]
 
@@ -310,25 +311,40 @@ def generate(
     return torch.cat(out, dim=1)
 
 
+class NaiveSession:
+    """The O(L^2) loop users write, as a decoding session: every step appends the new input to the
+    prefix and calls the model on the whole prefix again. The baseline every decoder is compared with.
+
+    prefill(x [B, P, ...]) -> model(x); step(x [B, 1, ...]) -> model(prefix + x) with every tensor
+    output cut to its last position (dim 1), the layout a Decoder session's step returns.
+    """
+
+    def __init__(self, model: Callable):
+        self.model, self.prefix = model, None
+
+    def prefill(self, x: torch.Tensor):
+        self.prefix = x
+        return self.model(x)
+
+    def step(self, x: torch.Tensor):
+        if self.prefix is None:
+            raise SessionNotStarted("step: call prefill(prompt) first")
+        self.prefix = torch.cat([self.prefix, x], dim=1)
+        out = self.model(self.prefix)
+        return pytree.tree_map(lambda t: t[:, -1:] if isinstance(t, torch.Tensor) else t, out)
+
+
 def naive_generate(model: Callable[[torch.Tensor], torch.Tensor], prompt_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
     """The O(L^2) reference: ``model(ids[:, :t]) -> logits [B, t, V]`` recomputed on the whole prefix each step.
 
-    It runs through :func:`generate` (same options), with prefill/step closures that keep the growing prefix, so
-    sampling, EOS handling and streaming are shared and a fast decoder can be compared token for token.
+    It runs a :class:`NaiveSession` through :func:`generate` (same options), so sampling, EOS handling and
+    streaming are shared and a fast decoder can be compared token for token.
     """
-    state: dict[str, torch.Tensor] = {}
 
-    def full(ids: torch.Tensor) -> torch.Tensor:
+    def checked(ids: torch.Tensor) -> torch.Tensor:
         logits = model(ids)
         _check_logits("model", logits, (ids.shape[0], ids.shape[1], None))
         return logits
 
-    def prefill(ids: torch.Tensor) -> torch.Tensor:
-        state["ids"] = ids
-        return full(ids)
-
-    def step(new: torch.Tensor) -> torch.Tensor:
-        state["ids"] = torch.cat([state["ids"], new], dim=1)
-        return full(state["ids"])[:, -1:, :]
-
-    return generate(prefill, step, prompt_ids, max_new_tokens, **options)
+    session = NaiveSession(checked)
+    return generate(session.prefill, session.step, prompt_ids, max_new_tokens, **options)

@@ -127,9 +127,10 @@ def _dtype(name):
     return getattr(torch, name)
 
 
-def _check_one(spec, rows):
+def _check_one(spec, rows, device):
     """One call of the specialisation's Triton launcher against its torch reference on the same
-    inputs (kernels.registry): relative error of what each wrote, and the tolerance of its dtype."""
+    inputs (kernels.registry) on `device`: relative error of what each wrote, and the tolerance of
+    its dtype."""
     from lcsm_compile.kernels.registry import KERNELS
     from lcsm_compile.kernels.triton_common import rel_err
 
@@ -139,6 +140,7 @@ def _check_one(spec, rows):
     sd = _dtype(spec["state_dtype"])
     io = _dtype(spec.get("io_dtype") or spec["state_dtype"])
     args, written = kernel.check_inputs(spec["constexprs"], int(spec["channels"]), rows, sd, io)
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]  # check_inputs builds them on the CPU
     ref_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     before = [a.clone() for a in (args[i] for i in written)]
     kernel.reference(*ref_args)
@@ -148,21 +150,23 @@ def _check_one(spec, rows):
     return err, tol
 
 
-def check_kernels_here(specs, rows=2, seed=0) -> dict:
+def check_kernels_here(specs, rows=2, seed=0, device=None) -> dict:
     """Run each Triton specialisation once against its torch reference, in this process (triton
-    must not have been imported before TRITON_INTERPRET was set on a machine without CUDA)."""
-    if not torch.cuda.is_available():
+    must not have been imported before TRITON_INTERPRET was set on a machine without CUDA).
+    device: where the inputs live (default: cuda when there is one, else the CPU interpreter)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from lcsm_compile.kernels import triton_common as common
 
     torch.manual_seed(seed)
-    device_note = "cuda" if torch.cuda.is_available() else "cpu (TRITON_INTERPRET=1)"
+    device_note = str(device) if device.type != "cpu" else "cpu (TRITON_INTERPRET=1)"
     common.clear_registry()
     results = []
     for spec in specs:
         start = time.perf_counter()
         try:
-            err, tol = _check_one(spec, rows)
+            err, tol = _check_one(spec, rows, device)
             results.append({**spec, "rel_err": err, "tol": tol, "passed": bool(err <= tol),
                              "seconds": round(time.perf_counter() - start, 3)})
         except Exception as exc:  # noqa: BLE001 - reported per kernel, the others still run

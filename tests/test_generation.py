@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-from lcsm_compile.errors import DTypeError, MaxLenExceeded, ShapeError
-from lcsm_compile.generation import generate, naive_generate, process_logits
+from lcsm_compile.errors import DTypeError, MaxLenExceeded, SessionNotStarted, ShapeError
+from lcsm_compile.generation import NaiveSession, generate, naive_generate, process_logits
 
 INF = math.inf
 
@@ -541,6 +541,25 @@ def test_wrong_decoder_output_shapes():
         generate(lambda x: torch.zeros(2, 3, 5), lambda x: torch.zeros(2, 1, 6), ids, 2)
     with pytest.raises(ShapeError, match=r"model: expected logits of shape \[2, 3, \*\]"):
         naive_generate(lambda x: torch.zeros(2, 5), ids, 2)
+
+
+def test_naive_session_recomputes_the_prefix_and_returns_its_last_position():
+    """The naive loop every benchmark and the CLI time: the model on the whole prefix per step, each
+    tensor output (any pytree) cut to the last position, as a decoder session's step returns it."""
+    calls = []
+
+    def model(x):
+        calls.append(x.clone())
+        return {"cumsum": x.cumsum(1), "length": x.shape[1]}
+
+    session = NaiveSession(model)
+    with pytest.raises(SessionNotStarted, match="call prefill"):
+        session.step(torch.ones(2, 1))
+    x = torch.randn(2, 6, 3)
+    assert torch.equal(session.prefill(x[:, :4])["cumsum"], x[:, :4].cumsum(1))
+    out = session.step(x[:, 4:5])
+    assert torch.allclose(out["cumsum"], x[:, :5].sum(1, keepdim=True)) and out["length"] == 5
+    assert [c.shape[1] for c in calls] == [4, 5] and torch.equal(calls[-1], x[:, :5])
 
 
 # ---------------------------------------------------------------------------------------------------------------

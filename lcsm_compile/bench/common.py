@@ -1,9 +1,12 @@
-"""Pieces every benchmark shares: timers, the cost-vs-t estimator, machine facts, tables, JSON, plots.
+"""Pieces every benchmark shares: timers, the cost-vs-t estimator, estimator validation, machine
+facts, tables, targets, JSON, plots.
 
-Conventions: times are seconds of wall clock (time.perf_counter); an ESTIMATED figure is never
-printed as if measured: tables prefix it with '~' and list it in an "est" column.
+Conventions: times are seconds of wall clock (clock(): time.perf_counter once queued CUDA work is
+done); an ESTIMATED figure is never printed as if measured: tables prefix it with '~' and list it in
+an "est" column.
 """
 
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -22,7 +25,15 @@ DEVIATION_FLAG = 0.15
 # -- timers ------------------------------------------------------------------------------------
 
 
-def best_time(fn, repeats=3, warmup=1, clock=time.perf_counter):
+def clock():
+    """Seconds of wall clock, read once the GPU (if one is in use) has finished its queued work: a
+    timing must not stop while kernels still run. On the CPU, time.perf_counter()."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def best_time(fn, repeats=3, warmup=1, clock=clock):
     """Best wall time of fn() over `repeats` runs after `warmup` untimed runs (best = least noise)."""
     for _ in range(warmup):
         fn()
@@ -68,7 +79,7 @@ def integrate_cost(coef, basis, L):
     return float(np.clip(basis_values(basis, np.arange(L)) @ np.asarray(coef), 0.0, None).sum())
 
 
-def sample_windows(step, L, positions=8, steps=40, max_window_s=0.5, clock=time.perf_counter):
+def sample_windows(step, L, positions=8, steps=40, max_window_s=0.5, clock=clock):
     """Time `positions` windows of up to `steps` consecutive calls step(t), spread over [0, L).
 
     Each window starts with one untimed call (warms caches and code paths) and stops early once it
@@ -101,7 +112,7 @@ def sample_windows(step, L, positions=8, steps=40, max_window_s=0.5, clock=time.
     return samples
 
 
-def estimate_total(step, L, basis=LINEAR, clock=time.perf_counter, **window_kw):
+def estimate_total(step, L, basis=LINEAR, clock=clock, **window_kw):
     """Estimated seconds of a full run of step(0..L-1), from sampled windows. Returns a dict."""
     samples = sample_windows(step, L, clock=clock, **window_kw)
     ts, costs = zip(*samples)
@@ -114,13 +125,75 @@ def estimate_total(step, L, basis=LINEAR, clock=time.perf_counter, **window_kw):
     }
 
 
+class RestartingStepper:
+    """step(t) for the estimator's windows, on a decoder fed known inputs: a jump to a new position
+    t first restarts the decoder at t (restart(t): reset, then prefill the inputs before t; the
+    untimed first call of each window pays for it), then steps it (step(t) -> that output, kept in
+    .outputs by position for exactness checks)."""
+
+    def __init__(self, restart, step):
+        self.restart, self.step, self.pos, self.outputs = restart, step, None, {}
+
+    def __call__(self, t):
+        if self.pos != t:
+            self.restart(t)
+        self.outputs[t] = self.step(t)
+        self.pos = t + 1
+
+
+def validation_rows(results, methods, ids):
+    """Every (result, method) timed both ways: its full run ("measured_s") against its estimate
+    ("estimate_s"), the relative deviation, and whether it is past DEVIATION_FLAG. ids: the keys
+    that name a result (e.g. ("C", "L"))."""
+    rows = []
+    for r in results:
+        for k in methods:
+            m = r["methods"].get(k)
+            if m is not None and m["measured_s"] is not None:
+                dev = (m["estimate_s"] - m["measured_s"]) / m["measured_s"]
+                rows.append({**{i: r[i] for i in ids}, "method": k, "measured_s": m["measured_s"],
+                             "estimated_s": m["estimate_s"], "deviation": dev, "flag": abs(dev) > DEVIATION_FLAG})
+    return rows
+
+
+def validation_table(rows, ids):
+    if not rows:
+        return "  (no baseline run in full)"
+    return format_table([*ids, "method", "measured_s", "estimated_s", "dev", "flag"],
+                        [[*(v[i] for i in ids), v["method"], fmt_num(v["measured_s"]), fmt_num(v["estimated_s"]),
+                          f"{v['deviation']:+.1%}", "FLAG" if v["flag"] else "ok"] for v in rows])
+
+
+# -- targets ------------------------------------------------------------------------------------
+# A benchmark reports; whoever runs it may pass targets(results) -> [target(...)] to judge it.
+
+
+def target(text, value, ok, estimated=False):
+    """One target: PASS / MISS by ok(value), or n/a when its configuration was not run (value None)."""
+    return {"target": text, "value": value, "estimated": bool(estimated),
+            "status": "n/a" if value is None else ("PASS" if ok(value) else "MISS")}
+
+
+def find(results, **keys):
+    """The result whose fields equal `keys`, or None."""
+    return next((r for r in results if all(r[k] == v for k, v in keys.items())), None)
+
+
+def targets_text(targets):
+    lines = ["Targets (informational):"]
+    for t in targets:
+        v = "-" if t["value"] is None else fmt_num(t["value"], t["estimated"])
+        lines.append(f"  {t['status']:4s}  {t['target']}: {v}")
+    return "\n".join(lines)
+
+
 # -- machine facts ------------------------------------------------------------------------------
 
 
-def copy_bandwidth(mib=256, repeats=5):
-    """Bytes/s of a large torch copy_, counting both the read and the write (best of `repeats`)."""
+def copy_bandwidth(mib=256, repeats=5, device="cpu"):
+    """Bytes/s of a large torch copy_ on `device`, counting both the read and the write (best of `repeats`)."""
     n = mib * 2**20 // 4
-    src = torch.randn(n)
+    src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     seconds = best_time(lambda: dst.copy_(src), repeats=repeats, warmup=1)
     return 2 * n * 4 / seconds
@@ -149,7 +222,22 @@ def machine_info(copy_bw=None):
     }
     if copy_bw is not None:
         info["copy_bandwidth_Bps"] = copy_bw
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
     return info
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's thread count set to n (None: unchanged) inside, restored after: a benchmark's
+    --threads must not leak into a caller's process (tests)."""
+    before = torch.get_num_threads()
+    try:
+        if n is not None:
+            torch.set_num_threads(n)
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -196,6 +284,36 @@ MATPLOTLIB_MISSING = "matplotlib is not installed (pip install 'lcsm-compile[ben
 def have_matplotlib() -> bool:
     """Plots are optional: checked before a run, so a missing matplotlib never costs a finished table."""
     return importlib.util.find_spec("matplotlib") is not None
+
+
+def method_series(results, group, methods, colors, label="{method} {group}"):
+    """Log-log series: one per (group value, method) of time_s vs L, estimated points marked;
+    one line style per group value (e.g. per C, or per config). label: a format of method, group."""
+    styles = ["-", "--", ":", "-."]
+    series = []
+    for i, g in enumerate(dict.fromkeys(r[group] for r in results)):
+        rs = sorted((r for r in results if r[group] == g), key=lambda r: r["L"])
+        for k in methods:
+            series.append({"x": [r["L"] for r in rs], "y": [r["methods"][k]["time_s"] for r in rs],
+                           "estimated": [r["methods"][k]["estimated"] for r in rs],
+                           "label": label.format(method=k, group=g),
+                           "color": colors[k], "linestyle": styles[i % len(styles)]})
+    return series
+
+
+def write_outputs(out_dir, name, data, plot, log):
+    """Write out_dir/name.json, and out_dir/name.png by plot(path) when matplotlib is installed
+    (a note instead otherwise); log says what was written."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, png_path = os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.png")
+    write_json(json_path, data)
+    wall = f" ({data['wall_s']:.1f} s)" if "wall_s" in data else ""
+    if have_matplotlib():
+        plot(png_path)
+        log(f"\nwrote {json_path} and {png_path}{wall}")
+    else:
+        log(f"\nwrote {json_path}; no plot: {MATPLOTLIB_MISSING}{wall}")
+    return json_path
 
 
 def plot_loglog(path, series, xlabel="L", ylabel="seconds", title=None):

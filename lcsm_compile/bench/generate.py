@@ -1,31 +1,35 @@
 """Generation benchmark: a Hyena LM generating greedily from a prompt up to L tokens (batch 1).
 
 Per configuration (layers x d_model) one model and ONE analysis report (at the largest L); every
-decoder below is built from that report. Methods, all timed in the same run on the same model:
-- naive: the recompute loop, model(seq[:, :t+1])[:, -1] for every new token (what users do today);
+decoder below is built from that report. Methods, all timed in the same run on the same model, each
+a session (prefill, then step per token) driven by the same loop:
+- naive: the recompute loop, lcsm_compile.generation.NaiveSession: the model on the whole prefix for
+         every new token (what users do today);
 - lazy:  the decoder's step program with each long convolution a full dot product over the history
-         (O(t) per step);
+         (O(t) per step: lcsm_compile.baselines.LazyConv);
 - flash: the decoder's step program with the Flash Inference bank (ours), one decoder per L;
-- floor: the step program with each long convolution cut to its lag-0 term: the per-token work that
-         remains when the mixer costs nothing (not the model's output; a timing floor).
+- floor: the step program with each long convolution cut to its lag-0 term (baselines.FloorConv): the
+         per-token work that remains when the mixer costs nothing (not the model's output; a timing floor).
 Generation = prefill the prompt, then greedy decode (argmax of the last logits fed back) up to L
 tokens; a method's time is the whole decode (prefill + steps), us/token = time / (L - prompt).
 
 Flash always runs in full and is validated: its logits, teacher-forced on the sequence it generated,
 against a float64 copy of the model's full forward (rel err), and its tokens against every baseline
 run in full. The baselines' per-step cost vs position t is sampled once per configuration in short
-windows of steps spread over every length segment (common.sample_windows), fitted, and summed over
-each run (common.fit_cost / integrate_cost). A baseline whose estimated run exceeds --full-limit-s
-is reported as the estimate: marked '~' in tables and listed in the "est" column. At the smallest L
-a wider limit (--validate-limit-s) applies, so the estimator is checked against full runs.
+windows of steps spread over every length segment (common.sample_windows, teacher-forced on flash's
+sequence by common.RestartingStepper), fitted, and summed over each run (common.fit_cost and
+integrate_cost).
+A baseline whose estimated run exceeds --full-limit-s is reported as the estimate: marked '~' in
+tables and listed in the "est" column. At the smallest L a wider limit (--validate-limit-s)
+applies, so the estimator is checked against full runs.
 "One eager forward" is model(ids[:, :1]): the model's own cost on a single position.
 
-Run: python benchmarks/generate.py [--quick] [--out bench_out/]
+Run: python benchmarks/generate.py [--quick] [--out bench_out/]   (with the project's targets)
+  or lcsm-compile bench generate ...                             (measures and reports only)
 """
 
 import argparse
 import copy
-import os
 import sys
 import time
 import warnings
@@ -33,13 +37,13 @@ import warnings
 import torch
 
 from lcsm_compile.bench import common
+from lcsm_compile.generation import NaiveSession
 
 METHODS = ("naive", "lazy", "flash", "floor")
 BASELINES = ("naive", "lazy", "floor")  # may be estimated; flash always runs in full
 BASIS = {"naive": ("1", "t", "tlogt"), "lazy": common.LINEAR, "floor": common.LINEAR}
 MAX_REL_ERR = 1e-5  # float32 decoding vs the float64 teacher-forced forward
 WARMUP_STEPS = 32
-TARGETS = {"lazy_over_flash": 8.0, "flash_over_floor": 1.25, "naive_over_flash": 50.0, "step_over_eager": 1.25}
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -95,23 +99,22 @@ def progress_bar(args, total, desc):
 BAR_EVERY = 256  # steps between progress-bar updates (keeps the bar out of the timed loop's cost)
 
 
-def generate_session(decoder, prompt, L, bar=None, keep_logits=False):
-    """Prefill the prompt, then greedy steps up to L tokens on a fresh session of `decoder`.
+def generate_session(session, prompt, L, bar=None, keep_logits=False):
+    """Prefill the prompt, then greedy steps up to L tokens on a fresh `session` (a Decoder's, or a
+    NaiveSession).
 
-    Returns dict: tokens [1, L], prefill_s, step_s, time_s, steps, memory_bytes, and logits
-    [L-1, V] for positions 0..L-2 when keep_logits (the step outputs are kept by reference: no copy
-    inside the timed loop).
+    Returns dict: tokens [1, L], prefill_s, step_s, time_s, steps, and logits [L-1, V] for positions
+    0..L-2 when keep_logits (the step outputs are kept by reference: no copy inside the timed loop).
     """
     P = prompt.shape[1]
-    seq = torch.empty(1, L, dtype=prompt.dtype)
+    seq = torch.empty(1, L, dtype=prompt.dtype, device=prompt.device)
     seq[:, :P] = prompt
-    session = decoder.session()
     outs = []
-    t0 = time.perf_counter()
+    t0 = common.clock()
     first = session.prefill(prompt)
     nxt = first[:, -1:].argmax(-1)  # [1, 1]: the next input is the new token tensor itself, as in
     seq[:, P : P + 1] = nxt  # gpt-fast / HF (a slice of seq would carry seq's stride into the step)
-    t1 = time.perf_counter()
+    t1 = common.clock()
     for t in range(P, L - 1):
         out = session.step(nxt)
         nxt = out[:, -1:].argmax(-1)
@@ -120,62 +123,30 @@ def generate_session(decoder, prompt, L, bar=None, keep_logits=False):
             outs.append(out)
         if bar is not None and (t - P) % BAR_EVERY == BAR_EVERY - 1:
             bar.update(BAR_EVERY)
-    t2 = time.perf_counter()
-    res = {"tokens": seq, "prefill_s": t1 - t0, "step_s": t2 - t1, "time_s": t2 - t0, "steps": L - 1 - P,
-           "memory_bytes": session.memory_bytes()}
+    t2 = common.clock()
+    res = {"tokens": seq, "prefill_s": t1 - t0, "step_s": t2 - t1, "time_s": t2 - t0, "steps": L - 1 - P}
     if keep_logits:
         res["logits"] = torch.cat([first[0]] + [o[0] for o in outs])  # [L-1, V]
     return res
 
 
-def generate_naive(model, prompt, L, bar=None):
-    """The recompute loop: the model on the growing prefix for every new token."""
-    P = prompt.shape[1]
-    seq = torch.empty(1, L, dtype=prompt.dtype)
-    seq[:, :P] = prompt
-    t0 = time.perf_counter()
-    for t in range(P - 1, L - 1):
-        seq[:, t + 1] = model(seq[:, : t + 1])[:, -1].argmax(-1)
-        if bar is not None and (t - P + 1) % 16 == 15:
-            bar.update(16)
-    return {"tokens": seq, "time_s": time.perf_counter() - t0, "steps": L - P}
-
-
-def warm(decoder, prompt, L):
+def warm(session, prompt, L):
     """An untimed short decode: first-call costs (allocator, code paths, compilation) stay out of timings."""
-    generate_session(decoder, prompt, min(L, prompt.shape[1] + 1 + WARMUP_STEPS))
+    generate_session(session, prompt, min(L, prompt.shape[1] + 1 + WARMUP_STEPS))
 
 
 # -- per-step cost sampling ---------------------------------------------------------------------
 
 
-class SessionStepper:
-    """step(t): the decoder's step at position t teacher-forced on `tokens`; a jump to a new
-    position re-prefills tokens[:, :t] (the untimed first call of each window pays for it)."""
-
-    def __init__(self, decoder, tokens):
-        self.decoder, self.tokens = decoder, tokens
-        self.session, self.pos, self.outputs = decoder.session(), None, {}
-
-    def __call__(self, t):
-        if self.pos != t:
-            self.session.prefill(self.tokens[:, :t])
-        out = self.session.step(self.tokens[:, t : t + 1])  # Session.step makes a strided slice contiguous
+def teacher_forced_stepper(session, tokens):
+    """step(t) for the estimator: `session`'s step at position t fed tokens[:, t] (a jump re-prefills
+    tokens[:, :t]), with the greedy pick generate_session makes; keeps the logits by position."""
+    def step(t):
+        out = session.step(tokens[:, t : t + 1])  # Session.step makes a strided slice contiguous
         out[:, -1:].argmax(-1)  # the greedy pick, as in generate_session
-        self.outputs[t] = out[0, -1]
-        self.pos = t + 1
+        return out[0, -1]
 
-
-class NaiveStepper:
-    """step(t): the model on tokens[:, :t+1], keeping the last position's logits."""
-
-    def __init__(self, model, tokens):
-        self.model, self.tokens, self.outputs = model, tokens, {}
-
-    def __call__(self, t):
-        out = self.model(self.tokens[:, : t + 1])[:, -1]
-        out.argmax(-1)  # the greedy pick, as in generate_naive
-        self.outputs[t] = out[0]
+    return common.RestartingStepper(lambda t: session.prefill(tokens[:, :t]), step)
 
 
 def segments(first, lengths):
@@ -189,7 +160,7 @@ def segments(first, lengths):
     return out
 
 
-def sample_cost(step, segs, basis, args, clock=time.perf_counter):
+def sample_cost(step, segs, basis, args, clock=common.clock):
     """Time windows of step(t) in every segment, fit cost(t) over all of them. Returns the fit dict."""
     samples = []
     for a, b in segs:
@@ -238,10 +209,10 @@ def bench_config(layers, d, args, log):
     P, lengths = args.prompt, sorted(args.lengths)
     Lmax = lengths[-1]
     opts = decoder_options(args)
-    model = demo_lm(n_layer=layers, d_model=d, vocab=args.vocab, max_len=Lmax, seed=args.seed)
+    model = demo_lm(n_layer=layers, d_model=d, vocab=args.vocab, max_len=Lmax, seed=args.seed).to(args.device)
     model64 = copy.deepcopy(model).double()
     g = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, args.vocab, (1, P), generator=g)
+    prompt = torch.randint(0, args.vocab, (1, P), generator=g).to(args.device)
 
     t0 = time.perf_counter()
     report = lcsm_compile.analyze(model, (prompt,), max_len=Lmax)
@@ -262,23 +233,25 @@ def bench_config(layers, d, args, log):
     # flash: a decoder per L, always run in full, validated teacher-forced against float64
     flash_tokens = flash_logits = None
     for L in lengths:
-        t0 = time.perf_counter()
+        t0 = common.clock()
         dec = make_decoder(report, L, prompt, "flash", opts)
-        build_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        warm(dec, prompt, L)
-        warm_s = time.perf_counter() - t0  # includes compilation under --compile
+        build_s = common.clock() - t0
+        t0 = common.clock()
+        warm(dec.session(), prompt, L)
+        warm_s = common.clock() - t0  # includes compilation under --compile
+        session = dec.session()
         with progress_bar(args, L - 1 - P, f"{name} L={L} flash") as bar:
-            run = generate_session(dec, prompt, L, bar, keep_logits=True)
-        del dec
+            run = generate_session(session, prompt, L, bar, keep_logits=True)
+        memory = session.memory_bytes()
+        del dec, session
         err = teacher_forced_err(model64, run["tokens"], run["logits"])
         m = {"time_s": run["time_s"], "estimated": False, "build_s": build_s, "warm_s": warm_s,
              "prefill_s": run["prefill_s"], "step_s": run["step_s"], "us_per_token": run["time_s"] / (L - P) * 1e6,
-             "us_per_step": run["step_s"] / max(run["steps"], 1) * 1e6, "memory_bytes": run["memory_bytes"],
+             "us_per_step": run["step_s"] / max(run["steps"], 1) * 1e6, "memory_bytes": memory,
              "rel_err": err, "wrong": not err <= MAX_REL_ERR}
         rows[L]["methods"]["flash"] = m
         log(f"  L={L} flash {run['time_s']:.4g} s ({m['us_per_step']:.0f} us/step, build {build_s:.3g} s, "
-            f"warm-up {warm_s:.3g} s, {run['memory_bytes'] / 2**20:.1f} MiB), teacher-forced rel err {err:.2e}"
+            f"warm-up {warm_s:.3g} s, {memory / 2**20:.1f} MiB), teacher-forced rel err {err:.2e}"
             + ("  WRONG: does not match the model's forward" if m["wrong"] else ""))
         rows[L]["_flash_tokens"] = run["tokens"]  # compared with the baselines' tokens below
         if L == Lmax:
@@ -289,42 +262,36 @@ def bench_config(layers, d, args, log):
     fits = {}
     for k in BASELINES:
         log(f"  {k}: sampling the per-step cost ({args.positions} windows per length segment)")
-        t0 = time.perf_counter()
+        t0 = common.clock()
         if k == "naive":
-            stepper, dec, prefill_s, build_s = NaiveStepper(model, flash_tokens), None, 0.0, None
-            segs = segments(P - 1, lengths)  # the first call reads the prompt: the naive "prefill"
+            new_session, build_s = (lambda: NaiveSession(model)), None
         else:
             dec = make_decoder(report, Lmax, prompt, k, opts)  # per-step cost does not depend on max_len
-            build_s = time.perf_counter() - t0
-            warm(dec, prompt, Lmax)
-            s = dec.session()
-            prefill_s = common.best_time(lambda: s.prefill(prompt), repeats=3, warmup=1)
-            del s
-            stepper, segs = SessionStepper(dec, flash_tokens), segments(P, lengths)
-        fit = sample_cost(stepper, segs, BASIS[k], args)
+            new_session, build_s = dec.session, common.clock() - t0
+        warm(new_session(), prompt, Lmax)
+        s = new_session()
+        prefill_s = common.best_time(lambda: s.prefill(prompt), repeats=3, warmup=1)
+        stepper = teacher_forced_stepper(new_session(), flash_tokens)
+        fit = sample_cost(stepper, segments(P, lengths), BASIS[k], args)
         fit["prefill_s"] = prefill_s
-        fit["sampling_s"] = time.perf_counter() - t0
+        fit["sampling_s"] = common.clock() - t0
         if k != "floor":  # the sampled steps, teacher-forced, against flash's logits at the same positions
             ts = sorted(stepper.outputs)
             got = torch.stack([stepper.outputs[t] for t in ts])
             fit["window_rel_diff_vs_flash"] = rel_err(flash_logits[ts], got)
-        del stepper
+        del stepper, s
         fits[k] = fit
         diff = fit.get("window_rel_diff_vs_flash")
         log(f"  {k} cost sampled at {len(fit['samples'])} windows in {fit['sampling_s']:.3g} s"
             + ("" if diff is None else f", rel diff vs flash {diff:.1e}"))
 
         for L in lengths:
-            first = P - 1 if k == "naive" else P
-            est_s = prefill_s + fitted_total(fit, first, L - 1)
+            est_s = prefill_s + fitted_total(fit, P, L - 1)
             limit = max(args.full_limit_s, args.validate_limit_s) if L == lengths[0] else args.full_limit_s
             m = {"estimate_s": est_s, "measured_s": None, "build_s": build_s, "tokens_vs_flash": None}
             if est_s <= limit:
                 with progress_bar(args, L - P, f"{name} L={L} {k}") as bar:
-                    if k == "naive":
-                        run = generate_naive(model, prompt, L, bar)
-                    else:
-                        run = generate_session(dec, prompt, L, bar)
+                    run = generate_session(new_session(), prompt, L, bar)
                 m["measured_s"] = run["time_s"]
                 if k != "floor":  # floor is not the model: its tokens are not expected to match
                     m["tokens_vs_flash"] = token_agreement(run["tokens"], rows[L]["_flash_tokens"], P)
@@ -338,7 +305,7 @@ def bench_config(layers, d, args, log):
             agree = "" if a is None else ("; tokens equal flash's" if a["equal"]
                                           else f"; tokens differ from flash's from position {a['first_mismatch']}")
             log(f"  L={L} {k:5s} est {est_s:.4g} s, measured {meas}{agree}")
-        del dec
+        del new_session
 
     out = []
     for L in lengths:
@@ -382,57 +349,10 @@ def results_table(results):
     return common.format_table(headers, rows)
 
 
-def validation_rows(results):
-    """Every (config, L, method) timed both ways: full run vs estimate, and the relative deviation."""
-    rows = []
-    for r in results:
-        for k in BASELINES:
-            m = r["methods"][k]
-            if m["measured_s"] is not None:
-                dev = (m["estimate_s"] - m["measured_s"]) / m["measured_s"]
-                rows.append({"config": r["config"], "L": r["L"], "method": k, "measured_s": m["measured_s"],
-                             "estimated_s": m["estimate_s"], "deviation": dev,
-                             "flag": abs(dev) > common.DEVIATION_FLAG})
-    return rows
-
-
-def targets(results):
-    """The project's targets, informational: PASS / MISS / n/a (configuration not in this run)."""
-    find = lambda c, L: next((r for r in results if r["config"] == c and r["L"] == L), None)
-    out = []
-
-    def add(text, r, key, method, ok):
-        v = None if r is None else r["ratios"][key]
-        est = bool(r is not None and method is not None and r["methods"][method]["estimated"])
-        out.append({"target": text, "value": v, "estimated": est,
-                    "status": "n/a" if v is None else ("PASS" if ok(v) else "MISS")})
-
-    add("flash vs lazy >= 8x at L=32768 for 8x256", find("8x256", 32768), "lazy/flash", "lazy",
-        lambda v: v >= TARGETS["lazy_over_flash"])
-    configs = list(dict.fromkeys(r["config"] for r in results))
-    for c in configs:
-        add(f"flash within 1.25x of the floor at L=16384 for {c}", find(c, 16384), "flash/floor", "floor",
-            lambda v: v <= TARGETS["flash_over_floor"])
-    add("flash >= 50x faster than naive at L=8192 for 8x256", find("8x256", 8192), "naive/flash", "naive",
-        lambda v: v >= TARGETS["naive_over_flash"])
-    for c in configs:
-        r = max((r for r in results if r["config"] == c), key=lambda r: r["L"])
-        add(f"flash step <= 1.25x one eager forward on one position for {c} (L={r['L']})", r, "step/eager", None,
-            lambda v: v <= TARGETS["step_over_eager"])
-    return out
-
-
 def plot(results, path):
     colors = {"naive": "tab:purple", "lazy": "tab:red", "flash": "tab:blue", "floor": "tab:gray"}
-    styles = ["-", "--", ":", "-."]
-    series = []
-    for i, c in enumerate(dict.fromkeys(r["config"] for r in results)):
-        rs = sorted((r for r in results if r["config"] == c), key=lambda r: r["L"])
-        for k in METHODS:
-            series.append({"x": [r["L"] for r in rs], "y": [r["methods"][k]["time_s"] for r in rs],
-                           "estimated": [r["methods"][k]["estimated"] for r in rs],
-                           "label": f"{k} {c}", "color": colors[k], "linestyle": styles[i % len(styles)]})
-    common.plot_loglog(path, series, ylabel="seconds to generate up to L tokens (hollow = estimated)",
+    common.plot_loglog(path, common.method_series(results, "config", METHODS, colors),
+                       ylabel="seconds to generate up to L tokens (hollow = estimated)",
                        title="Hyena LM greedy generation time vs L (batch 1)")
 
 
@@ -463,6 +383,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default, all cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--device", default="cpu", help="where the model, its decoders and the tokens live (e.g. cuda)")
     args = p.parse_args(argv)
     if args.quick:
         # every baseline runs in full at the smallest L (estimator check) and is estimated above it
@@ -474,47 +395,46 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    threads = torch.get_num_threads()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # analysis notes on the model are not the benchmark's output
-            return _run(args)
-    finally:
-        torch.set_num_threads(threads)  # --threads must not leak into a caller's process (tests)
-
-
-def _run(args):
-    started = time.perf_counter()
-    log = lambda s: print(s, flush=True)
-    progress = lambda s: log(f"[{time.perf_counter() - started:7.1f} s] {s}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    info = common.machine_info()
-    opts = decoder_options(args)
-    log(f"generation benchmark: torch {info['torch']}, {info['threads']} threads, {info['cpu_model']}; "
-        f"prompt {args.prompt}, vocab {args.vocab}, full-limit {args.full_limit_s:g} s, decoder options {opts or '{}'}")
-
+def measure(args, log):
+    """Every config of args at every length: (results, fits per config); see bench_config."""
     results, fits = [], {}
     for layers, d in args.configs:
         name = config_name(layers, d)
-        progress(f"config {name} (layers {layers}, d_model {d}), L {sorted(args.lengths)}")
-        rs, fits[name] = bench_config(layers, d, args, progress)
+        log(f"config {name} (layers {layers}, d_model {d}), L {sorted(args.lengths)}")
+        rs, fits[name] = bench_config(layers, d, args, log)
         results += rs
+    return results, fits
+
+
+def main(argv=None, targets=None):
+    """Run, print the tables, write JSON and plot. targets: optional targets(results) ->
+    [common.target(...)], printed after the results and stored in the JSON (benchmarks/generate.py
+    passes the project's)."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    with common.torch_threads(args.threads), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # analysis notes on the model are not the benchmark's output
+        return _run(args, targets)
+
+
+def _run(args, targets):
+    started = time.perf_counter()
+    log = lambda s: print(s, flush=True)
+    progress = lambda s: log(f"[{time.perf_counter() - started:7.1f} s] {s}")
+    info = common.machine_info()
+    opts = decoder_options(args)
+    log(f"generation benchmark: torch {info['torch']}, {info['threads']} threads, {info['cpu_model']}, device {args.device}; "
+        f"prompt {args.prompt}, vocab {args.vocab}, full-limit {args.full_limit_s:g} s, decoder options {opts or '{}'}")
+
+    results, fits = measure(args, progress)
 
     log(f"\nSeconds to generate from a {args.prompt}-token prompt up to L tokens (batch 1, greedy; prefill + steps); "
         "'~' = estimated from sampled steps (see 'est').\nanalyze_s: analysis per config; build_s: flash Decoder "
         "per L; eager_us: one eager forward on one position; step/eager: flash us/step over it.")
     log(results_table(results))
 
-    val = validation_rows(results)
+    val = common.validation_rows(results, BASELINES, ("config", "L"))
     log(f"\nEstimator check (estimate vs full run; flag if |dev| > {common.DEVIATION_FLAG:.0%}):")
-    log(common.format_table(["config", "L", "method", "measured_s", "estimated_s", "dev", "flag"],
-                            [[v["config"], v["L"], v["method"], common.fmt_num(v["measured_s"]),
-                              common.fmt_num(v["estimated_s"]), f"{v['deviation']:+.1%}",
-                              "FLAG" if v["flag"] else "ok"] for v in val])
-        if val else "  (no baseline run in full)")
+    log(common.validation_table(val, ("config", "L")))
 
     log("\nExactness: flash logits teacher-forced on the generated sequence vs the float64 model's forward; "
         "tokens vs every baseline run in full:")
@@ -531,25 +451,14 @@ def _run(args):
         d = [f"{k} {f[k]['window_rel_diff_vs_flash']:.1e}" for k in ("naive", "lazy")]
         log(f"  {name}: sampled baseline steps vs flash logits (teacher-forced) rel diff: {', '.join(d)}")
 
-    tg = targets(results)
-    log("\nTargets (informational):")
-    for t in tg:
-        v = "-" if t["value"] is None else common.fmt_num(t["value"], t["estimated"])
-        log(f"  {t['status']:4s}  {t['target']}: {v}")
-
-    wall = time.perf_counter() - started
-    os.makedirs(args.out, exist_ok=True)
-    json_path, png_path = os.path.join(args.out, "generate.json"), os.path.join(args.out, "generate.png")
     config = dict(vars(args))
     config["configs"] = [config_name(*c) for c in args.configs]
     config = {k: (None if isinstance(v, float) and v == float("inf") else v) for k, v in config.items()}  # strict JSON
-    common.write_json(json_path, {
-        "benchmark": "generate", "machine": info, "config": config, "decoder_options": opts,
-        "results": results, "fits": fits, "validation": val, "targets": tg, "wall_s": wall,
-    })
-    if common.have_matplotlib():
-        plot(results, png_path)
-        log(f"\nwrote {json_path} and {png_path} ({wall:.1f} s)")
-    else:
-        log(f"\nwrote {json_path}; no plot: {common.MATPLOTLIB_MISSING} ({wall:.1f} s)")
+    data = {"benchmark": "generate", "machine": info, "config": config, "decoder_options": opts,
+            "results": results, "fits": fits, "validation": val}
+    if targets is not None:
+        data["targets"] = targets(results)
+        log("\n" + common.targets_text(data["targets"]))
+    data["wall_s"] = time.perf_counter() - started
+    common.write_outputs(args.out, "generate", data, lambda path: plot(results, path), log)
     return 0

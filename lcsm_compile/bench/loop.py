@@ -26,11 +26,11 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import torch
 
 from lcsm_compile.bench import common
+from lcsm_compile.generation import NaiveSession
 
 METHODS = ("eager", "lcsm", "lcsm_eager_step", "inductor")
 LCSM_METHODS = ("lcsm", "lcsm_eager_step")  # the backend, with and without its compiled step: run in full
@@ -50,29 +50,28 @@ def make_callable(model, method, max_len):
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 
 
-def greedy_loop(m, prompt, length, checkpoints=(), clock=time.perf_counter, progress=None):
-    """Run the naive greedy loop to `length` positions. Returns (ids, first_s, cumulative seconds at
-    each checkpoint length, measured from the end of the first call)."""
-    ids = prompt
+def greedy_loop(m, prompt, length, checkpoints=(), clock=common.clock, progress=None):
+    """Run the naive greedy loop (generation.NaiveSession: m on the whole prefix per token) to
+    `length` positions. Returns (ids, first_s, cumulative seconds at each checkpoint length,
+    measured from the end of the first call)."""
+    session = NaiveSession(m)
     P = prompt.shape[1]
     cum, marks = {}, sorted(c for c in checkpoints if P < c <= length)
     with torch.no_grad():
         t0 = clock()
-        logits = m(ids)
+        logits = session.prefill(prompt)
         first = clock() - t0
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         start = clock()
-        for t in range(P + 1, length + 1):
-            ids = torch.cat([ids, nxt], 1)  # ids now has t positions
-            if t == length:
-                break
-            logits = m(ids)
+        for t in range(P + 1, length):  # the prefix has t positions once nxt is appended
+            logits = session.step(nxt)
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             if marks and t + 1 == marks[0]:
                 cum[marks.pop(0)] = clock() - start
                 if progress:
                     progress(f"  {t + 1} positions: {cum[t + 1]:.2f}s")
     cum[length] = clock() - start
+    ids = torch.cat([session.prefix, nxt], 1)
     return ids, first, cum
 
 
@@ -217,12 +216,8 @@ def main(argv=None):
     out["args"] = vars(args)
     text = table(out)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    common.write_json(os.path.join(args.out, "backend_loop.json"), out)
+    common.write_outputs(args.out, "backend_loop", out, lambda path: plot(out, path),
+                         lambda s: print(s.strip(), file=sys.stderr))
     with open(os.path.join(args.out, "backend_loop.txt"), "w") as f:
         f.write(text + "\n")
-    if common.have_matplotlib():
-        plot(out, os.path.join(args.out, "backend_loop.png"))
-    else:
-        print(f"no plot: {common.MATPLOTLIB_MISSING}", file=sys.stderr)
     return 0
