@@ -10,7 +10,6 @@ writes JSON and plots cumulative decode time against steps (the lines cross at t
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
@@ -30,7 +29,6 @@ def parse_args(argv):
     p.add_argument("--max-len", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench_out/breakeven", help="folder for JSON and PNG")
-    p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
 
 
@@ -83,37 +81,33 @@ def bench(config, args):
     return row
 
 
+def plot(rows, path):
+    n = [2**k for k in range(4, 17)]
+    series = []
+    for r in rows:
+        series.append({"x": n, "y": [k * r["eager_step_s"] for k in n], "label": f"{r['config']} eager"})
+        series.append({"x": n, "y": [r["cold_compile_s"] + k * r["compiled_step_s"] for k in n],
+                       "label": f"{r['config']} compiled (cold compile)", "linestyle": "--"})
+    common.plot_loglog(path, series, xlabel="steps", ylabel="seconds",
+                       title="decode time: eager step program vs compiled (compile included)")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if not args.no_plot and not common.have_matplotlib():
-        raise SystemExit(f"--plot needs {common.MATPLOTLIB_MISSING}; pass --no-plot")
-    torch.set_num_threads(args.threads)
-    rows = []
-    for config in args.configs.split(","):
-        rows.append(bench(config.strip(), args))
-        print(f"  {config}: done", file=sys.stderr)
-    table = common.format_table(
+    start = time.perf_counter()
+    with common.torch_threads(args.threads):
+        rows = [bench(config.strip(), args) for config in args.configs.split(",")]
+    print(common.format_table(
         ["config", "eager ms/step", "compiled ms/step", "eager/compiled", "cold compile s", "warm compile s",
          "break-even cold", "break-even warm"],
         [[r["config"], f"{1e3 * r['eager_step_s']:.3f}", f"{1e3 * r['compiled_step_s']:.3f}",
           f"{r['eager_step_s'] / r['compiled_step_s']:.2f}", f"{r['cold_compile_s']:.1f}", f"{r['warm_compile_s']:.1f}",
-          f"{r['breakeven_cold']:.0f}", f"{r['breakeven_warm']:.0f}"] for r in rows])
-    print(table)
+          f"{r['breakeven_cold']:.0f}", f"{r['breakeven_warm']:.0f}"] for r in rows]))
     print(f"compile='auto' compiles after runtime.AUTO_COMPILE_CALLS = {runtime.AUTO_COMPILE_CALLS} steps "
           f"(torch threads {args.threads}, {common.cpu_model()})")
-    os.makedirs(args.out, exist_ok=True)
-    common.write_json(os.path.join(args.out, "breakeven.json"),
-                      {"rows": rows, "auto_compile_calls": runtime.AUTO_COMPILE_CALLS, "args": vars(args),
-                       "machine": common.machine_info()})
-    if not args.no_plot:
-        n = [2**k for k in range(4, 17)]
-        series = []
-        for r in rows:
-            series.append({"x": n, "y": [k * r["eager_step_s"] for k in n], "label": f"{r['config']} eager"})
-            series.append({"x": n, "y": [r["cold_compile_s"] + k * r["compiled_step_s"] for k in n],
-                           "label": f"{r['config']} compiled (cold compile)", "linestyle": "--"})
-        common.plot_loglog(os.path.join(args.out, "breakeven.png"), series, xlabel="steps", ylabel="seconds",
-                           title="decode time: eager step program vs compiled (compile included)")
+    data = {"rows": rows, "auto_compile_calls": runtime.AUTO_COMPILE_CALLS, "args": vars(args),
+            "machine": common.machine_info(), "wall_s": time.perf_counter() - start}
+    common.write_outputs(args.out, "breakeven", data, lambda path: plot(rows, path), print)
     return 0
 
 
