@@ -6,6 +6,7 @@ Each pass is a function in its own file under passes/; the pipeline keeps every 
 and time, which the Report carries for the CLI.
 """
 
+import logging
 import warnings
 
 import torch
@@ -85,10 +86,22 @@ def analyze_graph(gm, example_inputs, *, max_len=None, source="dynamo", user_inp
 
 
 class quiet(warnings.catch_warnings):
-    """torch's deprecation notes while exporting and copying graphs are not the user's business."""
+    """torch's deprecation notes while exporting and copying graphs, and the tracebacks its fake-tensor
+    dispatcher logs for an op a capture attempt cannot trace (the Report carries that failure), are
+    not the user's business."""
+
+    LOGGERS = ("torch._subclasses.fake_tensor",)
 
     def __enter__(self):
         out = super().__enter__()
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+        self._levels = [(log, log.level) for log in map(logging.getLogger, self.LOGGERS)]
+        for log, _ in self._levels:
+            log.setLevel(logging.CRITICAL)
         return out
+
+    def __exit__(self, *exc):
+        for log, level in self._levels:
+            log.setLevel(level)
+        return super().__exit__(*exc)

@@ -79,7 +79,7 @@ class SessionState:
 # compiling never costs more than twice the best choice made knowing the length up front. The
 # last AUTO_TRIAL_CALLS eager calls are then timed against as many compiled ones, and the compiled
 # program is kept only if it is faster (for a small model on CPU it can be slower).
-AUTO_COMPILE_CALLS = 1024
+AUTO_COMPILE_CALLS = 4096
 AUTO_TRIAL_CALLS = 16
 
 

@@ -62,7 +62,7 @@ def test_parse_config_and_decoder_options():
         generate.parse_config("8-256")
     args = generate.parse_args(["--configs", "4x128,8x256", "--lengths", "4096,8192"])
     assert args.configs == [(4, 128), (8, 256)] and args.lengths == [4096, 8192]
-    assert generate.decoder_options(args) == {}
+    assert generate.decoder_options(args) == {"compile": False}  # explicit: never "auto" inside a timing
     assert generate.decoder_options(generate.parse_args(["--compile"])) == {"compile": True}
 
 
