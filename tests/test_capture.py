@@ -35,6 +35,19 @@ def test_export_capture_is_symbolic():
     assert cap.size_at(cap.length_symbol * 2 + 1, 10) == 21
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_batch_is_dynamic_when_the_example_allows_and_a_batch_of_one_costs_one_export(batch, monkeypatch):
+    """export specializes a size-1 dim: a batch-1 example is exported once, with a fixed batch,
+    instead of a failed dynamic-batch attempt first; a larger example batch stays dynamic."""
+    calls = []
+    export = cap_mod._export
+    monkeypatch.setattr(cap_mod, "_export", lambda *a: calls.append(a[2]) or export(*a))
+    cap = cap_mod.capture(Tiny(), (torch.randn(batch, L, C),), "export", 32)
+    assert cap.symbolic and len(calls) == 1
+    assert (cap.batch_symbol is not None) == (batch > 1)
+    assert (0 in calls[0][0]) == (batch > 1)  # the one export asked for a dynamic batch only where it can be
+
+
 def test_dynamo_capture_and_analyze_graph():
     model, x = Tiny(), torch.randn(2, L, C)
     gm, backend_inputs, _ = cap_mod.capture_dynamo(model, (x,))
