@@ -64,3 +64,13 @@ def fft_tile(X, A, spectrum, in_start, out_start, out_stop, U):
     f = torch.fft.rfft(X[..., in_start : in_start + U], n=2 * U)
     f *= spectrum
     A[..., out_start:out_stop] += torch.fft.irfft(f, n=2 * U)[..., U : U + out_stop - out_start]
+
+
+def fft_conv(h, x, length=None):
+    """Causal convolution y[..., :length] of x [..., C, P] (zero after P) with filters h [C, >= length]:
+    one FFT of a power-of-two size >= P + length - 1, so nothing wraps around. length: default P.
+    Every prefill runs it, and it is the offline baseline (a finished sequence, not causal decoding)."""
+    P = x.shape[-1]
+    length = P if length is None else length
+    n = 1 << max(0, (P + length - 2).bit_length())
+    return torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(h[:, :length], n=n), n=n)[..., :length]

@@ -18,15 +18,7 @@ import math
 import torch
 
 from lcsm_compile.engine import prepare_filters, state_dtype_for
-
-
-def fft_conv(h, x, length=None):
-    """Causal convolution y[..., :length] of x [..., C, P] (zero after P) with filters h [C, >= length]:
-    one FFT of a power-of-two size >= P + length - 1, so nothing wraps around. length: default P."""
-    P = x.shape[-1]
-    length = P if length is None else length
-    n = 1 << max(0, (P + length - 2).bit_length())
-    return torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(h[:, :length], n=n), n=n)[..., :length]
+from lcsm_compile.kernels.reference import fft_conv  # the offline convolution: every prefill, and a baseline
 
 
 class _Bank:

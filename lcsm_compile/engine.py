@@ -188,8 +188,7 @@ class OnlineConv:
         has_bad = bool(bad.any())
         if has_bad:  # an FFT would smear a NaN over the past too; mask it and restore causally below
             xs = xs.masked_fill(bad, 0.0)
-        n = _fft_size(P + self.max_len - 1)
-        full = torch.fft.irfft(torch.fft.rfft(xs, n=n) * torch.fft.rfft(self.h[sl], n=n), n=n)[..., : self.max_len]
+        full = torch_kernels.fft_conv(self.h[sl], xs, self.max_len)
         if has_bad:  # every output at or after the first non-finite input is NaN, as in the reference
             first = torch.where(bad.any(-1), bad.int().argmax(-1), self.max_len)
             after = torch.arange(self.max_len, device=self.device) >= first[..., None]
@@ -248,11 +247,6 @@ class OnlineConv:
             else:
                 torch_kernels.direct_tile_from_toeplitz(self.Xb, self.Ab, self.toeplitz[U], r + 1 - U, r + 1, out_stop - b0, U)
         self.position = t + 1
-
-
-def _fft_size(n: int) -> int:
-    """Smallest power of two >= n (fast for every FFT backend)."""
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _describe(x):
