@@ -243,6 +243,11 @@ def torch_threads(n):
 # -- output -------------------------------------------------------------------------------------
 
 
+def rel_err(y, ref):
+    """||y - ref|| / ||ref|| in float64: a benchmark's check of its outputs against a reference."""
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
 def fmt_num(value, estimated=False, digits=3):
     """A number for a table: '-' when missing, '~' in front when estimated."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

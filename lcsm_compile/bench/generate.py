@@ -180,14 +180,11 @@ def fitted_total(fit, a, b):
 # -- checks -------------------------------------------------------------------------------------
 
 
-def rel_err(y, ref):
-    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
-
 
 def teacher_forced_err(model64, tokens, logits):
     """Rel err of decoded logits [L-1, V] (positions 0..L-2) vs the float64 model's full forward."""
     ref = model64(tokens[:, : logits.shape[0]])[0]
-    return rel_err(logits, ref)
+    return common.rel_err(logits, ref)
 
 
 def token_agreement(tokens, ref_tokens, P):
@@ -277,7 +274,7 @@ def bench_config(layers, d, args, log):
         if k != "floor":  # the sampled steps, teacher-forced, against flash's logits at the same positions
             ts = sorted(stepper.outputs)
             got = torch.stack([stepper.outputs[t] for t in ts])
-            fit["window_rel_diff_vs_flash"] = rel_err(flash_logits[ts], got)
+            fit["window_rel_diff_vs_flash"] = common.rel_err(flash_logits[ts], got)
         del stepper, s
         fits[k] = fit
         diff = fit.get("window_rel_diff_vs_flash")

@@ -61,9 +61,6 @@ def reference(h, X, chunk=256):
     return out
 
 
-def rel_err(y, ref):
-    return ((y.double() - ref).norm() / ref.norm()).item()
-
 
 def run_steps(step, xs):
     """Seconds for step(x) over every x of xs in order, and the outputs stacked to [C, L]."""
@@ -110,12 +107,12 @@ def bench_config(C, L, args, validate_here, log):
 
     # offline lower bound
     off_s = common.best_time(lambda: baselines.fft_conv(h, X), repeats=args.repeats + 2, warmup=1)
-    rec["methods"]["offline"] = {"time_s": off_s, "estimated": False, "rel_err": rel_err(baselines.fft_conv(h, X), ref)}
+    rec["methods"]["offline"] = {"time_s": off_s, "estimated": False, "rel_err": common.rel_err(baselines.fft_conv(h, X), ref)}
     log(f"  offline  {off_s:.4g} s")
 
     # flash (ours): always measured in full, and checked against the float64 reference
     flash, Y = run_flash(h, xs, args.repeats)
-    flash.update(estimated=False, rel_err=rel_err(Y, ref))
+    flash.update(estimated=False, rel_err=common.rel_err(Y, ref))
     rec["methods"]["flash"] = flash
     flash["wrong"] = not flash["rel_err"] <= MAX_REL_ERR[args.dtype]  # NaN is wrong too
     log(f"  flash    {flash['time_s']:.4g} s (build {flash['build_s']:.3g} s), rel err {flash['rel_err']:.2e}"
@@ -134,12 +131,12 @@ def bench_config(C, L, args, validate_here, log):
                                     steps=args.window_steps, max_window_s=args.window_s)
         ts = sorted(stepper.outputs)
         m = {"estimate": est, "estimate_s": est["total_s"], "measured_s": None, "rel_err": None,
-             "window_rel_err": rel_err(torch.stack([stepper.outputs[t] for t in ts], -1), ref[:, ts])}
+             "window_rel_err": common.rel_err(torch.stack([stepper.outputs[t] for t in ts], -1), ref[:, ts])}
         del stepper
         if est["total_s"] <= args.budget_s or (validate_here and name in ("lazy", "eager")):
             bank.reset()
             seconds, Yb = run_steps(bank.step, xs)
-            m["measured_s"], m["rel_err"] = seconds, rel_err(Yb, ref)
+            m["measured_s"], m["rel_err"] = seconds, common.rel_err(Yb, ref)
             del Yb
         m["estimated"] = m["measured_s"] is None
         m["time_s"] = est["total_s"] if m["estimated"] else m["measured_s"]
