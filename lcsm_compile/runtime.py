@@ -141,21 +141,26 @@ class Program:
         return fn
 
     def _auto(self, key, args):
-        trial = self.auto.setdefault(key, _AutoTrial())
+        trial = self.auto.get(key)
+        if trial is None:
+            trial = self.auto[key] = _AutoTrial()
+        if trial.verdict == "compiled":  # the steady state of a long decode: straight to the compiled program
+            return self._run(self.compiled[key], args)
+        if trial.verdict == "eager":
+            return self._eager(args)
         fn = self.compiled.get(key)
-        if trial.verdict == "eager" or (fn is None and not trial.due(self.expected)):
+        if fn is None and not trial.due(self.expected):
+            trial.calls += 1
             return trial.timed(lambda: self._eager(args), trial.eager)
         if fn is None:
             fn = self._auto_compile(key, args, trial)
             if fn is None:
                 return self._eager(args)
             return self._run(fn, args)  # its first call may still pay for lazy set-up: not timed
-        if trial.verdict is None:
-            out = trial.timed(lambda: self._run(fn, args), trial.compiled)
-            if len(trial.compiled) == AUTO_TRIAL_CALLS:
-                trial.decide(tuple(args[-1].shape)[:1])
-            return out
-        return self._run(fn, args)
+        out = trial.timed(lambda: self._run(fn, args), trial.compiled)
+        if len(trial.compiled) == AUTO_TRIAL_CALLS:
+            trial.decide(tuple(args[-1].shape)[:1])
+        return out
 
     def _auto_compile(self, key, args, trial):
         log = get_logger("runtime")
@@ -185,13 +190,11 @@ class _AutoTrial:
         return self.calls >= AUTO_TRIAL_CALLS and max(self.calls, expected) >= AUTO_COMPILE_CALLS
 
     def timed(self, call, times):
+        """call(), its time appended to `times` (the last AUTO_TRIAL_CALLS kept)."""
         start = time.perf_counter()
         out = call()
-        if self.verdict is None:
-            if times is self.eager:
-                self.calls += 1
-            times.append(time.perf_counter() - start)
-            del times[:-AUTO_TRIAL_CALLS]
+        times.append(time.perf_counter() - start)
+        del times[:-AUTO_TRIAL_CALLS]
         return out
 
     def decide(self, batch):
