@@ -82,11 +82,6 @@ def host_us(fn, reps=None):
     return (time.perf_counter() - start) / reps * 1e6
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
 # -- correctness --------------------------------------------------------------------------------
 def check_correctness():
     rows = []
@@ -98,7 +93,7 @@ def check_correctness():
         Xr, yr, y = X.clone(), torch.empty(N, C, dtype=io, device=DEVICE), torch.empty(N, C, dtype=io, device=DEVICE)
         reference.update(Xr, A.clone(), x, h0, 3, yr)
         update(X, A, x, h0, 3, y)
-        err = max(rel_err(y, yr), rel_err(X, Xr))
+        err = max(common.rel_err(y, yr), common.rel_err(X, Xr))
         rows.append({"kernel": "update", "io_dtype": str(io), "rel_err": err, "ok": err <= TOL[io]})
     for U in US:
         for m in (U, max(1, U // 2)):  # full and partial tiles
@@ -108,7 +103,7 @@ def check_correctness():
             A0, Ar = A.clone(), A.clone()
             reference.direct_tile(X, Ar, h, 0, U, U + m, U)
             direct_tile(X, A, h, 0, U, U + m, U)
-            err = rel_err(A - A0, Ar - A0)
+            err = common.rel_err(A - A0, Ar - A0)
             rows.append({"kernel": "direct_tile", "U": U, "m": m, "rel_err": err, "ok": err <= TOL[torch.float32]})
     return rows
 

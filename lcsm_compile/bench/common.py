@@ -18,6 +18,8 @@ import time
 import numpy as np
 import torch
 
+from lcsm_compile.kernels.triton_common import rel_err  # noqa: F401  ||a - b|| / ||b|| in float64, for every benchmark
+
 # An estimate further than this from the full run it is validated against is flagged in the output
 # (a benchmark's judgement, never a test's: timings on these machines are noisy).
 DEVIATION_FLAG = 0.15
@@ -241,11 +243,6 @@ def torch_threads(n):
 
 
 # -- output -------------------------------------------------------------------------------------
-
-
-def rel_err(y, ref):
-    """||y - ref|| / ||ref|| in float64: a benchmark's check of its outputs against a reference."""
-    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def fmt_num(value, estimated=False, digits=3):
