@@ -14,7 +14,7 @@ unexpected failure, 130 when interrupted, 141 quietly when the reader of stdout 
     kernels [MODEL]         Triton specialisations chosen; --dump DIR, --check (TRITON_INTERPRET=1 on CPU)
     verify MODEL            teacher-forced exactness against the float64 model (exit 1 past --tol)
     bench MODEL             greedy generation: eager recompute loop vs the lcsm decoder (--plot)
-    bench mixer|generate    the full benchmarks (lcsm_compile.bench.mixer / .generate), options forwarded
+    bench mixer|generate|serve  the full benchmarks (lcsm_compile.bench.mixer / .generate / .serve), options forwarded
     tune, demo
 
 LCSM_LOGS=detect,passes,schedule,kernels,backend (or all, +debug) logs each area to stderr.
@@ -609,11 +609,12 @@ def _verify(args):
 
 # -- bench --------------------------------------------------------------------------------------
 
-BENCHMARKS = {"mixer": "lcsm_compile.bench.mixer", "generate": "lcsm_compile.bench.generate"}
+BENCHMARKS = {"mixer": "lcsm_compile.bench.mixer", "generate": "lcsm_compile.bench.generate",
+              "serve": "lcsm_compile.bench.serve"}
 
 
 def _bench_forward(which, rest):
-    """`bench mixer ...` / `bench generate ...`: the benchmark module's own main(argv)."""
+    """`bench mixer|generate|serve ...`: the benchmark module's own main(argv)."""
     import importlib
 
     rc = importlib.import_module(BENCHMARKS[which]).main(rest)
@@ -765,7 +766,7 @@ def _tune(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="lcsm-compile", description=__doc__.split("\n")[0],
-                                     epilog="`lcsm-compile bench mixer --help`, `lcsm-compile bench generate --help`: the benchmarks' options")
+                                     epilog="`lcsm-compile bench mixer|generate|serve --help`: the benchmarks' options")
     parser.add_argument("--traceback", action="store_true", help="print the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
     capture = dict(choices=["export", "dynamo"], default="export", help="capture level of the analysis")
@@ -823,11 +824,11 @@ def build_parser():
     p.set_defaults(run=_verify)
 
     p = sub.add_parser("bench", help="greedy generation on MODEL: eager recompute vs the lcsm decoder "
-                                     "(`bench mixer ...`, `bench generate ...`: the full benchmarks)",
+                                     "(`bench mixer|generate|serve ...`: the full benchmarks)",
                        description="Greedy generation on MODEL to --length (teacher-forced for float inputs): the eager "
                                    "loop recomputing the model on the whole prefix per token vs an lcsm decoder session. "
-                                   "`lcsm-compile bench mixer ...` and `lcsm-compile bench generate ...` run the full "
-                                   "benchmarks instead (their own options).")
+                                   "`lcsm-compile bench mixer|generate|serve ...` run the full benchmarks instead "
+                                   "(their own options).")
     _model_args(p)
     p.add_argument("--length", type=int, help="generate up to this many positions (default min(max_len, 256))")
     p.add_argument("--prompt", type=int, default=16)

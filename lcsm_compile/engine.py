@@ -312,7 +312,8 @@ class OnlineConv:
             out = torch.fft.irfft(torch.fft.rfft(X, n=2 * U) * self.spectra[U], n=2 * U)[..., U:]
         else:
             T = self.toeplitz.get(U)
-            T = torch_kernels.toeplitz(self.h, U) if T is None else T  # [U(out), U(in), C]
+            if T is None:  # the Triton path keeps none: built once, on first use by rows
+                T = self.toeplitz[U] = torch_kernels.toeplitz(self.h, U).contiguous()  # [U(out), U(in), C]
             # products then a sum over inputs, not a batched matmul: a row's arithmetic must not
             # depend on which other rows share the call (a matmul's blocking follows the batch)
             out = (T.permute(2, 0, 1) * X[:, :, None, :]).sum(-1)

@@ -160,6 +160,12 @@ def _dynamic_specs(example_inputs, max_len, batch):
     return tuple(specs)
 
 
+def _two_rows(example_inputs):
+    """The example with every input of the first input's batch 1 repeated to batch 2."""
+    return tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[0] == 1 else t
+                 for t in example_inputs)
+
+
 def _export(model, example_inputs, specs):
     with preserved_state(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export's own notes (attributes assigned in forward, ...)
@@ -184,11 +190,13 @@ def capture_export(model, example_inputs, max_len, dynamic=True, decompose=False
     note, ep = "", None
     if dynamic:
         errors = []
-        # export specializes a dim of size 1, so a batch-1 example cannot give a dynamic batch:
-        # trying would cost a whole failed export
-        for batch in (True, False) if x.shape[0] > 1 else (False,):
+        # export specializes a dim of size 1, so a batch-1 example is exported as two copies of
+        # itself for a dynamic batch (sessions of any batch, rows joining and leaving)
+        attempts = [(_two_rows(example_inputs) if x.shape[0] == 1 else example_inputs, True), (example_inputs, False)]
+        for inputs, batch in attempts:
             try:
-                ep = _export(model, example_inputs, _dynamic_specs(example_inputs, max_len, batch))
+                ep = _export(model, inputs, _dynamic_specs(inputs, max_len, batch))
+                example_inputs = inputs
                 break
             except Exception as exc:  # noqa: BLE001 - any exporter failure: try the next capture
                 errors.append(exc)

@@ -1385,6 +1385,8 @@ class Result:
     signature: str = ""  # the failure class: outcome + op/reason (no numbers, no node names)
     report: str = ""  # the analysis report's table, when optimize returned one
     err: float | None = None  # teacher-forced relative error (accepted models)
+    rows: str = ""  # accepted models, rows at their own positions: exact | wrong | withheld | unsupported
+    rows_detail: str = ""
     seconds: float = 0.0
 
     def line(self):
@@ -1434,6 +1436,36 @@ def teacher_forced(case, decoder, total=None):
     return worst, first_bad
 
 
+def rows_check(case, decoder, total=None):
+    """Rows at their own positions, checked independently of the decoder's own validation:
+    left-padded prompts of real lengths total/2 and 1 in one batch, stepped to `total`, each row
+    against the reference model on that row alone. -> (exact | wrong | withheld | unsupported, detail)."""
+    if decoder.rows_why:
+        return "withheld", decoder.rows_why
+    try:
+        decoder.session()._rows_supported("rows")
+    except lcsm_compile.LcsmError as exc:
+        return "unsupported", str(exc)
+    total = total or case.max_len
+    P = total // 2
+    lengths = [P, 1]
+    g = torch.Generator().manual_seed(20_000 + case.index)
+    x = case.inputs(total, g)[:2]
+    mask = (torch.arange(P) >= P - torch.tensor(lengths)[:, None]).long()
+    ref_model = copy.deepcopy(case.model).to(REF_DTYPE[case.dtype])
+    with torch.no_grad():
+        session = decoder.session()
+        outs = [session.prefill(x[:, :P], attention_mask=mask)] + [session.step(x[:, t:t + 1]) for t in range(P, total)]
+        y = torch.cat(outs, dim=1).double()
+        for r, n in enumerate(lengths):
+            own = x[r:r + 1, P - n:]
+            ref = ref_model(own if case.tokens else own.to(REF_DTYPE[case.dtype])).double()
+            err = rel_err(y[r:r + 1, P - n:], ref)
+            if not err <= TOL[case.dtype]:
+                return "wrong", f"row {r} (prompt {n} of {P}): rel err {err:.2e} > {TOL[case.dtype]:.0e}"
+    return "exact", ""
+
+
 def run_case(case, total=None, forced_dtype=False):
     """Optimize, decode teacher-forced over `total` positions (default max_len), classify. Never raises."""
     start = time.perf_counter()
@@ -1477,6 +1509,10 @@ def run_case(case, total=None, forced_dtype=False):
             res.outcome = "ok" if case.legal else "illegal_accepted"
             res.detail = f"rel err {err:.2e}"
             res.signature = "" if case.legal else f"illegal_accepted ({case.illegal})"
+            try:
+                res.rows, res.rows_detail = rows_check(case, decoder, total)
+            except Exception as exc:  # noqa: BLE001  a crash of the rows path is a result too
+                res.rows, res.rows_detail = "wrong", f"{type(exc).__name__}: {str(exc)[:300]}"
     res.seconds = time.perf_counter() - start
     return res
 
@@ -1497,6 +1533,8 @@ def failure_classes(results):
             classes[(r.outcome, r.signature)].append(r)
         elif r.names_illegal is False:
             classes[("refused_elsewhere", f"{r.illegal}: {r.signature}")].append(r)
+        if r.rows in ("wrong", "withheld", "unsupported"):
+            classes[(f"rows_{r.rows}", _norm(r.rows_detail))].append(r)
     return classes
 
 
@@ -1505,19 +1543,22 @@ def summarize(results):
     (one where that class is the only problem, when there is one)."""
     def counts(rs):
         c = Counter(r.outcome for r in rs)
+        rows = Counter(r.rows for r in rs)
         return [len(rs), sum(r.legal for r in rs), c["ok"] + c["illegal_accepted"] + c["silent_error"], c["ok"],
                 c["legal_refused"], c["illegal_refused"], sum(r.names_illegal is False for r in rs),
-                c["illegal_accepted"], c["silent_error"], c["crash"]]
+                c["illegal_accepted"], c["silent_error"], c["crash"], rows["exact"], rows["withheld"],
+                rows["unsupported"], rows["wrong"]]
 
     names = ["models", "legal", "accepted", "ok (legal, exact)", "legal refused", "illegal refused",
-             "  ...not naming it", "illegal accepted (exact)", "silent errors", "crashes"]
+             "  ...not naming it", "illegal accepted (exact)", "silent errors", "crashes", "rows: exact",
+             "rows: withheld (validation)", "rows: unsupported", "rows: WRONG"]
     dtypes = sorted({r.dtype for r in results})
     cols = [counts(results)] + [counts([r for r in results if r.dtype == d]) for d in dtypes]
     out = [f"{'':<26}{'all':>6}" + "".join(f"{d:>10}" for d in dtypes)]
     out += [f"{name:<26}{col[0][i]:>6}" + "".join(f"{c[i]:>10}" for c in col[1:])
             for i, name in enumerate(names) for col in [cols]]
     classes = failure_classes(results)
-    order = FAILURES + ("illegal_accepted", "refused_elsewhere")
+    order = FAILURES + ("rows_wrong", "illegal_accepted", "refused_elsewhere", "rows_withheld", "rows_unsupported")
     if classes:
         out.append("\nclasses (count, outcome, signature; a reproducing model; more indices):")
         for (outcome, sig), rs in sorted(classes.items(), key=lambda kv: (order.index(kv[0][0]), -len(kv[1]))):
@@ -1548,10 +1589,10 @@ def main(argv=None):
             if args.index is not None:
                 print(res.report)
         else:
-            print(f"{i:>4} {res.outcome:<16} {res.seconds:5.1f}s", flush=True)
+            print(f"{i:>4} {res.outcome:<16} {('rows ' + res.rows) if res.rows else '':<18} {res.seconds:5.1f}s", flush=True)
     print()
     print(summarize(results))
-    failures = [r for r in results if r.outcome in FAILURES]
+    failures = [r for r in results if r.outcome in FAILURES or r.rows == "wrong"]
     if failures:
         print("\nfailures:")
         print("\n".join(r.line() for r in failures))

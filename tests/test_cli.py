@@ -484,7 +484,8 @@ def test_bench_results_survive_a_failing_plot(as_json, monkeypatch, capsys, tmp_
 
 
 @pytest.mark.parametrize("argv,usage", [(["bench", "mixer", "--help"], "usage: lcsm-compile bench mixer"),
-                                        (["bench", "generate", "--help"], "usage: lcsm-compile bench generate")])
+                                        (["bench", "generate", "--help"], "usage: lcsm-compile bench generate"),
+                                        (["bench", "serve", "--help"], "usage: lcsm-compile bench serve")])
 def test_bench_mixer_and_generate_are_wired(argv, usage, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
