@@ -25,6 +25,7 @@ class Decoder:
         if conv not in BANKS:
             raise ValueError(f"conv: expected one of {sorted(BANKS)}, got {conv!r}")
         self.report = report
+        self.rows_why = None  # set when the validation of rows at their own positions failed
         self.max_len = int(max_len)
         example = example_inputs[0]
         self.input_ndim, self.example_shape = example.dim(), tuple(example.shape)
@@ -70,17 +71,22 @@ class Decoder:
         bias = None if conv.bias is None else conv.bias.reshape(-1).to(dtype=dtype, device=self.device)
         return weight.unsqueeze(1), weight.t().unsqueeze(1).contiguous(), bias
 
-    def session(self) -> Session:
-        return Session(self)
+    def session(self, rows=None) -> Session:
+        """A fresh session. rows=N: N free rows for add()/remove() (continuous batching); without
+        it the first prefill fixes the rows."""
+        return Session(self, rows)
 
-    def generate(self, prompt_ids, max_new_tokens, **options):
-        """Hugging Face generate() semantics on a fresh session; see lcsm_compile.generation.generate."""
+    def generate(self, prompt_ids, max_new_tokens, attention_mask=None, **options):
+        """Hugging Face generate() semantics on a fresh session; see lcsm_compile.generation.generate.
+        attention_mask [B, P]: left-padded prompts (1 on real tokens); each row decodes from its
+        first real token exactly as it would alone."""
         session = self.session()
         options.setdefault("max_len", self.max_len)
         self.step_fn.expect(max_new_tokens - 1)  # compile="auto" compiles up front for a long generation
         try:
             with torch.no_grad():
-                return generation.generate(session.prefill, session.step, prompt_ids, max_new_tokens, **options)
+                return generation.generate(lambda ids: session.prefill(ids, attention_mask=attention_mask), session.step,
+                                           prompt_ids, max_new_tokens, **options)
         finally:
             self.step_fn.expect(0)
 

@@ -9,6 +9,11 @@ One channel-major buffer S [N, C, max_len] holds the whole position-indexed stat
 inputs of positions already decoded and adds to accumulators of positions to come, so position p
 holds its accumulator A_p until its red cell consumes it and its input x_p from then on. That is
 half of keeping the history and the accumulators apart.
+
+Rows at their own positions (ragged prompts, rows that join and leave: `prefill(..., rows=)`,
+`release(rows)`): each row keeps its own position and prefill length, in its own coordinates, so
+its tiles are the ones it would run alone. Rows whose step has the same tile size share one tile
+call (gathered from S by per-row offsets), so a step makes one call per distinct tile size.
 """
 
 import copy
@@ -126,6 +131,11 @@ class OnlineConv:
         self.S = self.Xb = self.Ab = None
         self.reset()
 
+    def bind(self, rows, io_dtype=None):
+        """Allocate the state for `rows` rows before any prefill (sessions whose rows are filled one
+        by one with prefill(..., rows=)); io_dtype defaults to the state dtype."""
+        self._bind((int(rows),), self.dtype if io_dtype is None else io_dtype)
+
     def fork(self):
         """A new engine sharing these filters and tile operators (never copied), with fresh state."""
         other = copy.copy(self)
@@ -140,6 +150,9 @@ class OnlineConv:
         self.position = 0
         self.prefill_len = 0
         self._block_start = -1  # first position of the block loaded into Xb/Ab
+        # rows at their own positions (None while every row shares `position`): [N] int64 each
+        self.row_position = self.row_prefill = self.live = None
+        self._filling = None  # (rows, P) of the row prefill in progress: its other channel slices may follow
 
     def memory_breakdown(self) -> dict:
         """Bytes held per part: filters (time domain, for the prefill and direct tiles), Toeplitz
@@ -163,26 +176,40 @@ class OnlineConv:
         return sum(self.memory_breakdown().values())
 
     # -- decoding ----------------------------------------------------------------------------
-    def prefill(self, x, channels=None):
+    def prefill(self, x, channels=None, rows=None):
         """Ingest a prompt x [..., C, P] at once; returns its outputs [..., C, P].
 
         One FFT convolution gives both the prompt's outputs and its contributions to every
         future output, which go into the accumulators; stepping then tiles from position P.
         With `channels` (a slice), x holds only those channels; a bank shared by several
         convolutions prefills each one's slice with the same P.
+        With `rows` (int64 indices into the N rows of a bound state, see bind), x [n, C, P] is the
+        prompt of those free rows only: they start at their own position 0 and P, and the other
+        rows keep their state and positions untouched.
         """
+        if rows is not None:
+            return self._prefill_rows(x, channels, rows)
         sl = slice(None) if channels is None else channels
         width = len(range(self.channels)[sl])
         self._check_input(x, "x", time_axis=True, width=width)
         P = x.shape[-1]
         more = channels is not None and self.position == self.prefill_len == P  # another slice, same prompt
-        if self.position != 0 and not more:
+        if self.row_position is not None or self.position != 0 and not more:
             raise LcsmError(f"prefill: expected a fresh state (position 0), at position {self.position}; call reset() first")
         if P > self.max_len:
             raise MaxLenExceeded(f"prefill: prompt of {P} positions exceeds max_len = {self.max_len}")
         self._bind(x.shape[:-2], x.dtype)
         if P == 0:
             return x.clone()
+        xs, full = self._prompt_conv(x, sl, width)
+        self.S[:, sl, :P] = xs  # inputs of the prompt (no tile reads them: the FFT above covered them)
+        self.S[:, sl, P:] = full[..., P:]  # accumulators of every position to come
+        self.position = self.prefill_len = P
+        return full[..., :P].to(x.dtype).reshape(x.shape)
+
+    def _prompt_conv(self, x, sl, width):
+        """(prompt inputs [n, width, P] in the state dtype, their convolution [n, width, max_len])."""
+        P = x.shape[-1]
         xs = x.reshape(-1, width, P).to(self.dtype)
         bad = ~torch.isfinite(xs)
         has_bad = bool(bad.any())
@@ -194,10 +221,104 @@ class OnlineConv:
             after = torch.arange(self.max_len, device=self.device) >= first[..., None]
             full = full.masked_fill(after, float("nan"))
             xs = x.reshape(-1, width, P).to(self.dtype)
-        self.S[:, sl, :P] = xs  # inputs of the prompt (no tile reads them: the FFT above covered them)
-        self.S[:, sl, P:] = full[..., P:]  # accumulators of every position to come
-        self.position = self.prefill_len = P
+        return xs, full
+
+    # -- rows at their own positions ----------------------------------------------------------
+    def _rows_mode(self):
+        """Leave the shared-position mode: put the time-major block back into S (its inputs over
+        the consumed accumulators, its accumulators over the stale ones), then give every row the
+        shared position. From here on every row steps on S at its own position."""
+        if self.row_position is not None:
+            return
+        if self.S is None:
+            raise LcsmError("rows: the state is not allocated; call bind(rows) or prefill first")
+        t, b0 = self.position, self._block_start
+        if b0 >= 0 and b0 <= t < b0 + self.block:  # mid-block: the block holds the live values
+            nb = min(self.block, self.max_len - b0)
+            self.S[..., b0:t] = self.Xb[: t - b0].permute(1, 2, 0)
+            self.S[..., t : b0 + nb] = self.Ab[t - b0 : nb].permute(1, 2, 0)
+        n = self.S.shape[0]
+        started = self.position > 0 or self.prefill_len > 0
+        self.row_position = torch.full((n,), self.position, dtype=torch.long, device=self.device)
+        self.row_prefill = torch.full((n,), self.prefill_len, dtype=torch.long, device=self.device)
+        self.live = torch.full((n,), started, dtype=torch.bool, device=self.device)
+        self._channel_index = torch.arange(self.channels, device=self.device)
+
+    def _prefill_rows(self, x, channels, rows):
+        sl = slice(None) if channels is None else channels
+        width = len(range(self.channels)[sl])
+        self._check_input(x, "x", time_axis=True, width=width)
+        self._rows_mode()
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
+        P = x.shape[-1]
+        if x.reshape(-1, width, P).shape[0] != rows.numel():
+            raise ShapeError(f"x: expected {rows.numel()} rows (one per index in rows), got shape {tuple(x.shape)}")
+        if x.dtype != self.io_dtype:
+            raise DTypeError(f"x: expected dtype {self.io_dtype} (fixed by the first call), got {x.dtype}")
+        if not 1 <= P <= self.max_len:
+            raise MaxLenExceeded(f"prefill: prompt of {P} positions: expected 1 .. max_len = {self.max_len}")
+        key = (tuple(rows.tolist()), P)
+        if self._filling != key and bool(self.live[rows].any()):
+            busy = rows[self.live[rows]].tolist()
+            raise LcsmError(f"prefill: rows {busy} hold a sequence; release() them first")
+        xs, full = self._prompt_conv(x, sl, width)
+        self.S[rows, sl, :P] = xs
+        self.S[rows, sl, P:] = full[..., P:]
+        self.row_position[rows], self.row_prefill[rows], self.live[rows] = P, P, True
+        self._filling = key
         return full[..., :P].to(x.dtype).reshape(x.shape)
+
+    def release(self, rows):
+        """Free rows (their sequences are done): they no longer step, and a row prefill may refill them."""
+        self._rows_mode()
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
+        self.live[rows] = False
+        self.row_position[rows] = self.row_prefill[rows] = 0
+
+    def _red_cell_rows(self, x, sl, width):
+        """The red cell of every row at its own position, on S: y = A_{t_r} + h0 * x, x stored at t_r."""
+        self._filling = None
+        t = self.row_position
+        over = self.live & (t >= self.max_len)
+        if bool(over.any()):
+            r = int(over.nonzero()[0])
+            raise MaxLenExceeded(f"step: row {r} is at position {int(t[r])}, past max_len = {self.max_len}")
+        n = t.numel()
+        S = self.S[:, sl]
+        at = t.view(n, 1, 1).expand(n, width, 1)
+        xs = x.reshape(n, width).to(self.dtype)
+        y = torch.addcmul(S.gather(2, at).squeeze(2), xs, self.h0[sl])
+        S.scatter_(2, at, xs.unsqueeze(2))  # free rows write their (ignored) input at position 0
+        return y.to(x.dtype).reshape(x.shape)
+
+    def _advance_rows(self):
+        """One tile call per distinct tile size among the live rows, then every live row moves on."""
+        t, live = self.row_position, self.live
+        going = live & (t + 1 < self.max_len)
+        i = t - self.row_prefill + 1
+        sizes = i & -i
+        for U in torch.unique(sizes[going]).tolist():
+            self._tile_rows((going & (sizes == U)).nonzero().squeeze(1), U)
+        t += live
+
+    def _tile_rows(self, rows, U):
+        """The gray tile of size U for `rows`, each at its own position t_r: inputs [t_r-U+1, t_r]
+        -> outputs [t_r+1, t_r+U] (cut at max_len), gathered from and added into S."""
+        lag = torch.arange(U, device=self.device)
+        t = self.row_position[rows]
+        r, c = rows[:, None, None], self._channel_index[None, :, None]
+        X = self.S[r, c, (t + 1 - U)[:, None, None] + lag]  # [n, C, U]
+        if kernel_for(U, self.crossover) == "fft_tile":
+            out = torch.fft.irfft(torch.fft.rfft(X, n=2 * U) * self.spectra[U], n=2 * U)[..., U:]
+        else:
+            T = self.toeplitz.get(U)
+            T = torch_kernels.toeplitz(self.h, U) if T is None else T  # [U(out), U(in), C]
+            # products then a sum over inputs, not a batched matmul: a row's arithmetic must not
+            # depend on which other rows share the call (a matmul's blocking follows the batch)
+            out = (T.permute(2, 0, 1) * X[:, :, None, :]).sum(-1)
+        at = (t + 1)[:, None, None] + lag  # [n, 1, U]
+        out = out * (at < self.max_len)  # positions past max_len get nothing: their index is clamped
+        self.S.index_put_((r, c, at.clamp(max=self.max_len - 1)), out, accumulate=True)
 
     def step(self, x):
         """Take the input at the next position, x [..., C]; returns that position's output [..., C]."""
@@ -209,7 +330,7 @@ class OnlineConv:
         """The sequential part of a step: y_t = A_t + h0 * x_t for x [..., C] (or the channels of
         the slice `channels`). Every channel must get its red cell before advance()."""
         t = self.position
-        if t >= self.max_len:
+        if t >= self.max_len and self.row_position is None:
             raise MaxLenExceeded(f"step: position {t} is past max_len = {self.max_len}; reset() or build with a larger max_len")
         sl = slice(None) if channels is None else channels
         width = self.channels if channels is None else len(range(self.channels)[sl])
@@ -218,6 +339,8 @@ class OnlineConv:
             self._bind(x.shape[:-1], x.dtype)
         elif x.shape[-1] != width:
             raise ShapeError(f"x: expected shape [..., C] with C = {width}, got {tuple(x.shape)}")
+        if self.row_position is not None:
+            return self._red_cell_rows(x, sl, width)
         r = (t - self.prefill_len) % self.block  # this position's row in the block
         if self._block_start != t - r:  # entering a new block: bring in what the prefill and FFT tiles accumulated for it
             b0, nb = t - r, min(self.block, self.max_len - (t - r))
@@ -231,7 +354,10 @@ class OnlineConv:
         return y
 
     def advance(self):
-        """Finish the position once every red cell ran: one tile call covering every channel and row."""
+        """Finish the position once every red cell ran: one tile call covering every channel and row
+        (rows at their own positions: one per distinct tile size)."""
+        if self.row_position is not None:
+            return self._advance_rows()
         t = self.position
         i = t - self.prefill_len + 1  # steps taken since the prefill, this one included
         r, b0 = (i - 1) % self.block, self._block_start

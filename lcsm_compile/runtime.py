@@ -14,39 +14,52 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from lcsm_compile import ops
-from lcsm_compile.errors import DeviceError, DTypeError, MaxLenExceeded, SessionNotStarted, ShapeError
+from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, SessionNotStarted, ShapeError
 from lcsm_compile.logs import get_logger
 
 
 class SessionState:
-    """What the custom ops of one session act on."""
+    """What the custom ops of one session act on.
+
+    capacity: the session's rows N (fixed by its first prefill, or by Decoder.session(rows=N)).
+    rows: None while a program runs on every row; during a row prefill (Session.add, a ragged
+    prefill) the int64 indices of the rows the prefill program's batch stands for.
+    positions: int64 [N], each row's own position (where its next step's input goes); live: bool
+    [N], the rows holding a sequence. A step runs every row; free rows compute and are ignored.
+    """
 
     def __init__(self, decoder):
         self.bank = decoder.bank.fork() if decoder.bank is not None else None  # None: short convolutions only
         self.slices = decoder.bank_slices  # site index -> channel slice of the bank (long convs)
         self.sites = decoder.sites
-        self.rings = {}  # site index -> [K-1, B, W] last inputs of a short convolution
+        self.rings = {}  # site index -> [K-1, N, W] last inputs of a short convolution
         self.short_filters = decoder.short_filters  # site index -> (taps [W, K] causal, bias or None)
         self.attention = getattr(decoder, "attention", [])  # AttentionSites
         self.max_len = decoder.max_len
         self.kv = {}  # attention site index -> (k cache, v cache) [N, G, max_len, D], allocated on first prefill
-        # rows of the bank: the prefill program's batch maps to `rows` (None: every row); at a step each
-        # row r writes its key/value at positions[r] and attends over keys 0..positions[r]
-        self.capacity = 0  # N
-        self.rows = None
-        self.positions = torch.zeros(0, dtype=torch.int64)  # CPU [N]
-        self.live = torch.ones(0, dtype=torch.bool)  # CPU [N]
+        self.capacity, self.rows, self.positions, self.live = None, None, None, None
 
-    def reset(self):
+    def reset(self, capacity):
+        """Forget every sequence; `capacity` rows from now on, all free."""
         if self.bank is not None:
+            if self.capacity is not None and capacity != self.capacity:
+                self.bank = self.bank.fork()  # another batch size: fresh state
             self.bank.reset()
         self.rings.clear()  # KV caches stay allocated: a row reads only the positions it wrote
+        self.capacity, self.rows = capacity, None
+        self.positions = torch.zeros(capacity, dtype=torch.long)
+        self.live = torch.zeros(capacity, dtype=torch.bool)
 
     # long convolutions: one bank, red cells per site, one tile call per position
     # every site's input is brought to the bank's dtype (convolutions of one model can run in
     # different dtypes, e.g. a bfloat16 model with one FFT in float32): exact widening, one rounding back
     def conv_prefill(self, index, u):
-        y = self.bank.prefill(u.to(self.bank.dtype), channels=self.slices[index])
+        if self.rows is None:
+            y = self.bank.prefill(u.to(self.bank.dtype), channels=self.slices[index])
+        else:
+            if self.bank.S is None:
+                self.bank.bind(self.capacity)
+            y = self.bank.prefill(u.to(self.bank.dtype), channels=self.slices[index], rows=self.rows)
         return self._plus_bias(index, y).to(u.dtype)
 
     def conv_step(self, index, u):
@@ -56,7 +69,7 @@ class SessionState:
     def advance(self):
         if self.bank is not None:
             self.bank.advance()
-        self.positions += 1
+        self.positions += self.live
 
     def _plus_bias(self, index, y):
         bias = self.sites[index].conv.bias
@@ -67,8 +80,13 @@ class SessionState:
         weight, _, bias = self.short_filters[index]  # weight [W, 1, K], oldest input first
         K = weight.shape[-1]
         y = F.conv1d(F.pad(u, (K - 1, 0)), weight.to(u.dtype), bias, groups=weight.shape[0])
-        past = F.pad(u, (K - 1, 0))[..., u.shape[-1] :]  # the last K-1 inputs, zeros before the prompt
-        self.rings[index] = past.permute(2, 0, 1).contiguous()  # [K-1, B, W], oldest first
+        past = F.pad(u, (K - 1, 0))[..., u.shape[-1] :].permute(2, 0, 1)  # the last K-1 inputs, zeros before the prompt
+        if self.rows is None:
+            self.rings[index] = past.contiguous()  # [K-1, N, W], oldest first
+        else:
+            if index not in self.rings:
+                self.rings[index] = past.new_zeros(K - 1, self.capacity, past.shape[-1])
+            self.rings[index][:, self.rows] = past
         return y
 
     def short_step(self, index, u):
@@ -272,18 +290,41 @@ def _contiguous_strides(shape):
 
 
 class Session:
-    """One decode: `prefill(prompt)` then `step(x)` per position. Outputs follow the model's layout."""
+    """One decode of N rows. `prefill(prompt)` starts every row (at one position, or left-padded
+    prompts with `attention_mask`, each row from its first real token); `add(prompt)` and
+    `remove(row)` let rows join and leave between steps (continuous batching); `step(x)` advances
+    every live row at its own position. Outputs follow the model's layout.
 
-    def __init__(self, decoder):
+    Rows at their own positions are exactly what each row gets decoded alone: each keeps its own
+    position for the convolutions, ring buffers and position tables; they need conv="flash", a
+    capture with a symbolic batch, and position tables that have a batch dim (else a typed error).
+    """
+
+    def __init__(self, decoder, rows=None):
         self.decoder = decoder
         self.state = SessionState(decoder)
         self.handle = ops.register(self.state)  # [session id, position]; lcsm::advance moves the position
-        self._batch = None
+        self._own_positions = False  # rows at their own positions (after a ragged prefill, add or remove)
+        if rows is not None:
+            if not (isinstance(rows, int) and rows >= 1):
+                raise ValueError(f"rows: expected an int >= 1, got {rows!r}")
+            self._rows_supported("Decoder.session(rows=N)")
+            self.state.reset(rows)
+            self._own_positions = True
 
     @property
     def position(self) -> int:
-        """Positions seen so far (the next step's position)."""
+        """Positions seen so far (the next step's position), when every row shares it."""
+        if self._own_positions:
+            raise LcsmError("position: the rows are at their own positions; read Session.positions")
         return int(self.handle[1])
+
+    @property
+    def positions(self) -> list:
+        """Each row's own position (its next step's position); None for a free row."""
+        if self.state.capacity is None:
+            return []
+        return [int(p) if live else None for p, live in zip(self.state.positions, self.state.live)]
 
     def _check(self, x, length):
         d = self.decoder
@@ -302,40 +343,135 @@ class Session:
         if x.device != d.device:
             raise DeviceError(f"input: expected device {d.device}, got {x.device}")
 
-    def prefill(self, prompt):
-        """Run the prompt [B, P, ...] at once; returns the model's outputs for every prompt position."""
+    def _check_prompt(self, prompt):
         self._check(prompt, None)
         P = prompt.shape[1]
         if P < 1:
             raise ShapeError("prompt: expected at least one position")
         if P > self.decoder.max_len:
             raise MaxLenExceeded(f"prompt of {P} positions exceeds max_len = {self.decoder.max_len}")
-        self.state.reset()
+        return P
+
+    def _rows_supported(self, what):
+        """Rows at their own positions need a bank that keeps per-row positions, a prefill program
+        that runs on any batch (one row), and position tables with a batch dim to index per row."""
+        d = self.decoder
+        if getattr(d, "rows_why", None):
+            raise LcsmError(f"{what}: {d.rows_why}")
+        if d.bank is not None and not hasattr(d.bank, "release"):
+            raise LcsmError(f"{what}: rows at their own positions need conv='flash'; this decoder's bank is "
+                            f"{type(d.bank).__name__}, which decodes every row at one position")
+        if not d.batch_dynamic:
+            raise LcsmError(f"{what}: rows at their own positions need a capture with a symbolic batch; "
+                            f"torch.export fixed this model's batch to {d.example_shape[0]}")
+        for const in d.report.position_constants:
+            if const.rows_why is not None:
+                raise LcsmError(f"{what}: rows at their own positions read position table {const.name} one row per "
+                                f"batch row, which this table does not allow: {const.rows_why}")
+
+    def prefill(self, prompt, attention_mask=None):
+        """Run the prompt [B, P, ...] at once; returns the model's outputs for every prompt position.
+
+        attention_mask [B, P] (Hugging Face convention, left padding): 1 on real tokens, 0 on the
+        padding before them. Each row then starts from its first real token at its own position 0,
+        padding never enters its state, and its outputs at real positions are those of the row
+        decoded alone; outputs at padding positions are 0."""
+        P = self._check_prompt(prompt)
         B = prompt.shape[0]
-        st = self.state  # every row starts at position 0 (rows joining a running batch: the lead's contract)
-        st.capacity, st.rows = B, None
-        st.positions, st.live = torch.zeros(B, dtype=torch.int64), torch.ones(B, dtype=torch.bool)
-        out = self.decoder.prefill_program(self.handle, inputs=(prompt,))
-        self._batch = B
-        self.handle[1] = P
-        st.positions.fill_(P)
+        lengths = _real_lengths(attention_mask, B, P)
+        self.state.reset(B)
+        if lengths is None:  # every row real from position 0: one program call, one shared position
+            self._own_positions = False
+            out = self.decoder.prefill_program(self.handle, inputs=(prompt,))
+            self.handle[1] = P
+            self.state.positions[:], self.state.live[:] = P, True
+            return out
+        self._rows_supported("prefill(attention_mask=...)")
+        self._own_positions = True
+        leaves, spec = None, None
+        for n in sorted(set(lengths.tolist())):  # one prefill call per distinct prompt length
+            rows = (lengths == n).nonzero().squeeze(1)
+            flat, spec = pytree.tree_flatten(self._prefill_rows(prompt[rows, P - n :], rows))
+            if leaves is None:
+                leaves = [_padded_like(leaf, B, P) for leaf in flat]
+            for full, leaf in zip(leaves, flat):
+                if isinstance(leaf, torch.Tensor):
+                    if tuple(leaf.shape[:2]) != (rows.numel(), n):
+                        raise ShapeError(f"prefill(attention_mask=...): an output of shape {tuple(leaf.shape)} is not "
+                                         f"[rows, positions, ...]; each row's outputs cannot be placed")
+                    full[rows, P - n :] = leaf
+        return pytree.tree_unflatten(leaves, spec)
+
+    def _prefill_rows(self, prompt, rows):
+        """Prefill `rows` (free) with their prompts [len(rows), P, ...]; the other rows are untouched."""
+        state = self.state
+        state.rows = rows
+        try:
+            out = self.decoder.prefill_program(self.handle, inputs=(prompt,))
+        finally:
+            state.rows = None
+        state.positions[rows], state.live[rows] = prompt.shape[1], True
         return out
 
+    def add(self, prompt):
+        """Prefill a new sequence, prompt [1, P, ...], into a free row between steps (continuous
+        batching); returns (row, the model's outputs for the prompt). The other rows' state is
+        untouched. The session needs its rows first: a prefill, or Decoder.session(rows=N)."""
+        if self.state.capacity is None:
+            raise SessionNotStarted("add: the session has no rows yet; prefill(prompt) or Decoder.session(rows=N) first")
+        self._rows_supported("add")
+        self._check_prompt(prompt)
+        if prompt.shape[0] != 1:
+            raise ShapeError(f"add: expected one sequence, a prompt [1, P, ...], got batch {prompt.shape[0]}")
+        free = (~self.state.live).nonzero()
+        if free.numel() == 0:
+            raise LcsmError(f"add: all {self.state.capacity} rows hold a sequence; remove() one first")
+        row = int(free[0])
+        self._own_positions = True
+        return row, self._prefill_rows(prompt, torch.tensor([row]))
+
+    def remove(self, row):
+        """Free `row` (its sequence is done); add() may fill it again. The other rows are untouched."""
+        state = self.state
+        if state.capacity is None or not (isinstance(row, int) and 0 <= row < state.capacity) or not state.live[row]:
+            live = [] if state.capacity is None else state.live.nonzero().squeeze(1).tolist()
+            raise LcsmError(f"remove: expected a row holding a sequence (one of {live}), got {row!r}")
+        self._rows_supported("remove")
+        self._own_positions = True
+        if state.bank is not None:
+            state.bank.release([row])
+        state.live[row], state.positions[row] = False, 0
+
     def step(self, x):
-        """Take the input at the next position (a length-1 slice along the sequence dim, e.g. ids
-        [B, 1]); returns the model's outputs for that position in the same layout (e.g. [B, 1, V])."""
-        if self._batch is None:
+        """Take the input at every row's next position (a length-1 slice along the sequence dim,
+        e.g. ids [N, 1]; free rows' inputs are ignored); returns the model's outputs for those
+        positions in the same layout (e.g. [N, 1, V]; 0 for free rows)."""
+        state, max_len = self.state, self.decoder.max_len
+        if state.capacity is None:
             raise SessionNotStarted("step: call prefill(prompt) first")
-        if self.position >= self.decoder.max_len:
-            raise MaxLenExceeded(f"step: position {self.position} is past max_len = {self.decoder.max_len}")
+        if not bool(state.live.any()):
+            raise SessionNotStarted("step: no row holds a sequence; add() one first")
+        over = state.live & (state.positions >= max_len)
+        if bool(over.any()):
+            r = int(over.nonzero()[0])
+            where = f"row {r} is at position {int(state.positions[r])}" if self._own_positions else f"position {self.position}"
+            raise MaxLenExceeded(f"step: {where}, past max_len = {max_len}")
         self._check(x, 1)
-        if x.shape[0] != self._batch:
-            raise ShapeError(f"input: expected batch {self._batch} (fixed by the prompt), got {x.shape[0]}")
+        if x.shape[0] != state.capacity:
+            raise ShapeError(f"input: expected batch {state.capacity} (the session's rows), got {x.shape[0]}")
         if x.stride() != _contiguous_strides(x.shape):
             # e.g. ids[:, t:t+1] of a longer buffer: the compiled step is specialised on strides
             x = x.clone(memory_format=torch.contiguous_format)
-        pos = torch.tensor([self.position], device=self.decoder.device)
-        return self.decoder.step_fn(self.handle, pos, inputs=(x,))
+        device = self.decoder.device
+        if not self._own_positions:
+            return self.decoder.step_fn(self.handle, torch.tensor([self.position], device=device), inputs=(x,))
+        free = ~state.live
+        out = self.decoder.step_fn(self.handle, state.positions.to(device), inputs=(x,))
+        if not bool(free.any()):
+            return out
+        free = free.to(device)
+        return pytree.tree_map(lambda t: t.masked_fill(free.view(-1, *[1] * (t.dim() - 1)), 0)
+                               if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == free.numel() else t, out)
 
     def memory_breakdown(self, per_channel_position=False) -> dict:
         """Bytes per part: the bank's (state, block, spectra, Toeplitz blocks, filters; the last
@@ -345,14 +481,47 @@ class Session:
         cost of one position of one channel (after a prefill; the state is 4 bytes in float32)."""
         parts = self.state.memory_breakdown()
         if per_channel_position:
-            if self._batch is None:
+            if self.state.capacity is None:
                 raise SessionNotStarted("memory_breakdown(per_channel_position=True): call prefill(prompt) first")
             if self.state.bank is None:
                 raise ValueError("memory_breakdown(per_channel_position=True): this model has no long convolution")
-            cells = self._batch * self.state.bank.channels * self.decoder.max_len
+            cells = self.state.capacity * self.state.bank.channels * self.decoder.max_len
             parts = {k: v / cells for k, v in parts.items()}
         return parts
 
     def memory_bytes(self) -> int:
         """Bytes this session holds, shared filter operators included: sum of memory_breakdown()."""
         return sum(self.memory_breakdown().values())
+
+
+def _real_lengths(mask, B, P):
+    """Real tokens per row of a left-padded attention_mask [B, P] (None: no mask, or no padding)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a torch.Tensor [B, P] of 0/1, got {type(mask).__name__}")
+    if tuple(mask.shape) != (B, P):
+        raise ShapeError(f"attention_mask: expected shape {(B, P)} (the prompt's batch and length), got {tuple(mask.shape)}")
+    m = mask.detach().cpu()
+    if m.is_floating_point() or m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError("attention_mask: expected integer or bool 0/1 values (1 on real tokens)")
+    m = m.to(torch.long)
+    lengths = m.sum(1)
+    left_padded = (m == (torch.arange(P) >= P - lengths[:, None]).long()).all(1)
+    if not bool(left_padded.all()):
+        r = int((~left_padded).nonzero()[0])
+        raise ValueError(f"attention_mask: row {r} is not left-padded (zeros, then ones up to the last position)")
+    if bool((lengths == 0).any()):
+        r = int((lengths == 0).nonzero()[0])
+        raise ValueError(f"attention_mask: row {r} has no real token")
+    return None if bool((lengths == P).all()) else lengths
+
+
+def _padded_like(leaf, B, P):
+    """A zero [B, P, ...] output for a row-prefill's output leaf [rows, n, ...] (left padding)."""
+    if not isinstance(leaf, torch.Tensor):
+        return leaf
+    if leaf.dim() < 2:
+        raise ShapeError(f"prefill(attention_mask=...): an output of shape {tuple(leaf.shape)} has no [batch, "
+                         f"positions] dims to place each row's outputs in")
+    return leaf.new_zeros(B, P, *leaf.shape[2:])

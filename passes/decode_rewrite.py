@@ -188,7 +188,9 @@ def _attn_output(graph, result, q, v, a, y):
 
 def _read_tables(gm, tables, names, x, pos):
     """Each position constant becomes its max_len table (a buffer of the step program) read at the
-    step's position; a table of batch 1 is expanded to the input's batch."""
+    step's position; a table of batch 1 is expanded to the input's batch. `pos` is [1] when every
+    row shares the position and [B] when each row has its own: the B rows read on the positions
+    axis then move to the batch dim (a no-op swap of two size-1 dims for [1])."""
     graph = gm.graph
     for i, const in enumerate(tables):
         node = names[const.node.name]
@@ -199,7 +201,13 @@ def _read_tables(gm, tables, names, x, pos):
         with graph.inserting_before(node):
             row = graph.call_function(aten.index_select.default, (graph.get_attr(name), const.axis, pos))
             if const.batch_dims:
+                row = graph.call_function(aten.transpose.int, (row, const.axis, const.batch_dims[0]))
                 batch = graph.call_function(aten.sym_size.int, (x, 0))
                 shape = [batch if d in const.batch_dims else -1 for d in range(val.dim())]
                 row = graph.call_function(aten.expand.default, (row, shape))
+            elif const.rows_rank is not None:  # rows into a leading dim that lines up with the users' batch
+                extra = const.rows_rank - val.dim()
+                for _ in range(extra):
+                    row = graph.call_function(aten.unsqueeze.default, (row, 0))
+                row = graph.call_function(aten.transpose.int, (row, const.axis + extra, 0))
         node.replace_all_uses_with(row)

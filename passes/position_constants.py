@@ -28,6 +28,12 @@ class PositionConstant:
     axis: int  # the dim that holds positions
     batch_dims: tuple  # dims of the batch's size: the table holds batch 1, the step expands it
     table: torch.Tensor  # the value over max_len positions, as the model computes it
+    # Rows at their own positions read one table row each, into a batch dim: the batch dim when the
+    # table has one; else rows_rank (a batchless table whose every user is pointwise with a
+    # batch-leading output of that rank is read at that rank, rows in dim 0, which broadcasting
+    # lines up with the batch). rows_why: why neither works (per-row reads are then refused).
+    rows_rank: int | None = None
+    rows_why: str | None = None
 
     @property
     def name(self):
@@ -101,7 +107,31 @@ def _table(node, ctx):
     # the step reads what the model itself computes: the table in the model's own arithmetic (a
     # float64 model whose table is built in float32 gets the float32-rounded table it uses)
     native = capture.Runner(cap, widen=False).evaluate([node], cap.max_len, batch=batch)[0]
-    return PositionConstant(node, axis, batch_dims, native)
+    rows_rank, rows_why = None, None
+    if len(batch_dims) > 1:
+        rows_why = f"it has {len(batch_dims)} batch dims"
+    elif not batch_dims:
+        rows_rank, rows_why = _rows_rank(node, len(shape), B)
+    return PositionConstant(node, axis, batch_dims, native, rows_rank, rows_why)
+
+
+def _rows_rank(node, rank, B):
+    """(rank, None) when every user of a batchless table is pointwise with an output of one rank
+    >= the table's and the batch on dim 0 (a per-row read at that rank broadcasts row by row), else
+    (None, why)."""
+    ranks = set()
+    for user in node.users:
+        if user.op == "call_function" and str(user.target).startswith("aten._assert"):
+            continue  # metadata checks: the decode rewrite drops them
+        val = meta_value(user)
+        pointwise = user.op == "call_function" and torch.Tag.pointwise in getattr(user.target, "tags", ())
+        if not (pointwise and isinstance(val, torch.Tensor) and val.dim() >= rank and B is not None
+                and sym_expr(val.shape[0]) == B):
+            return None, f"its user {user.name} ({user.target}) is not a pointwise op with the batch on dim 0"
+        ranks.add(val.dim())
+    if len(ranks) != 1:
+        return None, f"its users have outputs of ranks {sorted(ranks)}"
+    return ranks.pop(), None
 
 
 def _concrete_checks(nodes, ctx):

@@ -120,18 +120,26 @@ def test_layer_schedule_shows_attention_next_to_convolutions(decoders):
     assert all(g["sites"] == [s["name"] for s in sched.sites if s["kind"] == "long"] for g in sched.tile_groups)
 
 
-def test_rows_at_their_own_positions_attend_over_their_own_prefix(decoders):
-    """The KV cache is written and read per row (state.positions): rows at different positions agree
-    with the model on each row's own sequence."""
-    model, decoder = decoders("sdpa", "aa")
+@pytest.mark.parametrize("spelling,layers", [("sdpa", "aa"), ("masked_fill", "haha")])
+def test_rows_at_their_own_positions_attend_over_their_own_prefix(decoders, spelling, layers):
+    """Left-padded prompts: each row's KV cache is written and read at the row's own position
+    (state.positions), so every row decodes as it would alone; a row removed and added again
+    restarts from its new prompt."""
+    model, decoder = decoders(spelling, layers)
     x = _fresh_ids()
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :7] = 0
+    s = decoder.session()
     with torch.no_grad():
-        ref = model(x)
-        s = decoder.session()
-        s.prefill(x[:, :10])
-        st = s.state
-        st.positions = torch.tensor([10, 4])  # row 1 rewinds to position 4: its keys 4.. are overwritten
-        y0 = s.decoder.step_fn(s.handle, torch.tensor([10]), inputs=(torch.stack([x[0, 10:11], x[1, 4:5]]),))
-        ref1 = model(x[1:, :5])
-    assert rel_err(y0[0], ref[0, 10]) < 1e-10 and rel_err(y0[1], ref1[0, 4]) < 1e-10
-    assert st.positions.tolist() == [11, 5]
+        out = s.prefill(x[:, :20], attention_mask=mask)
+        y = torch.cat([out] + [s.step(x[:, t : t + 1]) for t in range(20, 40)], 1)
+        ref0, ref1 = model(x[:1, :40]), model(x[1:, 7:40])
+        assert s.positions == [40, 33]
+        s.remove(1)
+        row, fresh = s.add(x[1:, 50:55])
+        z = [s.step(torch.stack([x[0, 40 + i : 41 + i], x[1, 55 + i : 56 + i]])) for i in range(5)]
+        ref_new, ref_old = model(x[1:, 50:60]), model(x[:1, :45])
+    assert rel_err(y[0], ref0[0]) < 1e-10 and rel_err(y[1, 7:], ref1[0]) < 1e-10
+    assert row == 1 and rel_err(fresh[0], ref_new[0, :5]) < 1e-10
+    z = torch.cat(z, 1)
+    assert rel_err(z[1], ref_new[0, 5:]) < 1e-10 and rel_err(z[0], ref_old[0, 40:]) < 1e-10
