@@ -38,6 +38,7 @@ class Decoder:
             programs, schedule, _ = pipeline.lower(report, options, example_inputs)
         self.programs, self.schedule = programs, schedule
         self.sites = self.programs.sites
+        self.attention = getattr(self.programs, "attention", [])  # causal attentions, each on a KV cache
         self.prefill_program = Program(self.programs.prefill, self.programs.out_spec)
         self.step_fn = Program(self.programs.step, self.programs.out_spec, compile=compile)
 
@@ -57,8 +58,9 @@ class Decoder:
         self.bank = BANKS[conv](torch.cat(filters).to(self.device), torch.cat(skips).to(self.device), max_len=self.max_len,
                                 **kwargs) if filters else None  # only short convolutions: ring buffers alone
         self.short_filters = {i: self._short_filter(s.conv) for i, s in enumerate(self.sites) if s.kind == "short"}
-        get_logger("passes").info("decoder: %d sites (%d long in one bank of %d channels), %s bank, max_len %d",
-                                  len(self.sites), len(self.bank_slices), start, conv, self.max_len)
+        get_logger("passes").info("decoder: %d sites (%d long in one bank of %d channels), %d attention sites on KV "
+                                  "caches, %s bank, max_len %d", len(self.sites), len(self.bank_slices), start,
+                                  len(self.attention), conv, self.max_len)
         get_logger("schedule").info("layer schedule:\n%s", self.schedule.table())
 
     def _short_filter(self, conv):

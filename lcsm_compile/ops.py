@@ -1,7 +1,7 @@
 """Custom ops the decode programs call, so a step program stays one traceable graph.
 
 Each op takes `session`, a CPU int64 tensor [session id, position]: the id selects the live
-session's state (its convolution bank and ring buffers) from a registry, so one compiled step
+session's state (its convolution bank, ring buffers and KV caches) from a registry, so one compiled step
 program serves every session without recompiling. The convolution index `conv` is a constant of
 the program. `advance` takes every red cell's output, which orders it after them in any graph.
 """
@@ -48,6 +48,23 @@ conv_prefill = _session_op("conv_prefill", "conv_prefill", "Long convolution ove
 conv_step = _session_op("conv_step", "conv_step", "Red cell of a long convolution at the session's position (u holds one position).")
 short_conv_prefill = _session_op("short_conv_prefill", "short_prefill", "Short causal convolution over the prompt; keeps its last K-1 inputs.")
 short_conv_step = _session_op("short_conv_step", "short_step", "Short causal convolution at one position from its ring buffer.")
+
+
+def _attention_op(name, method, doc):
+    """An op `lcsm::<name>(session, q, k, v, site) -> Tensor` calling `<method>(site, q, k, v)` on the
+    session's state: q [B, G, T, D], k [B, G, T, D], v [B, G, T, Dv] -> a contiguous [B, G, T, Dv]."""
+
+    def impl(session: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: int) -> torch.Tensor:
+        return getattr(lookup(session), method)(site, q, k, v).contiguous()
+
+    impl.__doc__ = doc
+    op = torch.library.custom_op(f"lcsm::{name}", impl, mutates_args=())
+    op.register_fake(lambda session, q, k, v, site: q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=v.dtype))
+    return op
+
+
+attn_prefill = _attention_op("attn_prefill", "attn_prefill", "Causal attention over the prompt; writes its keys and values to the KV cache.")
+attn_step = _attention_op("attn_step", "attn_step", "Appends one key and value per row to the KV cache and attends over the row's prefix.")
 
 
 @torch.library.custom_op("lcsm::advance", mutates_args=("session",))

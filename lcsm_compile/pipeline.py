@@ -1,8 +1,8 @@
 """The pass manager: one ordered list of named passes, used by analyze(), optimize(), the backend
 and the CLI (`lcsm-compile passes --print-after P --stop-after P`).
 
-    analysis:  capture -> canonicalize -> time_axis -> detect -> properties -> position_constants
-               -> safety_net                                          (product: the Report)
+    analysis:  capture -> canonicalize -> time_axis -> attention -> detect -> properties
+               -> position_constants -> safety_net                                          (product: the Report)
     rewrite:   decode_rewrite -> layer_schedule                       (product: the Decoder)
     check:     validate                                               (translation validation)
 
@@ -23,7 +23,7 @@ import torch
 import torch.fx
 
 from lcsm_compile.logs import get_logger
-from lcsm_compile.passes import canonicalize, capture, decode_rewrite, detect, layer_schedule, position_constants
+from lcsm_compile.passes import attention, canonicalize, capture, decode_rewrite, detect, layer_schedule, position_constants
 from lcsm_compile.passes import properties, time_axis, validate
 from lcsm_compile.report import Candidate, CaptureInfo, Reason, Report, Verdict
 
@@ -41,6 +41,7 @@ class Context:
     cap: Any = None
     canon: dict = None
     time_info: dict = None
+    attention: list = None  # attention.Site list (causal attentions on a KV cache, and declined look-alikes)
     matches: list = None
     candidates: list = None
     position_constants: Any = None  # (PositionConstant list, rejected Candidate list)
@@ -112,7 +113,8 @@ def _layer_schedule(ctx):
         crossover = crossover_for(ctx.example_inputs[0].device)
     return layer_schedule.run(ctx.programs.step, ctx.programs.sites, max_len=ctx.report.capture.max_len,
                               crossover=crossover if conv == "flash" else None,
-                              bank_width=sum(s.width for s in ctx.programs.sites if s.kind == "long"))
+                              bank_width=sum(s.width for s in ctx.programs.sites if s.kind == "long"),
+                              attention=ctx.programs.attention)
 
 
 def _graph_dump(cap, ctx):
@@ -127,12 +129,14 @@ PASSES = [
     Pass("capture", "analysis", _capture, "cap", _graph_dump),
     Pass("canonicalize", "analysis", lambda c: canonicalize.run(c.cap, c), "canon", lambda r, c: canonicalize.dump(r)),
     Pass("time_axis", "analysis", lambda c: time_axis.run(c.canon, c), "time_info", lambda r, c: time_axis.dump(c.canon, r)),
+    Pass("attention", "analysis", lambda c: attention.run(c.canon, c), "attention", lambda r, c: attention.dump(r)),
     Pass("detect", "analysis", lambda c: detect.run(c.canon, c), "matches", lambda r, c: detect.dump(r)),
     Pass("properties", "analysis", _properties, "candidates", _candidates_dump),
     Pass("position_constants", "analysis", lambda c: position_constants.run(c.matches, c), "position_constants",
          lambda r, c: position_constants.dump(r)),
     Pass("safety_net", "analysis", _safety_net, "safety", lambda r, c: repr(r)),
-    Pass("decode_rewrite", "rewrite", lambda c: decode_rewrite.run(c.cap, c.report.sites, c.report.position_constants),
+    Pass("decode_rewrite", "rewrite", lambda c: decode_rewrite.run(c.cap, c.report.sites, c.report.position_constants,
+                                                                     c.report.attention),
          "programs", lambda r, c: r.dump()),
     Pass("layer_schedule", "rewrite", _layer_schedule, "schedule", lambda r, c: r.table()),
     Pass("validate", "check", lambda c: validate.run(c.decoder, c.reference, c), "validation", lambda r, c: validate.dump(r)),

@@ -1,6 +1,8 @@
-"""The legality Report: every convolution candidate and every time-mixing op, each with a verdict.
+"""The legality Report: every convolution candidate, every attention site and every time-mixing op,
+each with a verdict.
 
-A model is decodable iff every op that mixes positions is an ACCEPTED convolution and the
+A model is decodable iff every op that mixes positions is an ACCEPTED convolution or an ACCEPTED
+causal attention (decoded on a KV cache, passes/attention.py) and the
 whole-model safety net (causality + prefix stability on random inputs) passed. A model with no
 time mixing at all is trivially position-wise: it is reported NOT decodable with a NO_CONVOLUTION
 note, because there is nothing for the decoder to speed up.
@@ -32,6 +34,11 @@ class Reason(str, Enum):
     LENGTH_DEPENDENT = "LENGTH_DEPENDENT"  # a value computed from the length L changes with L beyond slicing
     CAPTURE_FAILED = "CAPTURE_FAILED"  # the model could not be captured / a pass failed on it
     DECODE_MISMATCH = "DECODE_MISMATCH"  # the built decoder does not reproduce the model (translation validation)
+    # attention sites (passes/attention.py)
+    NON_CAUSAL_MASK = "NON_CAUSAL_MASK"  # the attention lets a position see later ones (no mask, full or reversed mask)
+    MASK_FROM_INPUT = "MASK_FROM_INPUT"  # the mask (or bias) is computed from activations: not provable
+    SLIDING_WINDOW = "SLIDING_WINDOW"  # a causal band: older keys are dropped, which a full KV cache does not do
+    UNSUPPORTED_ATTENTION = "UNSUPPORTED_ATTENTION"  # causal-looking, but a structure the KV-cache decoder does not run
 
 
 @dataclass
@@ -70,6 +77,39 @@ class ConvStructure:
 
 
 @dataclass
+class AttentionStructure:
+    """A recognised causal attention, as the decode rewrite needs it.
+
+    out = softmax(scale(q k^T) + causal mask) v over the key axis. Each of q, k, v is brought to the
+    canonical [B, G, T, D] layout by `perms[name]` (its dims in the order heads..., time, feature),
+    then a reshape to [batch, -1, T, D] (the batch row leads the heads). The output is
+    [B, G, T, Dv] reshaped to the head sizes and permuted by `out_perm` to the model's layout.
+    """
+
+    spelling: str  # "sdpa" (F.scaled_dot_product_attention) | "softmax" (explicit scores, mask, softmax, @ v)
+    q: Any  # fx.Nodes: the operands of the score and value contractions, as the model feeds them
+    k: Any
+    v: Any
+    output: Any  # fx.Node: the attention output (the p @ v contraction, or the SDPA call)
+    perms: dict  # "q" / "k" / "v" -> permutation to (heads..., time, feature)
+    head_dims: tuple  # dims of q (after its permutation) that hold heads, batch row first
+    out_perm: list  # permutation of the canonical (heads..., time, value) output to the model's layout
+    scale_ops: list  # [("mul" | "div", float)], applied to q k^T in the model's order
+    heads: int  # G: heads per batch row
+    head_dim: int  # D of q and k
+    value_dim: int  # Dv
+    max_len: int
+    softmax_dtype: Any = None  # the dtype= of an explicit softmax (None: the scores' dtype)
+
+    def cache_bytes_per_row(self, element_size):
+        return 2 * self.heads * self.max_len * max(self.head_dim, self.value_dim) * element_size
+
+    @property
+    def cache(self):
+        return f"KV {self.heads}x{self.max_len}x{self.head_dim}"
+
+
+@dataclass
 class Candidate:
     name: str
     spelling: str  # "fft_conv", "complex_fft_conv", "einsum_fft_conv", "conv1d", "registered:<n>", op name
@@ -86,6 +126,7 @@ class Candidate:
     filter_length: str = ""
     dtype: str = ""
     conv: ConvStructure | None = None
+    attention: AttentionStructure | None = None  # kind "attention": accepted sites decode on a KV cache
     input: str | None = None  # convolution candidates: the fx node names of the match's input and output
     output: str | None = None
 
@@ -96,6 +137,8 @@ class Candidate:
             "module_path": self.module_path, "source": self.source, "offending": self.offending,
             "length": self.length, "max_len": self.max_len, "channels": self.channels,
             "filter_length": self.filter_length, "dtype": self.dtype, "input": self.input, "output": self.output,
+            **({"cache": {"heads": self.attention.heads, "max_len": self.attention.max_len, "head_dim": self.attention.head_dim,
+                          "value_dim": self.attention.value_dim}} if self.attention is not None else {}),
         }
 
 
@@ -131,6 +174,11 @@ class Report:
         return [c for c in self.accepted if c.kind in ("long", "short")]
 
     @property
+    def attention(self):
+        """The accepted causal attentions the decoder runs on KV caches."""
+        return [c for c in self.accepted if c.kind == "attention"]
+
+    @property
     def rejected(self):
         return [c for c in self.candidates if c.verdict is Verdict.REJECTED]
 
@@ -156,7 +204,8 @@ class Report:
         out.append(line(["-" * w for _, w in cols]))
         for c in self.candidates:
             out.append(line([c.name, c.spelling, c.kind, c.verdict.value, c.reason.value if c.reason else "-",
-                             c.channels if c.channels is not None else "-", c.filter_length or "-", c.module_path]))
+                             c.channels if c.channels is not None else "-",
+                             c.attention.cache if c.attention is not None else c.filter_length or "-", c.module_path]))
             if c.explanation:
                 out.append("    " + c.explanation)
         for name, res in self.safety.items():

@@ -2,7 +2,8 @@
 
 A Decoder holds what every session shares (the programs, the filters and their tile operators);
 a Session holds one decode's state (one bank with every long convolution of every layer, ring
-buffers for short convolutions) and its position. Sessions are independent and can be interleaved.
+buffers for short convolutions, a KV cache per causal attention) and its position. Sessions are
+independent and can be interleaved.
 """
 
 import copy
@@ -33,6 +34,9 @@ class SessionState:
         self.sites = decoder.sites
         self.rings = {}  # site index -> [K-1, N, W] last inputs of a short convolution
         self.short_filters = decoder.short_filters  # site index -> (taps [W, K] causal, bias or None)
+        self.attention = getattr(decoder, "attention", [])  # AttentionSites
+        self.max_len = decoder.max_len
+        self.kv = {}  # attention site index -> (k cache, v cache) [N, G, max_len, D], allocated on first prefill
         self.capacity, self.rows, self.positions, self.live = None, None, None, None
 
     def reset(self, capacity):
@@ -41,7 +45,7 @@ class SessionState:
             if self.capacity is not None and capacity != self.capacity:
                 self.bank = self.bank.fork()  # another batch size: fresh state
             self.bank.reset()
-        self.rings.clear()
+        self.rings.clear()  # KV caches stay allocated: a row reads only the positions it wrote
         self.capacity, self.rows = capacity, None
         self.positions = torch.zeros(capacity, dtype=torch.long)
         self.live = torch.zeros(capacity, dtype=torch.bool)
@@ -94,9 +98,57 @@ class SessionState:
         self.rings[index] = window[1:]
         return y.unsqueeze(-1)
 
+    # causal attention: a KV cache of max_len positions per site and row
+    def attn_prefill(self, index, q, k, v):
+        N, G, P = self.capacity or q.shape[0], k.shape[1], k.shape[2]
+        cache = self.kv.get(index)
+        want = ((N, G, self.max_len, k.shape[3]), (N, G, self.max_len, v.shape[3]))
+        if cache is None or tuple(cache[0].shape) != want[0] or tuple(cache[1].shape) != want[1] \
+                or cache[0].dtype != k.dtype or cache[0].device != k.device:
+            cache = self.kv[index] = (k.new_zeros(want[0]), v.new_zeros(want[1], dtype=v.dtype))
+        rows = slice(None) if self.rows is None else self.rows.to(k.device)
+        cache[0][rows, :, :P] = k
+        cache[1][rows, :, :P] = v
+        site = self.attention[index].attn
+        if site.spelling == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=_sdpa_scale(site))
+        causal = torch.ones(P, P, dtype=torch.bool, device=q.device).tril()
+        return _softmax_attention(site, q, k, v, causal)
+
+    def attn_step(self, index, q, k, v):
+        kc, vc = self.kv[index]
+        N = kc.shape[0]
+        pos = self.positions.to(kc.device)
+        r = torch.arange(N, device=kc.device)
+        kc[r, :, pos] = k[:, :, 0]  # each row writes its own position
+        vc[r, :, pos] = v[:, :, 0]
+        m = int(self.positions.max()) + 1  # keys any row can see
+        allowed = (torch.arange(m, device=kc.device) <= pos[:, None])[:, None, None, :]  # [N, 1, 1, m]
+        site = self.attention[index].attn
+        if site.spelling == "sdpa":
+            return F.scaled_dot_product_attention(q, kc[:, :, :m], vc[:, :, :m], attn_mask=allowed, scale=_sdpa_scale(site))
+        return _softmax_attention(site, q, kc[:, :, :m], vc[:, :, :m], allowed)
+
     def memory_breakdown(self):
         rings = sum(r.untyped_storage().nbytes() for r in self.rings.values())  # a ring is a view of its window
-        return {**(self.bank.memory_breakdown() if self.bank is not None else {}), "rings": rings}
+        kv = sum(t.untyped_storage().nbytes() for pair in self.kv.values() for t in pair)
+        return {**(self.bank.memory_breakdown() if self.bank is not None else {}), "rings": rings, "kv_cache": kv}
+
+
+def _sdpa_scale(site):
+    (_, scale), = site.scale_ops
+    return scale
+
+
+def _softmax_attention(site, q, k, v, allowed):
+    """The explicit spelling as the model computes it: q k^T, its scalings in order, -inf where a
+    key is not allowed, softmax over keys, then the weights (in v's dtype) times v."""
+    s = q @ k.transpose(-2, -1)
+    for op, c in site.scale_ops:
+        s = s * c if op == "mul" else s / c
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=site.softmax_dtype)
+    return (p.to(v.dtype) @ v).to(v.dtype)
 
 
 # compile="auto": a batch size is compiled once its calls so far, or those a generation announced,
@@ -423,7 +475,8 @@ class Session:
 
     def memory_breakdown(self, per_channel_position=False) -> dict:
         """Bytes per part: the bank's (state, block, spectra, Toeplitz blocks, filters; the last
-        three shared by every session of the decoder) and the ring buffers.
+        three shared by every session of the decoder), the ring buffers and the KV caches of the
+        causal attentions ("kv_cache", 0 before the first prefill).
         per_channel_position: each part divided by batch rows x long-conv channels x max_len, the
         cost of one position of one channel (after a prefill; the state is 4 bytes in float32)."""
         parts = self.state.memory_breakdown()

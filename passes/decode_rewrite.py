@@ -9,6 +9,9 @@ Everything else is time-local and runs unchanged on one position, except positio
 (passes/position_constants.py), which the step program reads from their max_len table at the
 current position. Each convolution's input is brought to a canonical [B, C, T] layout (time last,
 channels flattened, broadcast to the output's channels) so the runtime never sees layouts.
+Each accepted causal attention (passes/attention.py) is replaced the same way: its q, k, v become
+[B, G, T, D] (batch row, heads, time, feature) and an lcsm::attn_prefill / attn_step call on the
+session's KV cache computes its output, which goes back to the model's layout.
 """
 
 import copy
@@ -38,6 +41,20 @@ class ConvSite:
 
 
 @dataclass
+class AttentionSite:
+    """One accepted causal attention: the analysis's AttentionStructure, decoded on a KV cache."""
+
+    name: str
+    attn: object  # lcsm_compile.report.AttentionStructure
+
+    kind = "attention"
+
+    @property
+    def width(self) -> int:
+        return self.attn.heads * self.attn.head_dim
+
+
+@dataclass
 class DecodePrograms:
     prefill: fx.GraphModule  # (session, *user_inputs) -> flat outputs
     step: fx.GraphModule  # (session, pos, *user_inputs at one position) -> flat outputs
@@ -45,25 +62,28 @@ class DecodePrograms:
     out_spec: object  # pytree spec to rebuild the model's output structure
     position_constants: list = field(default_factory=list)  # names of the nodes the step reads from tables
     dumps: dict = field(default_factory=dict)  # program name -> readable graph
+    attention: list = field(default_factory=list)  # the AttentionSites, in call order
 
     def dump(self):
         return "\n".join(f"# {name} program\n{text.rstrip()}" for name, text in self.dumps.items())
 
 
-def run(captured, candidates, position_constants=()) -> DecodePrograms:
+def run(captured, candidates, position_constants=(), attention=()) -> DecodePrograms:
     """Rewrite the captured graph (lcsm_compile.passes.capture.Captured, sequence dim dynamic)
-    around the accepted candidates of its Report and its position constants."""
+    around the accepted candidates of its Report (convolutions, then attention sites) and its
+    position constants."""
     if not captured.symbolic:
         raise ValueError("the decode rewrite needs a capture with a symbolic sequence length")
     sites = [ConvSite(c.name, c.kind, c.conv) for c in candidates]
+    attn = [AttentionSite(c.name, c.attention) for c in attention]
     out_spec = captured.gm.graph._codegen.pytree_info.out_spec
-    prefill = _rewrite(captured.gm, sites, step=False)
-    step = _rewrite(captured.gm, sites, step=True, tables=position_constants)
+    prefill = _rewrite(captured.gm, sites, attn, step=False)
+    step = _rewrite(captured.gm, sites, attn, step=True, tables=position_constants)
     dumps = {"prefill": prefill.print_readable(print_output=False), "step": step.print_readable(print_output=False)}
-    return DecodePrograms(prefill, step, sites, out_spec, [c.name for c in position_constants], dumps)
+    return DecodePrograms(prefill, step, sites, out_spec, [c.name for c in position_constants], dumps, attn)
 
 
-def _rewrite(source, sites, *, step, tables=()):
+def _rewrite(source, sites, attention=(), *, step, tables=()):
     gm = copy.deepcopy(source)
     graph = gm.graph
     for node in list(graph.nodes):  # export's input guards pin L >= 2; a step has L = 1
@@ -86,6 +106,17 @@ def _rewrite(source, sites, *, step, tables=()):
                 op = lcsm.short_conv_step.default if step else lcsm.short_conv_prefill.default
             result = graph.call_function(op, (session, canon, index))
             new_y = _from_canonical(graph, result, site, y)
+        y.replace_all_uses_with(new_y)
+        outputs.append(result)
+    for index, site in enumerate(attention):
+        a = site.attn
+        q, k, v, y = (names[n.name] for n in (a.q, a.k, a.v, a.output))
+        with graph.inserting_before(y):
+            batch = graph.call_function(aten.sym_size.int, (user_inputs[0], 0))
+            qc, kc, vc = (_attn_canonical(graph, n, a.perms[name], batch) for name, n in (("q", q), ("k", k), ("v", v)))
+            op = lcsm.attn_step.default if step else lcsm.attn_prefill.default
+            result = graph.call_function(op, (session, qc, kc, vc, index))
+            new_y = _attn_output(graph, result, q, v, a, y)
         y.replace_all_uses_with(new_y)
         outputs.append(result)
 
@@ -132,6 +163,25 @@ def _from_canonical(graph, result, site, y):
     T = graph.call_function(aten.sym_size.int, (result, 2))
     x = graph.call_function(aten.reshape.default, (result, [batch, *site.conv.channel_shape, T]))
     x = graph.call_function(aten.movedim.int, (x, -1, site.conv.time_axis))
+    dtype = y.meta["val"].dtype if "val" in y.meta else None
+    return graph.call_function(aten.to.dtype, (x, dtype)) if dtype is not None else x
+
+
+def _attn_canonical(graph, x, perm, batch):
+    """q / k / v -> [B, G, T, D]: heads (batch row first), time, feature."""
+    T = graph.call_function(aten.sym_size.int, (x, perm[-2]))
+    D = graph.call_function(aten.sym_size.int, (x, perm[-1]))
+    x = graph.call_function(aten.permute.default, (x, perm))
+    return graph.call_function(aten.reshape.default, (x, [batch, -1, T, D]))
+
+
+def _attn_output(graph, result, q, v, a, y):
+    """[B, G, T, Dv] -> the head sizes of q, then the model's layout and dtype."""
+    heads = [graph.call_function(aten.sym_size.int, (q, d)) for d in a.perms["q"][:-2]]
+    T = graph.call_function(aten.sym_size.int, (result, 2))
+    Dv = graph.call_function(aten.sym_size.int, (v, a.perms["v"][-1]))
+    x = graph.call_function(aten.reshape.default, (result, [*heads, T, Dv]))
+    x = graph.call_function(aten.permute.default, (x, a.out_perm))
     dtype = y.meta["val"].dtype if "val" in y.meta else None
     return graph.call_function(aten.to.dtype, (x, dtype)) if dtype is not None else x
 

@@ -7,6 +7,8 @@ tile work is not on that chain: `lcsm::advance` runs once per position, after ev
 issues one batched call per tile size over the single bank that holds every long convolution of
 every layer and batch row. The pass checks that ordering on the graph, because it is what makes
 a tile read only history: inputs up to the current position, which every layer has produced.
+Causal attentions (lcsm::attn_step on a KV cache) are sites of kind "attention" beside the
+convolutions: they take part in the levels and the critical path, never in a tile group.
 """
 
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from lcsm_compile.kernels.registry import kernel_for
 from lcsm_compile.schedule import tile_sizes
 
 lcsm = torch.ops.lcsm
-_SITE_OPS = {lcsm.conv_step.default: "long", lcsm.short_conv_step.default: "short"}
+_SITE_OPS = {lcsm.conv_step.default: "long", lcsm.short_conv_step.default: "short", lcsm.attn_step.default: "attention"}
 
 
 class ScheduleError(LcsmError):
@@ -38,7 +40,9 @@ class LayerSchedule:
         return {"sites": self.sites, "levels": self.levels, "critical_path": self.critical_path, "tile_groups": self.tile_groups, "edges": self.edges}
 
     def table(self) -> str:
-        lines = [f"{len(self.sites)} convolution sites in {len(self.levels)} levels; critical path {len(self.critical_path)} sites"]
+        n_attn = sum(1 for s in self.sites if s["kind"] == "attention")
+        what = f"{len(self.sites) - n_attn} convolution sites" + (f" + {n_attn} attention sites" if n_attn else "")
+        lines = [f"{what} in {len(self.levels)} levels; critical path {len(self.critical_path)} sites"]
         for i, level in enumerate(self.levels):
             lines.append(f"  level {i}: " + ", ".join(f"{n} ({self._site(n)['kind']}, {self._site(n)['module']})" for n in level))
         lines.append("  critical path: " + " -> ".join(self.critical_path))
@@ -51,7 +55,7 @@ class LayerSchedule:
     def to_dot(self) -> str:
         lines = ["digraph layer_schedule {", "  rankdir=LR;"]
         for s in self.sites:
-            shape = "box" if s["kind"] == "long" else "ellipse"
+            shape = {"long": "box", "attention": "hexagon"}.get(s["kind"], "ellipse")
             lines.append(f'  "{s["name"]}" [shape={shape}, label="{s["name"]}\\n{s["kind"]} x{s["width"]}\\n{s["module"]}"];')
         lines += [f'  "{a}" -> "{b}";' for a, b in self.edges]
         lines.append('  "advance" [shape=doubleoctagon, label="lcsm::advance\\none tile call per size"];')
@@ -72,9 +76,9 @@ def dataflow_graph(gm) -> nx.DiGraph:
     return g
 
 
-def run(step_gm, sites, *, max_len, crossover, bank_width) -> LayerSchedule:
-    """Schedule the step program `step_gm` (from passes.decode_rewrite) of the given ConvSites;
-    `crossover` is the flash bank's largest direct tile (None for banks that run no tiles)."""
+def run(step_gm, sites, *, max_len, crossover, bank_width, attention=()) -> LayerSchedule:
+    """Schedule the step program `step_gm` (from passes.decode_rewrite) of the given ConvSites and
+    AttentionSites; `crossover` is the flash bank's largest direct tile (None for banks that run no tiles)."""
     g = dataflow_graph(step_gm)
     calls = {n.name: n for n in step_gm.graph.nodes if n.op == "call_function" and n.target in _SITE_OPS}
     advances = [n for n in step_gm.graph.nodes if n.op == "call_function" and n.target is lcsm.advance.default]
@@ -84,11 +88,19 @@ def run(step_gm, sites, *, max_len, crossover, bank_width) -> LayerSchedule:
 
     info, by_call = [], {}
     for name, node in calls.items():
-        site = sites[node.args[2]]
-        stack = site.conv.output.meta.get("nn_module_stack") or {}
+        if node.target is lcsm.attn_step.default:
+            site = attention[node.args[4]]
+            out = site.attn.output
+        else:
+            site = sites[node.args[2]]
+            out = site.conv.output
+        stack = out.meta.get("nn_module_stack") or {}
         module = list(stack.values())[-1][0] if stack else ""
         by_call[name] = site.name
-        info.append({"name": site.name, "kind": site.kind, "width": site.width, "module": module, "node": name})
+        entry = {"name": site.name, "kind": site.kind, "width": site.width, "module": module, "node": name}
+        if site.kind == "attention":
+            entry["cache"] = {"heads": site.attn.heads, "max_len": site.attn.max_len, "head_dim": site.attn.head_dim}
+        info.append(entry)
 
     # site DAG: a -> b when b's input is computed from a's output (through time-local ops only)
     deps = nx.DiGraph()

@@ -57,7 +57,7 @@ def frontier(ctx, claimed):
 def run(matches, ctx):
     """-> (position constants, rejected candidates)."""
     cap = ctx.cap
-    claimed = set().union(*(m.claimed for m in matches)) if matches else set()
+    claimed = set().union(*(m.claimed for m in matches or ()), *(s.claimed for s in ctx.attention or ()))
     if not cap.symbolic:
         return [], _concrete_checks(frontier(ctx, claimed), ctx)
     consts, rejected = [], []

@@ -350,10 +350,12 @@ def _splice(a, b, t, L):
 
 
 def run(matches, ctx):
-    """Properties pass: matches -> candidates (conv candidates, then unclaimed time-mixing ops)."""
+    """Properties pass: matches -> candidates (conv candidates, the attention sites' verdicts, then
+    unclaimed time-mixing ops)."""
     alts = ctx.alt or [None] * len(matches)
     cands = [candidate_for(m, ctx.runner, ctx.cap, a) for m, a in zip(matches, alts)]
-    claimed = set().union(*(m.claimed for m in matches)) if matches else set()
+    cands += [s.candidate for s in ctx.attention or ()]
+    claimed = set().union(*(m.claimed for m in matches), *(s.claimed for s in ctx.attention or ()))
     live = value_live(ctx.cap.gm.graph)
     for node, t in ctx.time_info.items():
         if t.dep == "activation" and t.cls in ("mixing", "conv_part", "delay", "delay_part") and node not in claimed \

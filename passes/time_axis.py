@@ -1242,3 +1242,17 @@ def dump(canon, info):
         dep = t.dep + ("(L)" if t.length_dependent else "")
         lines.append(f"{node.name:28s} {c.op:12s} {dep:13s} {axes:14s} {t.cls}{(' (' + t.why + ')') if t.why else ''}")
     return "\n".join(lines)
+
+
+def revisit(ctx, after):
+    """Classify again every node after `after` (another pass changed what `after` is, e.g. an
+    attention output that is time-local on the query's axis), with the TimeInfos before it kept."""
+    cap = ctx.cap
+    sizes = Sizes(cap.length_symbol, cap.min_len, cap.max_len) if cap.symbolic else Sizes(cap.example_length)
+    analysis = Analysis(sizes, cap=cap, ctx=ctx)
+    analysis.info = ctx.time_info
+    seen = False
+    for node in cap.gm.graph.nodes:
+        if seen and node.op != "placeholder":
+            analysis.visit(node)
+        seen = seen or node is after

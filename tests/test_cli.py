@@ -200,7 +200,7 @@ def test_detect_non_decodable_is_a_result_not_an_error(runs):
     data = _json(proc)
     assert proc.returncode == 0 and data["decodable"] is False
     rejected = [c for c in data["candidates"] if c["verdict"] == "REJECTED"]
-    assert [c["reason"] for c in rejected] == ["TIME_MIXING_OP"]
+    assert [c["reason"] for c in rejected] == ["SLIDING_WINDOW"]
     assert "attention" in (rejected[0]["spelling"] + rejected[0]["explanation"]).lower()
 
 

@@ -14,7 +14,7 @@ C, L, LMAX = 4, 16, 32
 
 
 class ConvThenAttend(nn.Module):
-    """One causal short conv, then an attention layer: not decodable (TIME_MIXING_OP)."""
+    """One causal short conv, then an attention layer that sees the future: not decodable (NON_CAUSAL_MASK)."""
 
     def __init__(self):
         super().__init__()
@@ -24,7 +24,7 @@ class ConvThenAttend(nn.Module):
     def forward(self, x):
         x = self.short(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
         q, k, v = self.qkv(x).chunk(3, -1)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=False)
 
 
 def test_enums_are_str_valued():
@@ -39,25 +39,25 @@ def test_report_lists_convs_and_time_mixing_ops_with_provenance():
     report = lcsm_compile.analyze(ConvThenAttend(), (torch.randn(2, L, C),), max_len=LMAX)
     assert isinstance(report, Report) and report.decodable is False
     conv = next(c for c in report.candidates if c.spelling == "conv1d")
-    attn = next(c for c in report.candidates if c.reason is Reason.TIME_MIXING_OP)
+    attn = next(c for c in report.candidates if c.kind == "attention")
     assert isinstance(conv, Candidate) and conv.verdict is Verdict.ACCEPTED and conv.kind == "short"
     assert conv.module_path == "short" and "test_report.py" in conv.source
     assert conv.channels == C and conv.max_len == LMAX and conv.dtype == "float32"
     assert conv.length and conv.filter_length == "3"
-    assert attn.verdict is Verdict.REJECTED and attn.kind == "time_mixing" and attn.offending
-    assert "attention" in attn.explanation
+    assert attn.verdict is Verdict.REJECTED and attn.reason is Reason.NON_CAUSAL_MASK and attn.offending
+    assert "scaled_dot_product_attention" in attn.explanation and "test_report.py" in attn.source
 
 
 def test_json_and_table():
     report = lcsm_compile.analyze(ConvThenAttend(), (torch.randn(2, L, C),), max_len=LMAX)
     data = json.loads(report.to_json())
     assert data["decodable"] is False
-    assert {c["reason"] for c in data["candidates"]} >= {None, "TIME_MIXING_OP"}
+    assert {c["reason"] for c in data["candidates"]} >= {None, "NON_CAUSAL_MASK"}
     assert data["capture"]["level"] == "export" and data["capture"]["symbolic"] is True
     assert [p["name"] for p in data["passes"]] == list(ANALYSIS_PASSES)
     text = str(report)
     assert text == report.table()
-    assert "decodable=False" in text and "TIME_MIXING_OP" in text and "conv1d" in text
+    assert "decodable=False" in text and "NON_CAUSAL_MASK" in text and "conv1d" in text
     widths = {len(line) for line in text.splitlines()[1:3]}
     assert max(widths) <= 140
 

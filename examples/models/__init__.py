@@ -62,7 +62,7 @@ ZOO: list[ZooEntry] = [
     _neg("neg_length_dependent_arange", negatives.build_length_dependent_arange, "FILTER_DEPENDS_ON_LENGTH"),
     _neg("neg_same_padding", negatives.build_same_padding, "NON_CAUSAL_PADDING"),
     _neg("neg_input_filter", negatives.build_input_filter, "FILTER_DEPENDS_ON_INPUT"),
-    _neg("neg_attention", negatives.build_attention, "TIME_MIXING_OP"),
+    _neg("neg_attention", negatives.build_attention, "SLIDING_WINDOW"),  # causal attention is decoded (hybrid.py)
     _neg("neg_mean_pool", negatives.build_mean_pool, "TIME_MIXING_OP"),
     _neg("neg_conj_rev_filter", zoology.build_conj_rev, "BIDIRECTIONAL_FILTER"),  # k_f + rfft(k_rev).conj()
     _neg("neg_filter_normalized_over_lags", zoology.build_normalized_over_lags, "FILTER_DEPENDS_ON_LENGTH"),

@@ -8,7 +8,9 @@
   symbolic L): causal at each L, but a prefix's output changes with L.
 - "same" padding: a Hyena operator whose short filter is nn.Conv1d(padding=1): sees one step ahead.
 - input-dependent filter: a "data-controlled" long filter k = Linear(u), convolved by FFT.
-- attention: a StripedHyena-style hybrid with a causal softmax attention block.
+- attention: a StripedHyena-style hybrid whose attention is a sliding window (a Mistral-style band
+  mask passed to SDPA): causal, but it drops older keys, which a full-prefix KV cache does not (causal
+  full-prefix attention is decoded: examples/models/hybrid.py).
 - mean pooling: x + x.mean(dim=1) broadcast back over positions.
 """
 
@@ -133,16 +135,19 @@ class InputFilterConv(nn.Module):
         return self.out_proj(fftconv_ref(v, k, self.D).transpose(1, 2))
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model, num_heads=4):
+class SlidingWindowAttention(nn.Module):
+    def __init__(self, d_model, max_len, num_heads=4, window=16):
         super().__init__()
         self.num_heads = num_heads
         self.Wqkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        ones = torch.ones(max_len, max_len, dtype=torch.bool)
+        self.register_buffer("band", ones.tril() & ~ones.tril(-window), persistent=False)
 
     def forward(self, x):
+        L = x.shape[1]
         q, k, v = [t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in self.Wqkv(x).chunk(3, dim=-1)]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.band[:L, :L])
         return self.out_proj(y.transpose(1, 2).flatten(-2))
 
 
@@ -186,7 +191,7 @@ def build_input_filter():
 
 
 def build_attention():
-    return _lm(lambda: HyenaOperator(D_MODEL, MAX_LEN, order=2), lambda: CausalSelfAttention(D_MODEL))
+    return _lm(lambda: HyenaOperator(D_MODEL, MAX_LEN, order=2), lambda: SlidingWindowAttention(D_MODEL, MAX_LEN))
 
 
 def build_mean_pool():

@@ -64,6 +64,7 @@ def basis_values(basis, t):
         "1": np.ones_like(t),
         "t": t,
         "tlogt": (t + 1) * np.log2(t + 2),
+        "t2": t * t,  # recomputing attention over the prefix
     }
     return np.stack([cols[name] for name in basis], axis=-1)
 
