@@ -39,6 +39,10 @@ BLOCKED = -1e9  # a mask value at or below this weighs its key exp(BLOCKED) = 0:
 MASK_LENGTHS = 256  # masks are also evaluated at min(max_len, this): a band narrower than it is seen
 _TRANSPARENT = {"cast", "identity"}
 _SDPA = {"scaled_dot_product_attention"}
+_UNIFORM_FILLS = {torch.ops.aten.full_like.default, torch.ops.aten.full.default, torch.ops.aten.new_full.default}
+# ops that read only a tensor's shape, dtype and device: a fill built like the scores leaks nothing
+_METADATA_ONLY = {torch.ops.aten.full_like.default, torch.ops.aten.zeros_like.default, torch.ops.aten.ones_like.default,
+                  torch.ops.aten.empty_like.default, torch.ops.aten.sym_size.int}
 
 
 @dataclass
@@ -265,7 +269,8 @@ def _decide(site, parts, canon, info, ctx):
             raise _Declined(Reason.UNSUPPORTED_ATTENTION, f"{name} ({n.name}) of the attention is not a plain per-position "
                                                            f"value (its positions are shifted or merged with other dims)", n)
     leaked = sorted(u.name for r in site.claimed if r is not out for u in r.users
-                    if u not in site.claimed and u.op != "call_module" and meta_value(u) is not None)  # not export's guards
+                    if u not in site.claimed and u.op != "call_module" and meta_value(u) is not None  # not export's guards
+                    and u.target not in _METADATA_ONLY)
     if leaked:
         raise _Declined(Reason.UNSUPPORTED_ATTENTION, f"the attention's scores or weights are also used by {leaked[0]}: "
                                                        "a KV-cache decoder computes only the attention output", site.node)
@@ -345,6 +350,9 @@ def _constant(a, ctx, at):
     if isinstance(a, (int, float)) and not isinstance(a, bool):
         return float(a)
     if isinstance(a, torch.fx.Node):
+        if a.op == "call_function" and a.target in _UNIFORM_FILLS:  # full_like(scores, -inf): one value everywhere
+            fill = a.args[1]
+            return float(fill) if isinstance(fill, (int, float)) and not isinstance(fill, bool) else None
         if ctx.time_info[a].dep == "activation":
             return None
         val = meta_value(a)

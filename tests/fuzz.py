@@ -881,22 +881,44 @@ class ConvLayer(nn.Module):
 # Illegal constructs.
 
 
-class CausalAttention(nn.Module):
-    """softmax(q k^T) with a causal mask: causal and prefix-stable, but not a convolution."""
+class Attention(nn.Module):
+    """Multi-head softmax attention over time, in one of several spellings of its mask. Legal (a
+    causal triangle the analysis can prove): "sdpa" (is_causal=True), "sdpa_mask" (a bool tril
+    attn_mask), "masked_fill" (tril built in forward), "additive" (a -inf triu buffer sliced to L),
+    "where" (torch.where on a tril). Illegal: "no_mask" (every query sees the future), "window"
+    (a causal band of 4 keys: causal and prefix-stable, declined as a sliding window)."""
 
-    def __init__(self, d, heads):
+    LEGAL = ("sdpa", "sdpa_mask", "masked_fill", "additive", "where")
+
+    def __init__(self, d, heads, spelling, max_len):
         super().__init__()
-        self.heads = heads
+        self.heads, self.spelling = heads, spelling
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
+        if spelling == "additive":
+            self.register_buffer("bias", torch.full((max_len, max_len), float("-inf")).triu(1), persistent=False)
 
     def forward(self, x):
         B, L, D = x.shape
-        q, k, v = [t.view(B, L, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1)]
-        att = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)
-        mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        return self.out((att @ v).transpose(1, 2).reshape(B, L, D))
+        q, k, v = [t.reshape(B, L, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1)]
+        tril = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        if self.spelling == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.spelling == "sdpa_mask":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=tril)
+        else:
+            att = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)
+            if self.spelling == "masked_fill":
+                att = att.masked_fill(~tril, float("-inf"))
+            elif self.spelling == "additive":
+                att = att + self.bias[:L, :L].to(att.dtype)
+            elif self.spelling == "where":
+                att = torch.where(tril, att, torch.full_like(att, float("-inf")))
+            elif self.spelling == "window":
+                band = tril & ~torch.ones(L, L, dtype=torch.bool, device=x.device).tril(-4)
+                att = att.masked_fill(~band, float("-inf"))
+            y = att.softmax(dim=-1) @ v
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 
 class TimeMix(nn.Module):
@@ -1013,7 +1035,7 @@ class InputFilterFFTConv(nn.Module):
 # the module is not affine in its input), "rule" (causal, prefix-stable and linear, but outside the
 # legality rule: a scan over time is no convolution spelling the rule lists).
 ILLEGAL = {
-    "attention": "nonlinear", "mean_time": "future", "max_time": "future", "cumsum_time": "rule",
+    "attention_no_mask": "future", "attention_window": "nonlinear", "mean_time": "future", "max_time": "future", "cumsum_time": "rule",
     "softmax_time": "future", "layernorm_time": "future", "flip_time": "future", "roll_time": "future",
     "future_shift_pad": "future", "future_shift_cat": "future", "last_position": "future",
     "divide_by_L": "prefix", "same_padding": "future", "bidirectional": "future", "wrap_around": "future",
@@ -1145,6 +1167,10 @@ class _Builder:
         name, make = self.pick(table)
         return self.note(name), make()
 
+    def attention(self):
+        spelling = self.rng.choice(Attention.LEGAL)
+        return self.note(f"attention_{spelling}"), Attention(self.d, self.heads, spelling, self.max_len)
+
     def delay(self):
         how = self.rng.choice(["pad", "zeropad2d", "cat", "roll", "k"])
         if how == "k":
@@ -1247,7 +1273,7 @@ def generate(seed, index, dtype=None, illegal=None):
         torch.manual_seed(torch_seed)
         encoder = nn.Embedding(vocab, d) if tokens else nn.Linear(d_in, d)
         for i in range(n_blocks):
-            items = [rng.choices([b.glue, b.position, b.delay], weights=[6, 2.5, 1.5])[0]()
+            items = [rng.choices([b.glue, b.position, b.delay, b.attention], weights=[6, 2.5, 1.5, 1])[0]()
                      for _ in range(rng.randint(0, 3))]
             here = illegal if i == bad_block else None
             conv_illegal = here if here in ILLEGAL_CONVS else None
@@ -1257,7 +1283,8 @@ def generate(seed, index, dtype=None, illegal=None):
             bad = mixer if conv_illegal else None  # the (name, module) holding the illegal construct
             if here and not conv_illegal:
                 at = rng.randint(0, len(items))
-                module = {"attention": lambda: CausalAttention(d, heads),
+                module = {"attention_no_mask": lambda: Attention(d, heads, "no_mask", max_len),
+                          "attention_window": lambda: Attention(d, heads, "window", max_len),
                           "groupnorm_time": lambda: GroupNormChannelsFirst(d)}.get(here, lambda: TimeMix(d, here))()
                 bad = (here, module)
                 items.insert(at, bad)
@@ -1294,11 +1321,12 @@ def all_productions():
             "erf", "softplus", "mish", "elu", "hardswish"}
     position = {"sinusoidal_pe", "alternating_sign", "arange_features", "learned_pe", "buffer_pe", "embedding_pe", "rotary",
                 "cached_pe"}
+    attention = {f"attention_{s}" for s in Attention.LEGAL}
     delays = {"shift_k", "token_shift_pad", "token_shift_zeropad2d", "token_shift_cat", "token_shift_roll"}
     convs = {"fft", "fft_default_norm", "fft_full_filter", "fft_channels_last", "fft_complex", "fft_einsum",
              "fft_per_head", "conv1d_long_max", "conv1d_long_L", "conv1d_long_pad", "short_module",
              "short_flipped", "short_pad", "short_dilated", "fft_full_complex"}
-    return glue | position | delays | convs | set(FILTERS) | {"hyena", "gated", "conv_layer", "none"} | set(ILLEGAL)
+    return glue | position | attention | delays | convs | set(FILTERS) | {"hyena", "gated", "conv_layer", "none"} | set(ILLEGAL)
 
 
 # ----------------------------------------------------------------------------------------------
