@@ -4,7 +4,9 @@ minutes on one H200 (baselines estimated from sampled steps, one repeat).
 
 (a) checks: each Triton specialisation a decode of the timed sizes launches (cli.kernel_plan, fp32
     and bf16 inputs) against its torch reference (verify.check_kernels_here); a Hyena LM decoder in
-    fp32 and bf16, teacher-forced (verify.teacher_forced) against the same model in float64;
+    fp32 and bf16, teacher-forced (verify.teacher_forced) against the same model in float64; the
+    step as a captured CUDA graph (lcsm_compile.graphs, cuda_graph=True), teacher-forced and its
+    step time against the eager step's;
 (b) mixer (bench.mixer): flash vs lazy vs offline FFT at L in {16K, 64K}, C in {2048, 8192};
 (c) generation (bench.generate): 8x256 and 18x864 Hyena LMs to 8192 tokens, flash in full, lazy and
     the naive loop estimated from sampled windows.
@@ -81,6 +83,7 @@ def run(args, device, size):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # analysis notes on the model are not this script's output
         decoders = [check_decoder(device, size, dtype, log) for dtype in ("float32", "bfloat16")]
+        graph = check_graph(device, size, args.dry_run, log)
         mixer_args = mixer.parse_args(["--channels", *map(str, size["mixer_channels"]),
                                        "--lengths", *map(str, size["mixer_lengths"]), "--device", device,
                                        "--budget-s", "0", "--no-validate", "--repeats", "1", *size["window"]])
@@ -91,7 +94,8 @@ def run(args, device, size):
                                         "--eager-calls", "5", "--no-progress", *size["window"]])
         gen_results, gen_fits = generate.measure(gen_args, log)
 
-    rows = table_rows(kernels, decoders, mixer_results, gen_results, mixer.MAX_REL_ERR["float32"], generate.MAX_REL_ERR)
+    rows = table_rows(kernels, decoders, graph, mixer_results, gen_results, mixer.MAX_REL_ERR["float32"],
+                      generate.MAX_REL_ERR)
     passed = all(r["ok"] for r in rows)
     print(f"benchmarks/gpu.py on {device}{' (dry run: tiny sizes, not a measurement)' if args.dry_run else ''}: "
           f"{info.get('cuda_device', info['cpu_model'])}, torch {info['torch']}. Times in seconds; "
@@ -99,7 +103,7 @@ def run(args, device, size):
     print(table(rows))
     print(f"{'PASS' if passed else 'FAIL'}: {sum(r['ok'] for r in rows)} of {len(rows)} rows ok")
     data = {"benchmark": "gpu", "device": device, "dry_run": args.dry_run, "machine": info,
-            "checks": {"kernels": kernels, "decoders": decoders},
+            "checks": {"kernels": kernels, "decoders": decoders, "graph": graph},
             "mixer": mixer_results, "generate": {"results": gen_results, "fits": gen_fits},
             "rows": rows, "passed": passed, "wall_s": time.perf_counter() - started}
     common.write_json(os.path.join(args.out, "gpu.json"), data)
@@ -148,10 +152,45 @@ def check_decoder(device, size, dtype_name, log):
     return {"config": f"{layers}x{d}", "dtype": dtype_name, "length": L, **res}
 
 
+def check_graph(device, size, dry_run, log):
+    """The step as a captured CUDA graph (lcsm_compile.graphs; emulated in a dry run): the float32
+    check LM teacher-forced through it, and its step time against the eager step's, both measured
+    over the same positions after a warm-up."""
+    import torch
+
+    import lcsm_compile
+    from lcsm_compile import verify
+    from lcsm_compile.bench import common
+    from lcsm_compile.models.hyena import demo_lm
+
+    layers, d = size["check_lm"]
+    L, vocab, P = size["check_length"], size["vocab"], size["prompt"]
+    model = demo_lm(n_layer=layers, d_model=d, vocab=vocab, max_len=L).to(device)
+    ids = torch.randint(0, vocab, (1, L), generator=torch.Generator().manual_seed(2)).to(device)
+    mode = "emulate" if dry_run else True
+    graphed = lcsm_compile.optimize(model, (ids[:, :P],), max_len=L, cuda_graph=mode, compile=False, validate=False)
+    res = verify.teacher_forced(model, graphed, (ids,), prompt_lens=(1, L // 2), tol=DECODER_TOL["float32"], scale="rms")
+    times = {}
+    for name, dec in (("graph", graphed), ("eager", lcsm_compile.Decoder(graphed.report, max_len=L, example_inputs=(ids[:, :P],),
+                                                                        compile=False))):
+        session = dec.session()
+        session.prefill(ids[:, :P])
+        for t in range(P, P + 8):  # warm-up (and the capture)
+            session.step(ids[:, t : t + 1])
+        start = common.clock()
+        for t in range(P + 8, L):
+            session.step(ids[:, t : t + 1])
+        times[name] = (common.clock() - start) / (L - P - 8)
+    log(f"captured step {layers}x{d}: teacher-forced rel err {res['max_rel_err']:.2e}; step {times['graph'] * 1e6:.0f} us "
+        f"vs eager {times['eager'] * 1e6:.0f} us")
+    return {"config": f"{layers}x{d}", "length": L, "mode": str(mode), "step_s": times["graph"],
+            "eager_step_s": times["eager"], **res}
+
+
 # -- the table ----------------------------------------------------------------------------------
 
 
-def table_rows(kernels, decoders, mixer_results, gen_results, mixer_tol, gen_tol):
+def table_rows(kernels, decoders, graph, mixer_results, gen_results, mixer_tol, gen_tol):
     """One row per check and per timed configuration; `ok`: the check passed / the flash output matched."""
     rows = []
     for k in kernels:
@@ -161,6 +200,10 @@ def table_rows(kernels, decoders, mixer_results, gen_results, mixer_tol, gen_tol
     for d in decoders:
         rows.append({"part": "decoder", "case": f"{d['config']} {d['dtype']} L={d['length']} teacher-forced",
                      "rel_err": d["max_rel_err"], "tol": d["tol"], "ok": d["passed"]})
+    rows.append({"part": "graph", "case": f"{graph['config']} float32 L={graph['length']} captured step ({graph['mode']})",
+                 "rel_err": graph["max_rel_err"], "tol": graph["tol"], "ok": graph["passed"], "flash_s": graph["step_s"],
+                 "other": "eager step", "other_s": graph["eager_step_s"], "ratio_name": "eager/graph",
+                 "ratio": graph["eager_step_s"] / graph["step_s"]})
     for r in mixer_results:
         m = r["methods"]
         rows.append({"part": "mixer", "case": f"C={r['C']} L={r['L']}", "rel_err": m["flash"]["rel_err"], "tol": mixer_tol,

@@ -29,6 +29,13 @@ def update(Xb, Ab, x, h0, t, y):
         y.copy_(torch.addcmul(Ab[t], Xb[t], h0))
 
 
+def update_at(Xb, Ab, x, h0, row, y):
+    """update() at block row `row`, a device int64 tensor [1]: the same kernels at every row, so a
+    captured step (a CUDA graph) serves every position."""
+    Xb.index_copy_(0, row, x.to(Xb.dtype)[None])
+    y.copy_(torch.addcmul(Ab.index_select(0, row)[0], Xb.index_select(0, row)[0], h0))
+
+
 def toeplitz(h, U):
     """T[j, k, c] = h[c, U + j - k]: the U x U block mapping a tile's inputs to its outputs, channels last."""
     C, L = h.shape

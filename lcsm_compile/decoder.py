@@ -7,7 +7,7 @@ from lcsm_compile import generation
 from lcsm_compile.analysis import check_args, quiet
 from lcsm_compile.baselines import FloorConv, LazyConv
 from lcsm_compile.engine import OnlineConv
-from lcsm_compile.errors import NotDecodable
+from lcsm_compile.errors import DeviceError, NotDecodable
 from lcsm_compile.logs import get_logger
 from lcsm_compile.runtime import Program, Session
 
@@ -21,9 +21,14 @@ class Decoder:
     those passes when they are not given)."""
 
     def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None, compile="auto",
-                 programs=None, schedule=None):
+                 cuda_graph=False, programs=None, schedule=None):
         if conv not in BANKS:
             raise ValueError(f"conv: expected one of {sorted(BANKS)}, got {conv!r}")
+        if cuda_graph not in (False, True, "emulate"):
+            raise ValueError(f"cuda_graph: expected False, True or 'emulate', got {cuda_graph!r}")
+        # cuda_graph: each session captures its step without advance (lcsm_compile.graphs) and
+        # replays it, the tile call launched eagerly after; "emulate" replays recorded ops on any device
+        self.cuda_graph = cuda_graph
         self.report = report
         self.rows_why = None  # set when the validation of rows at their own positions failed
         self.max_len = int(max_len)
@@ -58,6 +63,10 @@ class Decoder:
         self.bank = BANKS[conv](torch.cat(filters).to(self.device), torch.cat(skips).to(self.device), max_len=self.max_len,
                                 **kwargs) if filters else None  # only short convolutions: ring buffers alone
         self.short_filters = {i: self._short_filter(s.conv) for i, s in enumerate(self.sites) if s.kind == "short"}
+        if cuda_graph:
+            from lcsm_compile.graphs import check_capturable
+
+            check_capturable(self, "emulate" if cuda_graph == "emulate" else "cuda")
         get_logger("passes").info("decoder: %d sites (%d long in one bank of %d channels), %d attention sites on KV "
                                   "caches, %s bank, max_len %d", len(self.sites), len(self.bank_slices), start,
                                   len(self.attention), conv, self.max_len)
@@ -91,7 +100,8 @@ class Decoder:
             self.step_fn.expect(0)
 
 
-def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=None, compile="auto", validate=True) -> Decoder:
+def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=None, compile="auto", cuda_graph=False,
+             validate=True) -> Decoder:
     """Analyze `model`, build its Decoder and check it (lcsm_compile.pipeline: every pass, in order).
 
     Raises NotDecodable (carrying the Report) when some op that mixes positions is not an accepted
@@ -107,7 +117,11 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     from lcsm_compile import pipeline
 
     example_inputs, max_len = check_args(model, example_inputs, max_len, "export")
-    options = {"conv": conv, "crossover": crossover, "compile": compile, "validate": validate and conv != "floor"}
+    if cuda_graph is True and example_inputs[0].device.type != "cuda":  # an argument error, not the model's
+        raise DeviceError(f"cuda_graph=True: expected a model on a CUDA device, got inputs on {example_inputs[0].device} "
+                          "(cuda_graph='emulate' checks the capture on any device)")
+    options = {"conv": conv, "crossover": crossover, "compile": compile, "cuda_graph": cuda_graph,
+               "validate": validate and conv != "floor"}
     with quiet():
         ctx = pipeline.run(pipeline.Context(model, example_inputs, max_len, "export", options))
     if ctx.decoder is None:

@@ -152,6 +152,8 @@ class OnlineConv:
         self._block_start = -1  # first position of the block loaded into Xb/Ab
         # rows at their own positions (None while every row shares `position`): [N] int64 each
         self.row_position = self.row_prefill = self.live = None
+        self.graph_rows = False  # rows at their own positions inside a captured step: no host reads
+        self.row = None  # graph-safe mode: the block row of the next red cell, on the device (see graph_safe)
         self._filling = None  # (rows, P) of the row prefill in progress: its other channel slices may follow
 
     def memory_breakdown(self) -> dict:
@@ -237,6 +239,7 @@ class OnlineConv:
             nb = min(self.block, self.max_len - b0)
             self.S[..., b0:t] = self.Xb[: t - b0].permute(1, 2, 0)
             self.S[..., t : b0 + nb] = self.Ab[t - b0 : nb].permute(1, 2, 0)
+        self.row = None  # rows are graph-safe by their device positions
         n = self.S.shape[0]
         started = self.position > 0 or self.prefill_len > 0
         self.row_position = torch.full((n,), self.position, dtype=torch.long, device=self.device)
@@ -280,7 +283,7 @@ class OnlineConv:
         self._filling = None
         t = self.row_position
         over = self.live & (t >= self.max_len)
-        if bool(over.any()):
+        if not self.graph_rows and bool(over.any()):  # a captured step must not read the device: Session checks
             r = int(over.nonzero()[0])
             raise MaxLenExceeded(f"step: row {r} is at position {int(t[r])}, past max_len = {self.max_len}")
         n = t.numel()
@@ -342,12 +345,14 @@ class OnlineConv:
             raise ShapeError(f"x: expected shape [..., C] with C = {width}, got {tuple(x.shape)}")
         if self.row_position is not None:
             return self._red_cell_rows(x, sl, width)
+        y = torch.empty(x.shape, dtype=x.dtype, device=self.device)
+        if self.row is not None:  # graph-safe: the row is a device tensor, the block loaded by advance
+            torch_kernels.update_at(self.Xb[:, :, sl], self.Ab[:, :, sl], x.reshape(-1, width), self.h0[sl], self.row,
+                                    y.view(-1, width))
+            return y
         r = (t - self.prefill_len) % self.block  # this position's row in the block
         if self._block_start != t - r:  # entering a new block: bring in what the prefill and FFT tiles accumulated for it
-            b0, nb = t - r, min(self.block, self.max_len - (t - r))
-            self.Ab[:nb] = self.S[..., b0 : b0 + nb].permute(2, 0, 1)
-            self._block_start = b0
-        y = torch.empty(x.shape, dtype=x.dtype, device=self.device)
+            self._load_block(t - r)
         if channels is None:
             self._update(self.Xb, self.Ab, x.reshape(-1, self.channels), self.h0, r, y.view(-1, self.channels))
         else:
@@ -374,6 +379,32 @@ class OnlineConv:
             else:
                 torch_kernels.direct_tile_from_toeplitz(self.Xb, self.Ab, self.toeplitz[U], r + 1 - U, r + 1, out_stop - b0, U)
         self.position = t + 1
+        if self.row is not None:
+            self._next_row()
+
+    def _load_block(self, b0):
+        """Bring into Ab what the prefill and the FFT tiles accumulated for the block starting at b0."""
+        nb = min(self.block, self.max_len - b0)
+        self.Ab[:nb] = self.S[..., b0 : b0 + nb].permute(2, 0, 1)
+        self._block_start = b0
+
+    # -- graph-safe red cells (lcsm_compile.graphs) -------------------------------------------------
+    def graph_safe(self):
+        """From now on a red cell issues the same kernels at every position: its block row is a
+        device tensor and advance() (host side) loads each block before its first red cell. A
+        captured red cell (a CUDA graph) then serves every step; advance stays outside it. Rows at
+        their own positions are graph-safe already (their positions are a device tensor)."""
+        self.graph_rows = True
+        if self.row is None and self.row_position is None:
+            self.row = torch.zeros(1, dtype=torch.long, device=self.device)
+            self._next_row()
+
+    def _next_row(self):
+        t = self.position
+        r = (t - self.prefill_len) % self.block
+        if t < self.max_len and self._block_start != t - r:
+            self._load_block(t - r)
+        self.row.fill_(r)
 
 
 def _describe(x):

@@ -13,6 +13,7 @@ import torch
 
 _sessions: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
 _ids = itertools.count(1)
+IMPLS = {}  # op name -> its Python implementation (lcsm_compile.graphs records the kernels it issues)
 
 
 def register(state) -> torch.Tensor:
@@ -39,6 +40,7 @@ def _session_op(name, method, doc):
         return getattr(lookup(session), method)(conv, u).contiguous()
 
     impl.__doc__ = doc
+    IMPLS[name] = impl
     op = torch.library.custom_op(f"lcsm::{name}", impl, mutates_args=())
     op.register_fake(lambda session, u, conv: u.new_empty(u.shape))
     return op
@@ -58,6 +60,7 @@ def _attention_op(name, method, doc):
         return getattr(lookup(session), method)(site, q, k, v).contiguous()
 
     impl.__doc__ = doc
+    IMPLS[name] = impl
     op = torch.library.custom_op(f"lcsm::{name}", impl, mutates_args=())
     op.register_fake(lambda session, q, k, v, site: q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=v.dtype))
     return op

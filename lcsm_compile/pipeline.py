@@ -293,7 +293,7 @@ def _build_decoder(ctx):
 
 
 def _decoder_options(options):
-    return {k: options[k] for k in ("conv", "crossover", "compile") if k in options}
+    return {k: options[k] for k in ("conv", "crossover", "compile", "cuda_graph") if k in options}
 
 
 def lower(report, options, example_inputs):

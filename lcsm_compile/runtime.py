@@ -38,6 +38,7 @@ class SessionState:
         self.max_len = decoder.max_len
         self.kv = {}  # attention site index -> (k cache, v cache) [N, G, max_len, D], allocated on first prefill
         self.capacity, self.rows, self.positions, self.live = None, None, None, None
+        self.device, self.graph, self.positions_device = decoder.device, False, None
 
     def reset(self, capacity):
         """Forget every sequence; `capacity` rows from now on, all free."""
@@ -46,7 +47,7 @@ class SessionState:
                 self.bank = self.bank.fork()  # another batch size: fresh state
             self.bank.reset()
         self.rings.clear()  # KV caches stay allocated: a row reads only the positions it wrote
-        self.capacity, self.rows = capacity, None
+        self.capacity, self.rows, self.graph = capacity, None, False
         self.positions = torch.zeros(capacity, dtype=torch.long)
         self.live = torch.zeros(capacity, dtype=torch.bool)
 
@@ -70,6 +71,17 @@ class SessionState:
         if self.bank is not None:
             self.bank.advance()
         self.positions += self.live
+        if self.graph:
+            self.positions_device.copy_(self.positions)
+
+    def graph_safe(self):
+        """Every op of a step issues the same kernels at every position from now on (until the next
+        reset): positions on the device for the KV caches, the bank's red cells graph-safe. For
+        lcsm_compile.graphs, which captures the step without advance."""
+        self.graph = True
+        self.positions_device = self.positions.to(self.device)
+        if self.bank is not None and hasattr(self.bank, "graph_safe"):
+            self.bank.graph_safe()
 
     def _plus_bias(self, index, y):
         bias = self.sites[index].conv.bias
@@ -82,7 +94,7 @@ class SessionState:
         y = F.conv1d(F.pad(u, (K - 1, 0)), weight.to(u.dtype), bias, groups=weight.shape[0])
         past = F.pad(u, (K - 1, 0))[..., u.shape[-1] :].permute(2, 0, 1)  # the last K-1 inputs, zeros before the prompt
         if self.rows is None:
-            self.rings[index] = past.contiguous()  # [K-1, N, W], oldest first
+            self.rings[index] = past.clone(memory_format=torch.contiguous_format)  # [K-1, N, W], oldest first
         else:
             if index not in self.rings:
                 self.rings[index] = past.new_zeros(K - 1, self.capacity, past.shape[-1])
@@ -91,11 +103,12 @@ class SessionState:
 
     def short_step(self, index, u):
         _, taps, bias = self.short_filters[index]  # taps [K, 1, W], oldest input first
-        window = torch.cat([self.rings[index], u.permute(2, 0, 1)])  # [K, B, W]
+        ring = self.rings[index]
+        window = torch.cat([ring, u.permute(2, 0, 1)])  # [K, B, W]
         y = (window * taps.to(u.dtype)).sum(0)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        self.rings[index] = window[1:]
+        ring.copy_(window[1:])  # in place: a captured step (lcsm_compile.graphs) keeps reading this ring
         return y.unsqueeze(-1)
 
     # causal attention: a KV cache of max_len positions per site and row
@@ -118,11 +131,13 @@ class SessionState:
     def attn_step(self, index, q, k, v):
         kc, vc = self.kv[index]
         N = kc.shape[0]
-        pos = self.positions.to(kc.device)
+        if self.graph:  # a captured step reads nothing on the host: positions on the device, every key masked
+            pos, m = self.positions_device, self.max_len
+        else:
+            pos, m = self.positions.to(kc.device), int(self.positions.max()) + 1  # keys any row can see
         r = torch.arange(N, device=kc.device)
         kc[r, :, pos] = k[:, :, 0]  # each row writes its own position
         vc[r, :, pos] = v[:, :, 0]
-        m = int(self.positions.max()) + 1  # keys any row can see
         allowed = (torch.arange(m, device=kc.device) <= pos[:, None])[:, None, None, :]  # [N, 1, 1, m]
         site = self.attention[index].attn
         if site.spelling == "sdpa":
@@ -130,7 +145,7 @@ class SessionState:
         return _softmax_attention(site, q, kc[:, :, :m], vc[:, :, :m], allowed)
 
     def memory_breakdown(self):
-        rings = sum(r.untyped_storage().nbytes() for r in self.rings.values())  # a ring is a view of its window
+        rings = sum(r.numel() * r.element_size() for r in self.rings.values())
         kv = sum(t.untyped_storage().nbytes() for pair in self.kv.values() for t in pair)
         return {**(self.bank.memory_breakdown() if self.bank is not None else {}), "rings": rings, "kv_cache": kv}
 
@@ -305,6 +320,7 @@ class Session:
         self.state = SessionState(decoder)
         self.handle = ops.register(self.state)  # [session id, position]; lcsm::advance moves the position
         self._own_positions = False  # rows at their own positions (after a ragged prefill, add or remove)
+        self._captured = None  # lcsm_compile.graphs.CapturedStep, with Decoder(cuda_graph=...)
         if rows is not None:
             if not (isinstance(rows, int) and rows >= 1):
                 raise ValueError(f"rows: expected an int >= 1, got {rows!r}")
@@ -343,6 +359,11 @@ class Session:
         if x.device != d.device:
             raise DeviceError(f"input: expected device {d.device}, got {x.device}")
 
+    def _recapture(self):
+        """A captured step (cuda_graph) holds the state's layout: capture again after it changes."""
+        if self._captured is not None:
+            self._captured.invalidate()
+
     def _check_prompt(self, prompt):
         self._check(prompt, None)
         P = prompt.shape[1]
@@ -379,6 +400,7 @@ class Session:
         P = self._check_prompt(prompt)
         B = prompt.shape[0]
         lengths = _real_lengths(attention_mask, B, P)
+        self._recapture()
         self.state.reset(B)
         if lengths is None:  # every row real from position 0: one program call, one shared position
             self._own_positions = False
@@ -428,6 +450,7 @@ class Session:
             raise LcsmError(f"add: all {self.state.capacity} rows hold a sequence; remove() one first")
         row = int(free[0])
         self._own_positions = True
+        self._recapture()
         return row, self._prefill_rows(prompt, torch.tensor([row]))
 
     def remove(self, row):
@@ -438,6 +461,7 @@ class Session:
             raise LcsmError(f"remove: expected a row holding a sequence (one of {live}), got {row!r}")
         self._rows_supported("remove")
         self._own_positions = True
+        self._recapture()
         if state.bank is not None:
             state.bank.release([row])
         state.live[row], state.positions[row] = False, 0
@@ -463,10 +487,18 @@ class Session:
             # e.g. ids[:, t:t+1] of a longer buffer: the compiled step is specialised on strides
             x = x.clone(memory_format=torch.contiguous_format)
         device = self.decoder.device
+        pos = torch.tensor([self.position], device=device) if not self._own_positions else state.positions.to(device)
+        if self.decoder.cuda_graph:
+            if self._captured is None:
+                from lcsm_compile.graphs import CapturedStep
+
+                self._captured = CapturedStep(self, "emulate" if self.decoder.cuda_graph == "emulate" else "cuda")
+            out = self._captured(pos, x)
+        else:
+            out = self.decoder.step_fn(self.handle, pos, inputs=(x,))
         if not self._own_positions:
-            return self.decoder.step_fn(self.handle, torch.tensor([self.position], device=device), inputs=(x,))
+            return out
         free = ~state.live
-        out = self.decoder.step_fn(self.handle, state.positions.to(device), inputs=(x,))
         if not bool(free.any()):
             return out
         free = free.to(device)

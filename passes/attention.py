@@ -462,8 +462,11 @@ def _structure(site, parts, scale_ops, ctx):
         raise bad("v and the output do not carry the scores' head dims (broadcast or grouped heads are not decoded)")
     sizes = lambda n, letters, want: [sym_expr(meta_value(n).shape[letters.index(c)]) for c in want]  # noqa: E731
     hq, hk, hv = sizes(q, lq, heads), sizes(k, lk, heads), sizes(v, lv, ph)
-    if any(not _same(a, b) or not _same(a, c) for a, b, c in zip(hq, hk, hv)):
-        raise bad(f"q, k and v have different head sizes ({hq}, {hk}, {hv}): grouped-query heads are not decoded")
+    # k and v may broadcast one head over every query head (multi-query attention): the cache
+    # then holds that one head
+    if any(not _same(a, b) and not _same(b, 1) or not _same(a, c) and not _same(c, 1) for a, b, c in zip(hq, hk, hv)):
+        raise bad(f"q, k and v have different head sizes ({hq}, {hk}, {hv}): grouped-query heads that do not "
+                  "broadcast (one k/v head for all) are not decoded")
     # the batch row leads the heads: move the head dim of the batch's size first
     if not heads:
         raise bad("the attention has no batch dim")

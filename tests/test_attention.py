@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lcsm_compile
-from examples.models import hybrid
+from examples.models import hybrid, public_attention
 from lcsm_compile.errors import NotDecodable
 from tests.helpers import rel_err
 
@@ -143,3 +143,27 @@ def test_rows_at_their_own_positions_attend_over_their_own_prefix(decoders, spel
     assert row == 1 and rel_err(fresh[0], ref_new[0, :5]) < 1e-10
     z = torch.cat(z, 1)
     assert rel_err(z[1], ref_new[0, 5:]) < 1e-10 and rel_err(z[0], ref_old[0, 40:]) < 1e-10
+
+
+@pytest.mark.parametrize("spelling", sorted(public_attention.SPELLINGS))
+def test_attention_as_public_code_writes_it(spelling):
+    """GPT-2's eager attention, Llama's (rotary from position_ids, grouped-query heads by repeat_kv,
+    SDPA or eager with a float32 softmax) and multi-query attention by broadcasting: each decodes
+    exactly in float64, alone and as rows at their own positions (left-padded prompts)."""
+    model, example = public_attention.build(spelling)
+    model = model.double()
+    decoder = lcsm_compile.optimize(model, example, max_len=public_attention.MAX_LEN, compile=False)
+    assert [c.kind for c in decoder.report.accepted].count("attention") == 1
+    x = _fresh_ids(length=80).clamp(max=public_attention.VOCAB - 1)
+    tol = 1e-7 if spelling == "llama_gqa_eager" else 1e-10  # its softmax runs in float32, as the model's
+    with torch.no_grad():
+        ref = model(x)
+        for P in (1, 37):
+            y, _ = _decode(decoder, x, P)
+            assert rel_err(y, ref) < tol, (spelling, P)
+        mask = torch.ones(2, 40, dtype=torch.long)
+        mask[0, :25] = 0
+        s = decoder.session()
+        y = torch.cat([s.prefill(x[:, :40], attention_mask=mask)] + [s.step(x[:, t : t + 1]) for t in range(40, 80)], 1)
+        assert rel_err(y[:1, 25:], model(x[:1, 25:])) < tol
+        assert rel_err(y[1:], ref[1:]) < tol

@@ -36,16 +36,26 @@ def test_export_capture_is_symbolic():
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_the_batch_is_dynamic_when_the_example_allows_and_a_batch_of_one_costs_one_export(batch, monkeypatch):
-    """export specializes a size-1 dim: a batch-1 example is exported once, with a fixed batch,
-    instead of a failed dynamic-batch attempt first; a larger example batch stays dynamic."""
+def test_the_batch_is_dynamic_with_one_export_whatever_the_example_batch(batch, monkeypatch):
+    """export specializes a size-1 dim, so a batch-1 example is exported as two copies of itself:
+    one export either way, and the batch stays symbolic (sessions of any batch, rows that join)."""
     calls = []
     export = cap_mod._export
-    monkeypatch.setattr(cap_mod, "_export", lambda *a: calls.append(a[2]) or export(*a))
+    monkeypatch.setattr(cap_mod, "_export", lambda *a: calls.append(a) or export(*a))
     cap = cap_mod.capture(Tiny(), (torch.randn(batch, L, C),), "export", 32)
     assert cap.symbolic and len(calls) == 1
-    assert (cap.batch_symbol is not None) == (batch > 1)
-    assert (0 in calls[0][0]) == (batch > 1)  # the one export asked for a dynamic batch only where it can be
+    assert cap.batch_symbol is not None and 0 in calls[0][2][0]
+    assert calls[0][1][0].shape[0] == max(batch, 2)
+
+
+def test_a_model_that_runs_only_at_batch_one_is_exported_at_batch_one(monkeypatch):
+    class BatchOne(Tiny):
+        def forward(self, x):
+            torch._check(x.shape[0] == 1)
+            return super().forward(x)
+
+    cap = cap_mod.capture(BatchOne(), (torch.randn(1, L, C),), "export", 32)
+    assert cap.symbolic and cap.batch_symbol is None
 
 
 def test_dynamo_capture_and_analyze_graph():

@@ -46,6 +46,9 @@ def test_dry_run_checks_every_triton_kernel_and_the_decoder(dry_run):
     for d in decoders.values():
         assert d["passed"] and d["max_rel_err"] <= d["tol"]
         assert [r["prompt_len"] for r in d["runs"]] == [1, d["length"] // 2]
+    graph = data["checks"]["graph"]  # the captured step: emulated on the CPU
+    assert graph["mode"] == "emulate" and graph["passed"] and graph["max_rel_err"] <= graph["tol"]
+    assert graph["step_s"] > 0 and graph["eager_step_s"] > 0
 
 
 def test_dry_run_times_the_mixer_and_generation(dry_run):
@@ -66,9 +69,10 @@ def test_dry_run_times_the_mixer_and_generation(dry_run):
     for fits in data["generate"]["fits"].values():  # the sampled baseline steps decode what flash does
         assert fits["naive"]["window_rel_diff_vs_flash"] < 1e-5 and fits["lazy"]["window_rel_diff_vs_flash"] < 1e-5
     # one table: a row per check and per timed configuration
-    n = len(data["checks"]["kernels"]) + 2 + 2 + 2
+    n = len(data["checks"]["kernels"]) + 2 + 1 + 2 + 2
     assert len(data["rows"]) == n and f"PASS: {n} of {n} rows ok" in proc.stdout
-    assert sum(line.startswith(("  kernel", " decoder", "   mixer", "generate")) for line in proc.stdout.splitlines()) == n
+    assert sum(line.startswith(("  kernel", " decoder", "   graph", "   mixer", "generate"))
+               for line in proc.stdout.splitlines()) == n
 
 
 def test_without_cuda_it_refuses_in_one_line(tmp_path):
