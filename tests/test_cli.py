@@ -77,7 +77,7 @@ COMMANDS = {
     "detect_wrap": (["detect", WRAP, "--json"], {}),
     "detect_bare_file": (["detect", BARE, *BARE_OPTS, "--json"], {}),
     "passes_json": (["passes", ORDER2, "--json", "--timing", "--diff", "--print-after", "layer_schedule",
-                     "--print-after", "time_axis", "--print-before", "detect"], {"LCSM_LOGS": "passes"}),
+                     "--print-after", "time_axis", "--print-before", "attention"], {"LCSM_LOGS": "passes"}),
     "passes_stop": (["passes", BARE, *BARE_OPTS, "--stop-after", "detect", "--print-after-all", "--timing"], {}),
     "schedule_json": (["schedule", ORDER2, "--format", "json"], {}),
     "schedule_dot": (["schedule", BARE, *BARE_OPTS, "--format", "dot"], {}),
@@ -326,8 +326,8 @@ def test_passes_json_timing_diff_print_before_and_stop_after(runs):
     assert names == list(PASS_NAMES)
     by = {p["name"]: p for p in data["passes"]}
     assert data["total_seconds"] == pytest.approx(sum(p["seconds"] for p in data["passes"]), abs=1e-2)
-    assert by["detect"]["before"] == by["time_axis"]["dump"]  # --print-before: the previous pass's output
-    assert "before" not in by["time_axis"] and "dump" not in by["detect"]  # only what was asked for
+    assert by["attention"]["before"] == by["time_axis"]["dump"]  # --print-before: the previous pass's output
+    assert "before" not in by["time_axis"] and "dump" not in by["attention"]  # only what was asked for
     assert by["decode_rewrite"]["diff"].startswith("--- after safety_net") and "lcsm.conv_step" in by["decode_rewrite"]["diff"]
     assert "critical path" in by["layer_schedule"]["dump"]
     assert "[lcsm passes] pass capture" in proc.stderr
