@@ -221,6 +221,7 @@ def plot(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for k, r in results.items():
@@ -228,6 +229,7 @@ def plot(results, path):
         if len(lat):
             ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=f"{k}: {r['tokens_per_s']:.0f} tok/s")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels would overlap
     ax.set_xlabel("per-token latency (ms)")
     ax.set_ylabel("fraction of tokens")
     ax.set_title("Serving: per-token latency")
