@@ -64,13 +64,18 @@ def direct_tile(Xb, Ab, h, in_start, out_start, out_stop, U):
     direct_tile_from_toeplitz(Xb, Ab, toeplitz(h, U), in_start, out_start, out_stop, U)
 
 
-def fft_tile(X, A, spectrum, in_start, out_start, out_stop, U):
-    """FFT tile on the channel-major state (X and A may be one tensor: the ranges are disjoint): a
-    cyclic convolution of size 2U with the precomputed spectrum [C, U+1]; the middle product is
-    outputs [U, 2U) of the cyclic result."""
-    f = torch.fft.rfft(X[..., in_start : in_start + U], n=2 * U)
+def fft_middle(x, spectrum, U):
+    """The contribution of a tile's inputs x [..., C, U] to the U outputs after them: a cyclic
+    convolution of size 2U with the precomputed spectrum [C, U+1], whose middle product is outputs
+    [U, 2U) of the cyclic result."""
+    f = torch.fft.rfft(x, n=2 * U)
     f *= spectrum
-    A[..., out_start:out_stop] += torch.fft.irfft(f, n=2 * U)[..., U : U + out_stop - out_start]
+    return torch.fft.irfft(f, n=2 * U)[..., U:]
+
+
+def fft_tile(X, A, spectrum, in_start, out_start, out_stop, U):
+    """FFT tile on the channel-major state (X and A may be one tensor: the ranges are disjoint)."""
+    A[..., out_start:out_stop] += fft_middle(X[..., in_start : in_start + U], spectrum, U)[..., : out_stop - out_start]
 
 
 def fft_conv(h, x, length=None):

@@ -7,7 +7,7 @@ from lcsm_compile import generation
 from lcsm_compile.analysis import check_args, quiet
 from lcsm_compile.baselines import FloorConv, LazyConv
 from lcsm_compile.engine import OnlineConv
-from lcsm_compile.errors import DeviceError, NotDecodable
+from lcsm_compile.errors import NotDecodable
 from lcsm_compile.logs import get_logger
 from lcsm_compile.runtime import Program, Session
 
@@ -66,7 +66,7 @@ class Decoder:
         if cuda_graph:
             from lcsm_compile.graphs import check_capturable
 
-            check_capturable(self, "emulate" if cuda_graph == "emulate" else "cuda")
+            check_capturable(self, cuda_graph)
         get_logger("passes").info("decoder: %d sites (%d long in one bank of %d channels), %d attention sites on KV "
                                   "caches, %s bank, max_len %d", len(self.sites), len(self.bank_slices), start,
                                   len(self.attention), conv, self.max_len)
@@ -117,9 +117,10 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     from lcsm_compile import pipeline
 
     example_inputs, max_len = check_args(model, example_inputs, max_len, "export")
-    if cuda_graph is True and example_inputs[0].device.type != "cuda":  # an argument error, not the model's
-        raise DeviceError(f"cuda_graph=True: expected a model on a CUDA device, got inputs on {example_inputs[0].device} "
-                          "(cuda_graph='emulate' checks the capture on any device)")
+    if cuda_graph:  # an argument error, not the model's: raised, not a refusal in the Report
+        from lcsm_compile.graphs import check_device
+
+        check_device(cuda_graph, example_inputs[0].device)
     options = {"conv": conv, "crossover": crossover, "compile": compile, "cuda_graph": cuda_graph,
                "validate": validate and conv != "floor"}
     with quiet():

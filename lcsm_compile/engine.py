@@ -152,7 +152,7 @@ class OnlineConv:
         self._block_start = -1  # first position of the block loaded into Xb/Ab
         # rows at their own positions (None while every row shares `position`): [N] int64 each
         self.row_position = self.row_prefill = self.live = None
-        self.graph_rows = False  # rows at their own positions inside a captured step: no host reads
+        self._row_over = None  # rows: the first live row whose next position is max_len (found on the host)
         self.row = None  # graph-safe mode: the block row of the next red cell, on the device (see graph_safe)
         self._filling = None  # (rows, P) of the row prefill in progress: its other channel slices may follow
 
@@ -269,6 +269,7 @@ class OnlineConv:
         self.S[rows, sl, P:] = full[..., P:]
         self.row_position[rows], self.row_prefill[rows], self.live[rows] = P, P, True
         self._filling = key
+        self._find_row_over()
         return full[..., :P].to(x.dtype).reshape(x.shape)
 
     def release(self, rows):
@@ -277,15 +278,20 @@ class OnlineConv:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
         self.live[rows] = False
         self.row_position[rows] = self.row_prefill[rows] = 0
+        self._find_row_over()
+
+    def _find_row_over(self):
+        """Host side (after a row prefill, release or advance, never in a red cell, which a captured
+        step replays without Python): the first live row at max_len."""
+        over = (self.live & (self.row_position >= self.max_len)).nonzero()
+        self._row_over = int(over[0]) if over.numel() else None
 
     def _red_cell_rows(self, x, sl, width):
         """The red cell of every row at its own position, on S: y = A_{t_r} + h0 * x, x stored at t_r."""
         self._filling = None
+        if self._row_over is not None:
+            raise MaxLenExceeded(f"step: row {self._row_over} is at position {self.max_len}, past max_len = {self.max_len}")
         t = self.row_position
-        over = self.live & (t >= self.max_len)
-        if not self.graph_rows and bool(over.any()):  # a captured step must not read the device: Session checks
-            r = int(over.nonzero()[0])
-            raise MaxLenExceeded(f"step: row {r} is at position {int(t[r])}, past max_len = {self.max_len}")
         n = t.numel()
         S = self.S[:, sl]
         at = t.view(n, 1, 1).expand(n, width, 1)
@@ -303,6 +309,7 @@ class OnlineConv:
         for U in torch.unique(sizes[going]).tolist():
             self._tile_rows((going & (sizes == U)).nonzero().squeeze(1), U)
         t += live
+        self._find_row_over()
 
     def _tile_rows(self, rows, U):
         """The gray tile of size U for `rows`, each at its own position t_r: inputs [t_r-U+1, t_r]
@@ -312,7 +319,7 @@ class OnlineConv:
         r, c = rows[:, None, None], self._channel_index[None, :, None]
         X = self.S[r, c, (t + 1 - U)[:, None, None] + lag]  # [n, C, U]
         if kernel_for(U, self.crossover) == "fft_tile":
-            out = torch.fft.irfft(torch.fft.rfft(X, n=2 * U) * self.spectra[U], n=2 * U)[..., U:]
+            out = torch_kernels.fft_middle(X, self.spectra[U], U)
         else:
             T = self.toeplitz.get(U)
             if T is None:  # the Triton path keeps none: built once, on first use by rows
@@ -394,7 +401,6 @@ class OnlineConv:
         device tensor and advance() (host side) loads each block before its first red cell. A
         captured red cell (a CUDA graph) then serves every step; advance stays outside it. Rows at
         their own positions are graph-safe already (their positions are a device tensor)."""
-        self.graph_rows = True
         if self.row is None and self.row_position is None:
             self.row = torch.zeros(1, dtype=torch.long, device=self.device)
             self._next_row()

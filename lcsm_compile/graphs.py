@@ -34,11 +34,16 @@ class GraphCaptureError(LcsmError):
     """The step cannot be captured: an op reads a device value on the host, or the bank is not graph-safe."""
 
 
-def check_capturable(decoder, backend):
-    """Raise before any work if `decoder` cannot run its steps as captured graphs."""
-    if backend == "cuda" and not (torch.cuda.is_available() and decoder.device.type == "cuda"):
-        raise DeviceError(f"cuda_graph=True: expected a model on a CUDA device, got {decoder.device} "
+def check_device(cuda_graph, device):
+    """cuda_graph=True needs CUDA: a DeviceError before any work otherwise."""
+    if cuda_graph is True and not (torch.cuda.is_available() and torch.device(device).type == "cuda"):
+        raise DeviceError(f"cuda_graph=True: expected a model on a CUDA device, got {device} "
                           "(cuda_graph='emulate' checks the capture on any device)")
+
+
+def check_capturable(decoder, cuda_graph):
+    """Raise before any work if `decoder` cannot run its steps as captured graphs."""
+    check_device(cuda_graph, decoder.device)
     if decoder.bank is not None and not hasattr(decoder.bank, "graph_safe"):
         raise GraphCaptureError(f"cuda_graph: the {type(decoder.bank).__name__} bank's red cells are not graph-safe; "
                                 "use conv='flash'")

@@ -121,54 +121,60 @@ def teacher_forced(model, decoder, inputs, prompt_lens=(1,), *, tol=TOL, progres
     return {"length": L, "tol": tol, "passed": bool(worst <= tol), "max_rel_err": worst, "runs": runs}
 
 
-def rows_teacher_forced(decoder, x, reference, *, tol=TOL, out_dims=None, scale="position") -> dict:
-    """Rows at their own positions, teacher-forced: a session of 2 rows where sequence A starts
-    from a 1-position prompt, B joins after L/4 steps with an L/2 prompt (so the rows run different
-    tile sizes in one step), B leaves at the end of its input and C (B's input again, a 3-position
-    prompt) joins the freed row. Each row's outputs are compared with `reference` (the model's
-    outputs on x [b, L], b >= 1; row 1 of it for B and C when b >= 2) over the positions it decoded.
-    Returns {"passed", "max_rel_err", "worst": (sequence, position) or None, "error"}."""
-    L = int(x.shape[1])
-    two = 1 if x.shape[0] > 1 else 0
-    ref = [[leaf.narrow(0, r, 1) for leaf in _leaves(reference)] for r in (0, two)]
-    dims = out_dims or [1] * len(ref[0])
-    seqs = {"A": (x[0:1], 1, ref[0]), "B": (x[two : two + 1], max(1, L // 2), ref[1]), "C": (x[two : two + 1], min(3, L), ref[1])}
-    session = decoder.session(rows=2)
+def serve(session, seqs, plan, steps, after_step=None):
+    """Sequences through one session whose rows join and leave between steps, teacher-forced.
+
+    seqs[name]: the sequence's inputs [1, T, ...]; plan[name] = (prompt length, the step it joins
+    before, the step it leaves before, or None). `steps` steps in all; after_step(positions, rows)
+    (each live name's next position and row) after each. Returns ({name: [the output leaves of its
+    prefill, then of each of its steps, each [1, positions, ...]]}, {name: positions decoded})."""
     outs, pos, row_of = {}, {}, {}
-
-    def add(name):
-        seq, P, _ = seqs[name]
-        row, out = session.add(seq[:, :P])
-        outs[name], pos[name], row_of[name] = [_leaves(out)], P, row
-
-    def step():
-        ids = x[0:1, :1].repeat(2, *[1] * (x.dim() - 1))  # free rows: any valid input
+    first = next(iter(seqs.values()))[:, :1]  # free rows' input: any valid one
+    for step in range(steps):
+        for name, (P, join, leave) in plan.items():
+            if step == leave:
+                session.remove(row_of.pop(name))
+            if step == join:
+                row, out = session.add(seqs[name][:, :P])
+                outs[name], pos[name], row_of[name] = [_leaves(out)], P, row
+        ids = first.expand(session.state.capacity, *first.shape[1:]).clone()
         for name, r in row_of.items():
-            ids[r] = seqs[name][0][0, pos[name]]
+            ids[r] = seqs[name][0, pos[name]]
         out = _leaves(session.step(ids))
         for name, r in row_of.items():
             outs[name].append([leaf.narrow(0, r, 1) for leaf in out])
             pos[name] += 1
+        if after_step is not None:
+            after_step(dict(pos), dict(row_of))
+    return outs, pos
 
+
+def rows_teacher_forced(decoder, x, reference, *, tol=TOL, out_dims=None, scale="position") -> dict:
+    """Rows at their own positions, teacher-forced: a session of 2 rows where sequence A starts
+    from a 1-position prompt, B joins after L/4 steps with an L/2 prompt (so the rows run different
+    tile sizes in one step), B leaves at the end of its input and C (B's input again, a 3-position
+    prompt) joins the freed row (verify.serve). Each row's outputs are compared with `reference`
+    (the model's outputs on x [b, L], b >= 1; row 1 of it for B and C when b >= 2) over the
+    positions it decoded. Returns {"passed", "max_rel_err", "worst": (sequence, position) or None, "error"}."""
+    L = int(x.shape[1])
+    two = 1 if x.shape[0] > 1 else 0
+    ref = {"A": [leaf.narrow(0, 0, 1) for leaf in _leaves(reference)]}
+    ref["B"] = ref["C"] = [leaf.narrow(0, two, 1) for leaf in _leaves(reference)]
+    dims = out_dims or [1] * len(ref["A"])
+    seqs = {"A": x[0:1], "B": x[two : two + 1], "C": x[two : two + 1]}
+    PB, PC = max(1, L // 2), min(3, L)
+    b_leaves = L // 4 + L - PB  # B's last input decoded: C takes its row
+    plan = {"A": (1, 0, None), "B": (PB, L // 4, b_leaves), "C": (PC, b_leaves, b_leaves + L - PC)}
     try:
         with torch.no_grad():
-            add("A")
-            for _ in range(L // 4):
-                step()
-            add("B")
-            while pos["A"] < L:
-                step()
-                for name in [n for n in row_of if pos[n] == L]:
-                    session.remove(row_of.pop(name))
-                    if name == "B":
-                        add("C")
+            outs, pos = serve(decoder.session(rows=2), seqs, plan, L - 1)
     except Exception as exc:  # noqa: BLE001 - a failing decoder fails the check, with its error
         return {"passed": False, "max_rel_err": float("inf"), "worst": None, "error": f"{type(exc).__name__}: {exc}"[:300]}
     worst, where = 0.0, None
     for name, parts in outs.items():
         n = pos[name]
         got = [None if d is None else torch.cat(p, dim=d) for p, d in zip(zip(*parts), dims)]
-        want = [r if d is None else r.narrow(d, 0, n) for r, d in zip(seqs[name][2], dims)]
+        want = [r if d is None else r.narrow(d, 0, n) for r, d in zip(ref[name], dims)]
         err = position_errors([g if g is not None else w for g, w in zip(got, want)], want, dims, scale)
         if err is not None and float(err.max()) > worst:
             worst, where = float(err.max()), (name, int(err.argmax()))

@@ -31,13 +31,13 @@ import torch
 import torch.fx
 
 from lcsm_compile.passes.capture import NeedsActivation, meta_value, normalized_args, sym_expr
+from lcsm_compile.passes.detect import TRANSPARENT, strip
 from lcsm_compile.passes.properties import _describe, check_lengths
 from lcsm_compile.passes.time_axis import CONTRACTIONS, Axis, TimeInfo, revisit
 from lcsm_compile.report import AttentionStructure, Candidate, Reason, Verdict
 
 BLOCKED = -1e9  # a mask value at or below this weighs its key exp(BLOCKED) = 0: the key is masked
 MASK_LENGTHS = 256  # masks are also evaluated at min(max_len, this): a band narrower than it is seen
-_TRANSPARENT = {"cast", "identity"}
 _SDPA = {"scaled_dot_product_attention"}
 _UNIFORM_FILLS = {torch.ops.aten.full_like.default, torch.ops.aten.full.default, torch.ops.aten.new_full.default}
 # ops that read only a tensor's shape, dtype and device: a fill built like the scores leaks nothing
@@ -90,12 +90,6 @@ def run(canon, ctx):
 
 # ---- structure -----------------------------------------------------------------------------------
 
-def _strip(node, canon):
-    while canon[node].op in _TRANSPARENT and canon[node].inputs:
-        node = canon[node].inputs[0]
-    return node
-
-
 def _acts(nodes, info):
     return [n for n in nodes if isinstance(n, torch.fx.Node) and info.get(n) is not None and info[n].dep == "activation"]
 
@@ -130,7 +124,7 @@ def _recognise(node, c, canon, info):
     if len(acts) != 2:
         return None
     for (p, lp), (v, lv) in (acts, acts[::-1]):
-        sm = _strip(p, canon)
+        sm = strip(p, canon)
         if canon[sm].op == "softmax" and canon[sm].fn in ("softmax", "_softmax") and _acts(canon[sm].inputs, info):
             return _recognise_softmax(node, sm, p, lp, v, lv, lo, canon, info)
     return None
@@ -162,7 +156,7 @@ def _recognise_softmax(out, sm, p, lp, v, lv, lo, canon, info):
     chain, n = [], _acts(canon[sm].inputs, info)[0]
     while True:  # back from the softmax input to the score contraction
         c = canon[n]
-        if c.op in _TRANSPARENT:
+        if c.op in TRANSPARENT:
             chain.append(("cast", n, None))
             n = c.inputs[0]
         elif c.op in ("matmul", "einsum") and _specs(n) is not None and len(_acts([a for a, _ in _specs(n)[0]], info)) == 2:

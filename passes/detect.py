@@ -22,7 +22,7 @@ from lcsm_compile.passes.capture import meta_value, sym_expr
 SHORT_MAX = 32  # conv1d kernels up to this many taps are "short" (ring buffer); longer are "long"
 _SPECTRAL_WALK = {"mul", "div", "einsum", "cast", "identity", "slice", "index", "unsqueeze", "expand", "reshape",
                   "permute", "transpose", "complex_view", "squeeze", "pointwise", "add", "sub"}
-_TRANSPARENT = {"cast", "identity"}
+TRANSPARENT = {"cast", "identity"}  # ops that pass a value through unchanged (strip, attention)
 
 
 @dataclass
@@ -116,14 +116,14 @@ def registered(node):
 
 def strip(node, canon):
     """The value behind casts and identities."""
-    while canon[node].op in _TRANSPARENT and canon[node].inputs:
+    while canon[node].op in TRANSPARENT and canon[node].inputs:
         node = canon[node].inputs[0]
     return node
 
 
 def _users_through(node, canon):
     """Follow a single-user chain of casts/identities downstream."""
-    while len(node.users) == 1 and canon[next(iter(node.users))].op in _TRANSPARENT:
+    while len(node.users) == 1 and canon[next(iter(node.users))].op in TRANSPARENT:
         node = next(iter(node.users))
     return node
 

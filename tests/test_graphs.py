@@ -10,6 +10,7 @@ import torch
 
 import lcsm_compile
 from examples.models import get, hybrid
+from lcsm_compile import verify
 from helpers import rel_err
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.errors import DeviceError
@@ -55,28 +56,12 @@ def test_replayed_steps_decode_exactly(name):
 
 def test_rows_joining_and_leaving_recapture_and_stay_exact():
     model, decoder = _build("rwkv_token_shift_hyena")
-    seqs = [torch.randint(1, 30, (1, 120)) for _ in range(3)]
-    session = decoder.session(rows=2)
-    outs, pos = {0: [session.add(seqs[0][:, :5])[1]]}, {0: 5}
-    row_of = {0: 0}
+    seqs = {k: torch.randint(1, 30, (1, 120)) for k in range(3)}
+    plan = {0: (5, 0, None), 1: (30, 20, 60), 2: (2, 60, None)}  # prompt, join, leave
     with torch.no_grad():
-        for step in range(90):
-            if step == 20:
-                row, out = session.add(seqs[1][:, :30])
-                outs[1], pos[1], row_of[1] = [out], 30, row
-            if step == 60:
-                session.remove(row_of.pop(1))
-                row, out = session.add(seqs[2][:, :2])
-                outs[2], pos[2], row_of[2] = [out], 2, row
-            ids = torch.zeros(2, 1, dtype=torch.long)
-            for s, r in row_of.items():
-                ids[r] = seqs[s][0, pos[s]]
-            y = session.step(ids)
-            for s, r in row_of.items():
-                outs[s].append(y[r : r + 1])
-                pos[s] += 1
+        outs, _ = verify.serve(decoder.session(rows=2), seqs, plan, 90)
         for s, parts in outs.items():
-            got = torch.cat(parts, 1)
+            got = torch.cat([leaves[0] for leaves in parts], 1)
             assert rel_err(got, model(seqs[s][:, : got.shape[1]])) < TOL64, s
 
 

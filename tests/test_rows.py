@@ -9,6 +9,7 @@ import torch
 
 import lcsm_compile
 from examples.models import get
+from lcsm_compile import verify
 from helpers import random_inputs, rel_err
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.errors import LcsmError, MaxLenExceeded, ShapeError
@@ -49,20 +50,19 @@ def test_engine_rows_join_and_leave_exactly(crossover, shared_steps):
             outs[s].append(y[r, :, None])
             pos[s] += 1
 
+    def replace(row, s, P, steps):
+        """The sequence in `row` leaves, sequence s joins it with a P-position prompt, then steps."""
+        eng.release([row])
+        del row_of[next(k for k, r in row_of.items() if r == row)]
+        outs[s] = [eng.prefill(seqs[s][None, :, :P], rows=[row])[0]]
+        pos[s], row_of[s] = P, row
+        for _ in range(steps):
+            step()
+
     for _ in range(shared_steps):
         step()
-    eng.release([1])
-    del row_of[1]
-    outs[2] = [eng.prefill(seqs[2][None, :, :3], rows=[1])[0]]
-    pos[2], row_of[2] = 3, 1
-    for _ in range(90):
-        step()
-    eng.release([0])
-    del row_of[0]
-    outs[3] = [eng.prefill(seqs[3][None, :, :50], rows=[0])[0]]
-    pos[3], row_of[3] = 50, 0
-    for _ in range(70):
-        step()
+    replace(1, 2, 3, 90)
+    replace(0, 3, 50, 70)
     for s, parts in outs.items():
         got = torch.cat(parts, -1)
         assert rel_err(got, _conv64(h, seqs[s][:, : got.shape[-1]])) < TOL64, s
@@ -177,27 +177,16 @@ def test_rows_join_and_leave_between_steps(name, decoders64):
     L = decoder.max_len
     plan = {"a": (1, 0, 120), "b": (37, 10, 60), "c": (L // 2, 75, 150), "d": (3, 130, 170)}  # prompt, join, leave
     seqs = {k: _inputs(inputs[0], L, 1) for k in plan}
+
+    def positions_follow(pos, row_of):
+        assert session.positions == [next((pos[k] for k, r in row_of.items() if r == row), None) for row in range(2)]
+
     session = decoder.session(rows=2)
-    outs, pos, row_of = {}, {}, {}
     with torch.no_grad():
-        for step in range(168):
-            for k, (P, join, leave) in plan.items():
-                if step == leave:
-                    session.remove(row_of.pop(k))
-                if step == join:
-                    row, out = session.add(seqs[k][:, :P])
-                    row_of[k], outs[k], pos[k] = row, [out], P
-            ids = torch.cat([seqs[k][:, :1] for k in seqs])[:2].clone()
-            for k, r in row_of.items():
-                ids[r] = seqs[k][0, pos[k]]
-            y = session.step(ids)
-            assert session.positions == [next((pos[k] + 1 for k, r in row_of.items() if r == row), None) for row in range(2)]
-            for k, r in row_of.items():
-                outs[k].append(y[r : r + 1])
-                pos[k] += 1
-    for k, parts in outs.items():
-        got = torch.cat(parts, 1)
-        assert rel_err(got, model(seqs[k][:, : got.shape[1]])) < TOL64, k
+        outs, _ = verify.serve(session, seqs, plan, 168, after_step=positions_follow)
+        for k, parts in outs.items():
+            got = torch.cat([leaves[0] for leaves in parts], 1)
+            assert rel_err(got, model(seqs[k][:, : got.shape[1]])) < TOL64, k
 
 
 def test_rows_that_stay_are_untouched_bit_for_bit(decoders64):
