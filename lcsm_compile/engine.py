@@ -108,10 +108,24 @@ class OnlineConv:
             self.S = torch.zeros(n, self.channels, self.max_len, dtype=self.dtype, device=self.device)
             self.Xb = torch.zeros(self.block, n, self.channels, dtype=self.dtype, device=self.device)
             self.Ab = torch.zeros_like(self.Xb)
+            self._block_views = self._block_plan()
         elif tuple(batch_shape) != self.batch_shape:
             raise ShapeError(f"x: expected batch dims {self.batch_shape} (fixed by the first call), got {tuple(batch_shape)}")
         elif io_dtype != self.io_dtype:
             raise DTypeError(f"x: expected dtype {self.io_dtype} (fixed by the first call), got {io_dtype}")
+
+    def _block_plan(self):
+        """Per block row r, views built once (indexing costs as much as a small op): its input and
+        accumulator rows [N, C], and the views of the direct tile that follows its red cell (a row's
+        tile size is fixed: the lowest set bit of r + 1), or None (an FFT tile, or the Triton path)."""
+        xrows, arows = self.Xb.unbind(0), self.Ab.unbind(0)
+        plan = []
+        for r in range(self.block):
+            U = (r + 1) & -(r + 1)
+            T = self.toeplitz.get(U) if r + 1 < self.block else None
+            tile = None if T is None else torch_kernels.direct_tile_views(self.Xb, self.Ab, T, r + 1 - U, r + 1, r + 1 + U)
+            plan.append((xrows[r], arows[r], tile))
+        return plan
 
     def _check_input(self, x, name, time_axis, width):
         if not isinstance(x, torch.Tensor):
@@ -128,7 +142,7 @@ class OnlineConv:
     def _unbind(self):
         """No state yet: the first prefill/step fixes the batch dims and IO dtype and allocates it."""
         self.batch_shape = self.io_dtype = None
-        self.S = self.Xb = self.Ab = None
+        self.S = self.Xb = self.Ab = self._block_views = None
         self.reset()
 
     def bind(self, rows, io_dtype=None):
@@ -352,18 +366,23 @@ class OnlineConv:
             raise ShapeError(f"x: expected shape [..., C] with C = {width}, got {tuple(x.shape)}")
         if self.row_position is not None:
             return self._red_cell_rows(x, sl, width)
-        y = torch.empty(x.shape, dtype=x.dtype, device=self.device)
         if self.row is not None:  # graph-safe: the row is a device tensor, the block loaded by advance
+            y = torch.empty(x.shape, dtype=x.dtype, device=self.device)
             torch_kernels.update_at(self.Xb[:, :, sl], self.Ab[:, :, sl], x.reshape(-1, width), self.h0[sl], self.row,
                                     y.view(-1, width))
             return y
         r = (t - self.prefill_len) % self.block  # this position's row in the block
         if self._block_start != t - r:  # entering a new block: bring in what the prefill and FFT tiles accumulated for it
             self._load_block(t - r)
-        if channels is None:
-            self._update(self.Xb, self.Ab, x.reshape(-1, self.channels), self.h0, r, y.view(-1, self.channels))
-        else:
-            self._update(self.Xb[:, :, sl], self.Ab[:, :, sl], x.reshape(-1, width), self.h0[sl], r, y.view(-1, width))
+        if channels is None and not self.use_triton:  # the update kernel, on this row's prebuilt views
+            xr, ar, _ = self._block_views[r]
+            nd = x.dim()  # the reshapes only where needed: each costs as much as the op itself
+            xr.copy_(x if nd <= 2 else x.reshape(xr.shape))  # [C] broadcasts into the row [1, C]
+            y = torch.addcmul(ar, xr, self.h0)
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
+            return y if nd == 2 else y[0] if nd == 1 else y.view(x.shape)
+        y = torch.empty(x.shape, dtype=x.dtype, device=self.device)
+        self._update(self.Xb[:, :, sl], self.Ab[:, :, sl], x.reshape(-1, width), self.h0[sl], r, y.view(-1, width))
         return y
 
     def advance(self):
@@ -383,7 +402,9 @@ class OnlineConv:
                 torch_kernels.fft_tile(self.S, self.S, self.spectra[U], t + 1 - U, t + 1, out_stop, U)
             elif self.use_triton:
                 self._direct(self.Xb, self.Ab, self.h, r + 1 - U, r + 1, out_stop - b0, U)
-            else:
+            elif out_stop - b0 == r + 1 + U:  # the whole tile: its prebuilt views
+                torch_kernels.run_direct_tile(self._block_views[r][2])
+            else:  # cut at max_len
                 torch_kernels.direct_tile_from_toeplitz(self.Xb, self.Ab, self.toeplitz[U], r + 1 - U, r + 1, out_stop - b0, U)
         self.position = t + 1
         if self.row is not None:
@@ -392,7 +413,9 @@ class OnlineConv:
     def _load_block(self, b0):
         """Bring into Ab what the prefill and the FFT tiles accumulated for the block starting at b0."""
         nb = min(self.block, self.max_len - b0)
-        self.Ab[:nb] = self.S[..., b0 : b0 + nb].permute(2, 0, 1)
+        # its rows first (nb contiguous positions per channel), then the transpose within the cache:
+        # a transposing copy straight from S strides across every channel's row (3x slower)
+        self.Ab[:nb].copy_(self.S[..., b0 : b0 + nb].contiguous().permute(2, 0, 1))
         self._block_start = b0
 
     # -- graph-safe red cells (lcsm_compile.graphs) -------------------------------------------------
