@@ -13,6 +13,8 @@ contribution of inputs [in_start, in_start + U) to outputs [out_start, out_stop)
 out_start = in_start + U and out_stop <= out_start + U (lags 1..2U-1).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -86,9 +88,25 @@ def fft_middle(x, spectrum, U):
     return torch.fft.irfft(f, n=2 * U)[..., U:]
 
 
+FFT_CHUNK = 1 << 20  # values in one channel chunk of a batch of transforms on CPU (4 MiB in fp32)
+
+
+def channel_chunks(x, n):
+    """Slices of x's channel dim (-2) for transforms of length n: on CPU, chunks of about FFT_CHUNK
+    values, since a batch whose temporaries outgrow the caches runs much slower than the same work
+    chunk by chunk; one slice elsewhere (a GPU wants the whole batch)."""
+    C = x.shape[-2]
+    if x.device.type != "cpu":
+        return [slice(None)]
+    step = max(1, FFT_CHUNK // (n * math.prod(x.shape[:-2])))
+    return [slice(c, c + step) for c in range(0, C, step)]
+
+
 def fft_tile(X, A, spectrum, in_start, out_start, out_stop, U):
     """FFT tile on the channel-major state (X and A may be one tensor: the ranges are disjoint)."""
-    A[..., out_start:out_stop].add_(fft_middle(X[..., in_start : in_start + U], spectrum, U)[..., : out_stop - out_start])
+    m = out_stop - out_start
+    for c in channel_chunks(X, 2 * U):
+        A[..., c, out_start:out_stop].add_(fft_middle(X[..., c, in_start : in_start + U], spectrum[c], U)[..., :m])
 
 
 def fft_conv(h, x, length=None):
@@ -98,4 +116,10 @@ def fft_conv(h, x, length=None):
     P = x.shape[-1]
     length = P if length is None else length
     n = 1 << max(0, (P + length - 2).bit_length())
-    return torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(h[:, :length], n=n), n=n)[..., :length]
+    chunks = channel_chunks(x, n)
+    if len(chunks) == 1:
+        return torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(h[:, :length], n=n), n=n)[..., :length]
+    y = x.new_empty(*x.shape[:-1], length, dtype=torch.result_type(x, h))
+    for c in chunks:
+        y[..., c, :] = torch.fft.irfft(torch.fft.rfft(x[..., c, :], n=n) * torch.fft.rfft(h[c, :length], n=n), n=n)[..., :length]
+    return y

@@ -66,6 +66,20 @@ def test_float64_exact(crossover, prefill_len):
     assert rel_err(y, direct_reference(h, x)) < TOL64
 
 
+@pytest.mark.parametrize("prefill_len", [0, 37])
+def test_float64_exact_with_chunked_transforms(monkeypatch, prefill_len):
+    """On CPU the FFT tiles and the prefill's convolution run channel chunk by channel chunk; with
+    chunks of a few channels (one, at the largest tiles) the decode stays exact."""
+    from lcsm_compile.kernels import reference as kernels
+
+    monkeypatch.setattr(kernels, "FFT_CHUNK", 256)
+    C, L = 7, 300
+    assert len(kernels.channel_chunks(torch.zeros(2, C, 1), 128)) == C  # chunks of one channel at U = 64
+    h, x = random_filters(C, L, torch.float64), torch.randn(2, C, L, dtype=torch.float64)
+    y = decode(OnlineConv(h, crossover=2), x, prefill_len)
+    assert rel_err(y, direct_reference(h, x)) < TOL64
+
+
 def test_float32_long_sequence():
     C, L = 4, 16384
     h, x = random_filters(C, L), torch.randn(C, L)
