@@ -108,24 +108,34 @@ class OnlineConv:
             self.S = torch.zeros(n, self.channels, self.max_len, dtype=self.dtype, device=self.device)
             self.Xb = torch.zeros(self.block, n, self.channels, dtype=self.dtype, device=self.device)
             self.Ab = torch.zeros_like(self.Xb)
-            self._block_views = self._block_plan()
+            self._tiles, self._rows_by_slice = self._tile_views(), {}
         elif tuple(batch_shape) != self.batch_shape:
             raise ShapeError(f"x: expected batch dims {self.batch_shape} (fixed by the first call), got {tuple(batch_shape)}")
         elif io_dtype != self.io_dtype:
             raise DTypeError(f"x: expected dtype {self.io_dtype} (fixed by the first call), got {io_dtype}")
 
-    def _block_plan(self):
-        """Per block row r, views built once (indexing costs as much as a small op): its input and
-        accumulator rows [N, C], and the views of the direct tile that follows its red cell (a row's
-        tile size is fixed: the lowest set bit of r + 1), or None (an FFT tile, or the Triton path)."""
-        xrows, arows = self.Xb.unbind(0), self.Ab.unbind(0)
-        plan = []
+    def _tile_views(self):
+        """Per block row r, the views of the direct tile that follows its red cell, built once
+        (indexing costs as much as a small op): a row's tile size is fixed, the lowest set bit of
+        r + 1. None where an FFT tile follows, or on the Triton path."""
+        views = []
         for r in range(self.block):
             U = (r + 1) & -(r + 1)
             T = self.toeplitz.get(U) if r + 1 < self.block else None
-            tile = None if T is None else torch_kernels.direct_tile_views(self.Xb, self.Ab, T, r + 1 - U, r + 1, r + 1 + U)
-            plan.append((xrows[r], arows[r], tile))
-        return plan
+            views.append(None if T is None else torch_kernels.direct_tile_views(self.Xb, self.Ab, T, r + 1 - U, r + 1, r + 1 + U))
+        return views
+
+    def _row_views(self, channels):
+        """(per block row: its input and accumulator rows [N, width]; h0) of the channel slice
+        `channels` (None: all), built on first use: a bank shared by several convolutions gets
+        each one's red cells on its own views."""
+        key = None if channels is None else (channels.start, channels.stop, channels.step)
+        views = self._rows_by_slice.get(key)
+        if views is None:
+            sl = slice(None) if channels is None else channels
+            rows = tuple(zip(self.Xb[:, :, sl].unbind(0), self.Ab[:, :, sl].unbind(0)))
+            views = self._rows_by_slice[key] = (rows, self.h0 if channels is None else self.h0[sl])
+        return views
 
     def _check_input(self, x, name, time_axis, width):
         if not isinstance(x, torch.Tensor):
@@ -142,7 +152,7 @@ class OnlineConv:
     def _unbind(self):
         """No state yet: the first prefill/step fixes the batch dims and IO dtype and allocates it."""
         self.batch_shape = self.io_dtype = None
-        self.S = self.Xb = self.Ab = self._block_views = None
+        self.S = self.Xb = self.Ab = self._tiles = self._rows_by_slice = None
         self.reset()
 
     def bind(self, rows, io_dtype=None):
@@ -374,11 +384,12 @@ class OnlineConv:
         r = (t - self.prefill_len) % self.block  # this position's row in the block
         if self._block_start != t - r:  # entering a new block: bring in what the prefill and FFT tiles accumulated for it
             self._load_block(t - r)
-        if channels is None and not self.use_triton:  # the update kernel, on this row's prebuilt views
-            xr, ar, _ = self._block_views[r]
+        if not self.use_triton:  # the update kernel, on this row's prebuilt views
+            rows, h0 = self._row_views(channels)
+            xr, ar = rows[r]
             nd = x.dim()  # the reshapes only where needed: each costs as much as the op itself
             xr.copy_(x if nd <= 2 else x.reshape(xr.shape))  # [C] broadcasts into the row [1, C]
-            y = torch.addcmul(ar, xr, self.h0)
+            y = torch.addcmul(ar, xr, h0)
             y = y if y.dtype == x.dtype else y.to(x.dtype)
             return y if nd == 2 else y[0] if nd == 1 else y.view(x.shape)
         y = torch.empty(x.shape, dtype=x.dtype, device=self.device)
@@ -403,7 +414,7 @@ class OnlineConv:
             elif self.use_triton:
                 self._direct(self.Xb, self.Ab, self.h, r + 1 - U, r + 1, out_stop - b0, U)
             elif out_stop - b0 == r + 1 + U:  # the whole tile: its prebuilt views
-                torch_kernels.run_direct_tile(self._block_views[r][2])
+                torch_kernels.run_direct_tile(self._tiles[r])
             else:  # cut at max_len
                 torch_kernels.direct_tile_from_toeplitz(self.Xb, self.Ab, self.toeplitz[U], r + 1 - U, r + 1, out_stop - b0, U)
         self.position = t + 1

@@ -147,6 +147,13 @@ class _EmulatedGraph:
         return [swap(t) for t in self.outputs]
 
 
+_aten = torch.ops.aten
+# ops that answer from a tensor's metadata (under inference mode some composite ops query sizes
+# through the dispatcher): host values a CUDA graph capture allows, unlike a read of device data
+_METADATA = {_aten.sym_size, _aten.sym_stride, _aten.sym_numel, _aten.sym_storage_offset, _aten.dim,
+             _aten.is_contiguous}
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, host_ids):
         super().__init__()
@@ -163,6 +170,8 @@ class _Recorder(TorchDispatchMode):
             results = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
             self.keep += results
             self.host.update(id(t) for t in results)
+            return out
+        if func.overloadpacket in _METADATA:  # sizes and strides: no device value is read, nothing to replay
             return out
         if not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)) and pytree.tree_leaves(out):
             raise GraphCaptureError(f"the step reads a device value on the host ({func}): a captured step cannot")

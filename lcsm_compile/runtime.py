@@ -7,6 +7,7 @@ independent and can be interleaved.
 """
 
 import copy
+import functools
 import time
 
 import torch
@@ -304,6 +305,21 @@ def _contiguous_strides(shape):
     return tuple(reversed(strides))
 
 
+def _inference(method):
+    """A Session method run in inference mode: no op of a decode records autograd state or bumps a
+    version counter (on CPU that bookkeeping is a large part of a small model's step), and the state
+    is created and updated there. Outputs come back as ordinary tensors, so callers may modify them
+    in place (an inference tensor refuses that outside inference mode)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with torch.inference_mode():
+            out = method(self, *args, **kwargs)
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t, out)
+
+    return run
+
+
 class Session:
     """One decode of N rows. `prefill(prompt)` starts every row (at one position, or left-padded
     prompts with `attention_mask`, each row from its first real token); `add(prompt)` and
@@ -390,6 +406,7 @@ class Session:
                 raise LcsmError(f"{what}: rows at their own positions read position table {const.name} one row per "
                                 f"batch row, which this table does not allow: {const.rows_why}")
 
+    @_inference
     def prefill(self, prompt, attention_mask=None):
         """Run the prompt [B, P, ...] at once; returns the model's outputs for every prompt position.
 
@@ -435,6 +452,7 @@ class Session:
         state.positions[rows], state.live[rows] = prompt.shape[1], True
         return out
 
+    @_inference
     def add(self, prompt):
         """Prefill a new sequence, prompt [1, P, ...], into a free row between steps (continuous
         batching); returns (row, the model's outputs for the prompt). The other rows' state is
@@ -453,6 +471,7 @@ class Session:
         self._recapture()
         return row, self._prefill_rows(prompt, torch.tensor([row]))
 
+    @_inference
     def remove(self, row):
         """Free `row` (its sequence is done); add() may fill it again. The other rows are untouched."""
         state = self.state
@@ -466,6 +485,7 @@ class Session:
             state.bank.release([row])
         state.live[row], state.positions[row] = False, 0
 
+    @_inference
     def step(self, x):
         """Take the input at every row's next position (a length-1 slice along the sequence dim,
         e.g. ids [N, 1]; free rows' inputs are ignored); returns the model's outputs for those
