@@ -25,7 +25,7 @@ def update(Xb, Ab, x, h0, t, y):
     Xb, Ab: [B, N, C] state dtype; x: [N, C] (any float dtype); h0: [C] state dtype; y: [N, C].
     """
     xt = Xb[t]
-    xt.copy_(x)  # select + copy_: a third of what item assignment costs, on the hot path
+    xt.copy_(x)  # select + copy_: cheaper than item assignment, on the hot path
     if y.dtype == Xb.dtype:
         torch.addcmul(Ab[t], xt, h0, out=y)
     else:

@@ -425,7 +425,7 @@ class OnlineConv:
         """Bring into Ab what the prefill and the FFT tiles accumulated for the block starting at b0."""
         nb = min(self.block, self.max_len - b0)
         # its rows first (nb contiguous positions per channel), then the transpose within the cache:
-        # a transposing copy straight from S strides across every channel's row (3x slower)
+        # a transposing copy straight from S strides across every channel's row, which is much slower
         self.Ab[:nb].copy_(self.S[..., b0 : b0 + nb].contiguous().permute(2, 0, 1))
         self._block_start = b0
 
