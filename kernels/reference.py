@@ -24,12 +24,17 @@ def update(Xb, Ab, x, h0, t, y):
 
     Xb, Ab: [B, N, C] state dtype; x: [N, C] (any float dtype); h0: [C] state dtype; y: [N, C].
     """
-    xt = Xb[t]
-    xt.copy_(x)  # select + copy_: cheaper than item assignment, on the hot path
-    if y.dtype == Xb.dtype:
-        torch.addcmul(Ab[t], xt, h0, out=y)
-    else:
-        y.copy_(torch.addcmul(Ab[t], xt, h0))
+    same = y.dtype == Xb.dtype
+    out = update_row(Xb[t], Ab[t], x, h0, out=y if same else None)
+    if not same:
+        y.copy_(out)
+
+
+def update_row(xr, ar, x, h0, out=None):
+    """update() on one block row's views xr, ar [N, C] (the engine builds them once per row):
+    stores x (broadcast into the row), returns A + h0 * x in the state dtype (into `out` if given)."""
+    xr.copy_(x)
+    return torch.addcmul(ar, xr, h0, out=out) if out is not None else torch.addcmul(ar, xr, h0)
 
 
 def update_at(Xb, Ab, x, h0, row, y):
@@ -116,10 +121,13 @@ def fft_conv(h, x, length=None):
     P = x.shape[-1]
     length = P if length is None else length
     n = 1 << max(0, (P + length - 2).bit_length())
+    def conv(xs, hs):
+        return torch.fft.irfft(torch.fft.rfft(xs, n=n) * torch.fft.rfft(hs, n=n), n=n)[..., :length]
+
     chunks = channel_chunks(x, n)
-    if len(chunks) == 1:
-        return torch.fft.irfft(torch.fft.rfft(x, n=n) * torch.fft.rfft(h[:, :length], n=n), n=n)[..., :length]
+    if len(chunks) == 1:  # no copy into an output buffer
+        return conv(x, h[:, :length])
     y = x.new_empty(*x.shape[:-1], length, dtype=torch.result_type(x, h))
     for c in chunks:
-        y[..., c, :] = torch.fft.irfft(torch.fft.rfft(x[..., c, :], n=n) * torch.fft.rfft(h[c, :length], n=n), n=n)[..., :length]
+        y[..., c, :] = conv(x[..., c, :], h[c, :length])
     return y

@@ -78,8 +78,6 @@ class OnlineConv:
         self.use_triton = kernels == "triton" or (kernels == "auto" and self.device.type == "cuda" and triton_usable(self.device))
         if self.use_triton:  # imported only here: importing triton is slow and CPU users never need it
             self._update, self._direct = KERNELS["update"].launcher(), KERNELS["direct_tile"].launcher()
-        else:
-            self._update = torch_kernels.update
         self.crossover = crossover_for(self.device) if crossover is None else int(crossover)
 
         # Direct tiles run on the time-major block, FFT tiles on the channel-major state
@@ -388,11 +386,10 @@ class OnlineConv:
             rows, h0 = self._row_views(channels)
             xr, ar = rows[r]
             nd = x.dim()  # the reshapes only where needed: each costs as much as the op itself
-            xr.copy_(x if nd <= 2 else x.reshape(xr.shape))  # [C] broadcasts into the row [1, C]
-            y = torch.addcmul(ar, xr, h0)
+            y = torch_kernels.update_row(xr, ar, x if nd <= 2 else x.reshape(xr.shape), h0)  # [C] broadcasts into [1, C]
             y = y if y.dtype == x.dtype else y.to(x.dtype)
             return y if nd == 2 else y[0] if nd == 1 else y.view(x.shape)
-        y = torch.empty(x.shape, dtype=x.dtype, device=self.device)
+        y = torch.empty(x.shape, dtype=x.dtype, device=self.device)  # the Triton update kernel
         self._update(self.Xb[:, :, sl], self.Ab[:, :, sl], x.reshape(-1, width), self.h0[sl], r, y.view(-1, width))
         return y
 
