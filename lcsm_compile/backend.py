@@ -258,7 +258,7 @@ def _plan(gm, example_inputs):
         if o not in from_input:  # model state written back (self.table = ...): not decoded, recomputed
             out_dims.append(None)
             continue
-        sdims = [d for d, s in enumerate(val.shape) if sym_expr(s) == length]
+        sdims = [d for d, s in enumerate(val.shape) if _is_length(sym_expr(s), length)]
         if len(sdims) != 1:
             raise _Fallback(f"graph output {o} of shape {tuple(val.shape)} has no single sequence axis")
         out_dims.append(sdims[0])
@@ -267,6 +267,13 @@ def _plan(gm, example_inputs):
     modules = [frame_locals["self"]] if isinstance(frame_locals.get("self"), nn.Module) else []
     modules += [v for v in frame_locals.values() if isinstance(v, nn.Module)]
     return InputPlan(plan.roles, plan.input_index, length, out_dims, modules[0] if modules else None)
+
+
+def _is_length(size, length):
+    """size is the sequence length: L, or Min(c, L) (positions cut to a table's reach c), which the
+    analysis later proves equal to L over the served lengths (or declines)."""
+    return size == length or (type(size).__name__ == "Min" and length in size.args  # sympy's or torch's Min
+                              and all(a == length or a.is_Integer for a in size.args))
 
 
 def _value_closure(x):

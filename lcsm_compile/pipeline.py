@@ -273,6 +273,17 @@ def _report(ctx):
                                            f"({cap.note or 'the length was specialised'}); decoding needs a graph "
                                            "with a symbolic length"))
         rejected = cands[-1:]
+    # serve what was asked, or say at once why not (a graph dynamo handed the backend is guarded by
+    # dynamo: a longer input gets a graph of its own)
+    if cap.symbolic and cap.max_len < ctx.max_len and not isinstance(ctx.source, capture.DynamoSource):
+        cands.append(Candidate(name="model", spelling="capture", kind="capture", verdict=Verdict.REJECTED,
+                               reason=Reason.CAPTURE_FAILED, max_len=cap.max_len,
+                               explanation=f"max_len={ctx.max_len} cannot be served: the captured graph is valid for "
+                                           f"lengths [{cap.min_len}, {cap.max_len}] only (torch.export bounded the "
+                                           f"length: the model's Python code compares it with a size of its own, such "
+                                           f"as a table or a cache of {cap.max_len} positions); pass max_len <= "
+                                           f"{cap.max_len}, or clear the model's cached state"))
+        rejected = rejected + cands[-1:]
     decodable = bool(accepted) and not rejected and not failed and all(r["passed"] for r in safety.values())
     info = CaptureInfo(cap.level, cap.symbolic, str(cap.length_symbol if cap.symbolic else cap.example_length),
                        cap.example_length, cap.max_len, cap.note)

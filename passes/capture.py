@@ -160,6 +160,13 @@ def _dynamic_specs(example_inputs, max_len, batch):
     return tuple(specs)
 
 
+def cut_length(example_inputs, length):
+    """The example with every input as long as the first cut to its first `length` positions."""
+    L = example_inputs[0].shape[1]
+    return tuple(t[:, :length] if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[1] == L else t
+                 for t in example_inputs)
+
+
 def _two_rows(example_inputs):
     """The example with every input of the first input's batch 1 repeated to batch 2."""
     return tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[0] == 1 else t
@@ -191,8 +198,13 @@ def capture_export(model, example_inputs, max_len, dynamic=True, decompose=False
     if dynamic:
         errors = []
         # export specializes a dim of size 1, so a batch-1 example is exported as two copies of
-        # itself for a dynamic batch (sessions of any batch, rows joining and leaving)
-        attempts = [(_two_rows(example_inputs) if x.shape[0] == 1 else example_inputs, True), (example_inputs, False)]
+        # itself for a dynamic batch (sessions of any batch, rows joining and leaving). A length that
+        # meets a size of the model's (an example as long as the table `pos[:L]` slices) makes the
+        # slice's clamp guard L >= size and specializes L: the same example one position shorter
+        # takes the general branch, so it is tried next.
+        cut = [cut_length(example_inputs, x.shape[1] - 1)] if x.shape[1] > 3 else []
+        attempts = [(_two_rows(inputs) if x.shape[0] == 1 else inputs, True) for inputs in [example_inputs] + cut]
+        attempts += [(inputs, False) for inputs in [example_inputs] + cut]
         for inputs, batch in attempts:
             try:
                 ep = _export(model, inputs, _dynamic_specs(inputs, max_len, batch))
@@ -211,7 +223,7 @@ def capture_export(model, example_inputs, max_len, dynamic=True, decompose=False
         ep = ep.run_decompositions()
     gm = ep.module()
     roles = {n: "input" for n in gm.graph.nodes if n.op == "placeholder"}
-    cap = Captured(gm, level, tuple(example_inputs), roles, None, int(x.shape[1]), int(max_len), note=note)
+    cap = Captured(gm, level, tuple(example_inputs), roles, None, int(example_inputs[0].shape[1]), int(max_len), note=note)
     _set_symbols(cap)
     if cap.symbolic:
         rng = ep.range_constraints.get(cap.length_symbol)
@@ -666,17 +678,17 @@ def run(model, ctx):
         raise CaptureError("; ".join(failures))
     if failures and cap.symbolic:
         cap.note = "; ".join([f"fell back to the {cap.level} capture after {'; '.join(failures)}"] + ([cap.note] if cap.note else []))
-    L = cap.example_length
-    other = max(cap.min_len, (2 * min(L, 48)) // 3)
-    if cap.symbolic and other != L and not faithful(cap, model, other):
-        note = (f"the {cap.level} graph differs from the model at L={other} (a length-dependent value was "
+    L = int(ctx.example_inputs[0].shape[1])
+    # checked at a shorter length, and at the example's own when export took it one position shorter
+    others = {max(cap.min_len, (2 * min(L, 48)) // 3), L} - {cap.example_length}
+    unfaithful = [o for o in sorted(others) if not faithful(cap, model, o)] if cap.symbolic else []
+    if unfaithful:
+        note = (f"the {cap.level} graph differs from the model at L={unfaithful[0]} (a length-dependent value was "
                 f"specialized); analysed concrete captures instead")
         cap = capture(model, ctx.example_inputs, cap.level, ctx.max_len, dynamic=False)
         cap.note = note
     if not cap.symbolic and L > 2:
-        short = tuple(t[:, : L - L // 4] if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[1] == L else t
-                      for t in ctx.example_inputs)
-        ctx.alt_cap = capture(model, short, cap.level, L - L // 4, dynamic=False)
+        ctx.alt_cap = capture(model, cut_length(ctx.example_inputs, L - L // 4), cap.level, L - L // 4, dynamic=False)
         cap.alt_shapes, ctx.alt_cap.alt_shapes = _shapes(ctx.alt_cap), _shapes(cap)
     return cap
 

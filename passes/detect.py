@@ -19,7 +19,7 @@ import torch.fx
 
 from lcsm_compile.passes.capture import meta_value, sym_expr
 
-SHORT_MAX = 32  # conv1d kernels up to this many taps are "short" (ring buffer); longer are "long"
+SHORT_MAX = 32  # conv1d kernels reaching up to this many lags are "short" (ring buffer); longer are "long"
 _SPECTRAL_WALK = {"mul", "div", "einsum", "cast", "identity", "slice", "index", "unsqueeze", "expand", "reshape",
                   "permute", "transpose", "complex_view", "squeeze", "pointwise", "add", "sub"}
 TRANSPARENT = {"cast", "identity"}  # ops that pass a value through unchanged (strip, attention)
@@ -389,11 +389,14 @@ def match_conv1d(cnode, canon, info):
     if len(users) == 1 and canon[users[0]].op == "slice" and canon[users[0]].params["dim"] == nd - 1:
         start = canon[users[0]].params["start"]
         out = users[0]
-    short = isinstance(K, int) and K <= SHORT_MAX
+    # output t reads inputs t - (left - start) .. t - (left - start) + dil*(K-1): the filter's lags
+    # reach left - start (a dilated kernel of 2 taps can reach far), read from the op, never sampled
+    reach = left - start + 1 if _positive(left - start + 1) else dil * (K - 1) + 1
+    short = isinstance(reach, int) and reach <= SHORT_MAX
     m = Match("conv1d", cnode, x, out, "short" if short else "long", out_slice=(start, None),
               padding=(left, pad + right_extra))
     m.filter_nodes = _static_closure([w] + ([p["bias"]] if isinstance(p["bias"], torch.fx.Node) else []), info)
-    m.filter_length = dil * (K - 1) + 1
+    m.filter_length = reach
     cin = sym_expr(meta_value(x).shape[1]) if meta_value(x).dim() == 3 else 1
     cout = sym_expr(wv.shape[0])
     nd_in = meta_value(x).dim()
@@ -412,6 +415,18 @@ def match_conv1d(cnode, canon, info):
                      f"left padding {left} < kernel reach {dil * (K - 1)} (+ slice start {start}): "
                      f"output t reads inputs up to t+{start + dil * (K - 1) - left}")
     return _finish(m, canon, info, extra)
+
+
+# ---- running sums -------------------------------------------------------------------------------
+
+def match_scan(node, canon, info):
+    """cumsum over positions: y_t = sum_{s<=t} x_s, a long causal convolution with the all-ones filter
+    (a running-sum normaliser, a running mean before its division by t + 1)."""
+    x = strip(canon[node].inputs[0], canon)
+    m = Match("cumsum", node, x, node, "long")
+    letters = "abcdefghijk"[: meta_value(x).dim()]
+    m.input_map = f"{letters}->{letters}"
+    return _finish(m, canon, info)
 
 
 # ---- causal delays ------------------------------------------------------------------------------
@@ -476,6 +491,8 @@ def run(canon, ctx):
                 matches.append(m)
         elif c.op == "conv1d":
             matches.append(match_conv1d(node, canon, info))
+        elif c.op == "scan" and c.fn == "cumsum":
+            matches.append(match_scan(node, canon, info))
     for node in canon:
         if info[node].cls == "delay":
             matches.append(match_delay(node, canon, info))

@@ -32,11 +32,12 @@ def rel_err(a, b):
     return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
 
 
-def check_lengths(cap):
-    """Lengths the numeric checks run at: small (cheap) and distinct when the capture is symbolic."""
+def check_lengths(cap, reach=0):
+    """Lengths the numeric checks run at: small (cheap) and distinct when the capture is symbolic; the
+    longer one past `reach` (a short convolution's lags), so every tap is seen."""
     if not cap.symbolic:
         return (cap.example_length,)
-    la = max(cap.min_len, min(cap.example_length, cap.max_len, 48))
+    la = max(cap.min_len, min(max(min(cap.example_length, 48), reach + 1), cap.max_len))
     lb = max(cap.min_len, (2 * la) // 3)
     return (la, lb) if lb != la else (la,)
 
@@ -229,7 +230,10 @@ def candidate_for(m, runner, cap, alt=None):
     # 2-3. numbers first: a symbolic shape can be stale (dynamo's fake linspace(0, 1, L) has a fixed
     # size), the evaluated graph cannot
     try:
-        lengths = check_lengths(cap)
+        reach = m.filter_length
+        if m.kind == "short" and m.mixer is not None:  # a registered short op reaches as far as its declared filter
+            reach = int(_registered_filter(m, runner, cap, cap.example_length)[0].shape[-1])
+        lengths = check_lengths(cap, reach if m.kind == "short" and isinstance(reach, int) else 0)
         meas = [measure(m, runner, cap, L) for L in lengths]
         Lm = cap.max_len if cap.symbolic else cap.example_length
     except NeedsActivation as exc:
@@ -274,9 +278,17 @@ def candidate_for(m, runner, cap, alt=None):
     cand.verdict, cand.reason, cand.offending = Verdict.ACCEPTED, None, None
     cand.channels = first["h"].shape[0]
     taps = None
-    if m.kind == "short":  # a short conv's taps are its weight's reach: they never grow with L
+    if m.kind == "short":  # a short conv's taps are the op's reach (kernel, dilation, padding, delay): read, not sampled
+        taps = reach
+        if not (isinstance(taps, int) and taps >= 1):
+            return reject(Reason.NUMERIC_MISMATCH, node, f"a short convolution whose reach {taps} is not a known int")
+        if not cap.symbolic and taps > lengths[0]:
+            return reject(Reason.CAPTURE_FAILED, node, f"the filter reaches {taps} lags, past the example's length "
+                                                       f"{lengths[0]}: pass a longer example")
         nz = torch.nonzero(first["h"].abs().sum(0)).flatten()
-        taps = int(nz.max()) + 1 if len(nz) else 1
+        if len(nz) and int(nz.max()) + 1 > taps:  # the op reads further back than its own parameters say
+            return reject(Reason.NUMERIC_MISMATCH, node, f"the impulse response reaches {int(nz.max()) + 1} lags, past "
+                                                         f"the op's reach {taps}")
         cand.filter_length = str(taps)
     wrap = f"no wrap-around: {no_wrap[1]}; " if m.fft_size is not None else ""
     cand.explanation = (f"{wrap}linear and shift-invariant; causal filter + skip reproduce the output at "

@@ -134,6 +134,10 @@ class Sizes:
                 self._is_len[e] = False
         return self._is_len[e]
 
+    def served(self, e):
+        """e, or L where e equals L over the served range."""
+        return self.L if not isinstance(self.L, int) and self.is_len(e) else e
+
     def depends(self, e):
         e = sym_expr(e)
         if isinstance(self.L, int):
@@ -373,6 +377,9 @@ class Analysis:
         nd = meta_value(x).dim()
         dims = set(range(nd)) if dims is None else {d % nd if nd else d for d in dims}
         if t.axis.dim in dims:
+            if name == "cumsum" and t.axis.aligned and t.axis.inner == 1 and dims == {t.axis.dim}:
+                # y_t = sum_{s<=t} x_s: a causal convolution with the all-ones filter
+                return TimeInfo("activation", Axis(t.axis.dim), "conv_part", "a running sum over positions")
             raise Mixing(f"{name} over positions")
         outs = _tensors(meta_value(node))
         parts = []
@@ -589,7 +596,9 @@ def _reshape(analysis, node, args):
     if t.axis is None:
         return analysis.local(None)
     a = t.axis
-    ins, outs = _shape(meta_value(x)), _shape(meta_value(node))
+    # a size equal to L over the served range (Min(l_max, L) with max_len <= l_max) is L: the
+    # divisibility questions below are polynomial in L only
+    ins, outs = ([analysis.sizes.served(s) for s in _shape(meta_value(v))] for v in (x, node))
     if not a.aligned and not a.freq:
         # a shifted value may only be reshaped around its axis (unsqueeze / squeeze of other dims)
         before, after = _prod(ins[: a.dim]), _prod(ins[a.dim + 1:])

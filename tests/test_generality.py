@@ -112,3 +112,97 @@ def test_wrap_around_names_how_far_the_filters_reach():
     x = torch.randn(2, 65, C)
     with torch.no_grad():
         assert rel_err(decode(decoder, x, 1), model(x)) < 1e-5
+
+
+# ---- issue 19: third-party code as it is written ---------------------------------------------------
+
+
+class Dilated(nn.Module):
+    """Two taps, dilation 64, left padding 64: its lags reach 64 though the kernel has 2 taps."""
+
+    def __init__(self, dilation=64, k=2):
+        super().__init__()
+        self.dilation, self.k = dilation, k
+        self.w = nn.Parameter(torch.randn(C, 1, k))
+
+    def forward(self, x):
+        u = x.transpose(1, 2)
+        y = nn.functional.conv1d(nn.functional.pad(u, ((self.k - 1) * self.dilation, 0)), self.w, groups=C,
+                                 dilation=self.dilation)
+        return torch.tanh(y).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dilation, kind", [(8, "short"), (64, "long")])
+def test_dilated_convolutions_reach_what_the_op_says_without_the_safety_net(dilation, kind):
+    """The filter's reach is read from kernel size, dilation and padding, not sampled at a short
+    length: accepted means exact with validate=False (64 lags: past the check lengths, decoded long)."""
+    model = Dilated(dilation)
+    decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=160, validate=False)
+    (site,) = decoder.sites
+    assert site.kind == kind and decoder.report.accepted[0].filter_length == ("9" if kind == "short" else "65")
+    x = torch.randn(2, 160, C)
+    with torch.no_grad():
+        assert rel_err(decode(decoder, x, 5), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["wavenet_dilated", "hyena_table_example_at_max_len", "hyena_min_cut_heads"])
+def test_third_party_styles_decode_without_the_safety_net(name):
+    """A dilation tree, an example as long as max_len over a sliced table, a Min(l_max, L) cut with
+    heads split on it: each accepted by the analysis alone and exact."""
+    from examples.models import get
+
+    entry = get(name)
+    model, example = entry.build()
+    decoder = lcsm_compile.optimize(model, example, max_len=model.max_len, validate=False)
+    kinds = [s.kind for s in decoder.sites]
+    assert (kinds.count("long"), kinds.count("short")) == (entry.n_long, entry.n_short)
+    x = torch.randint(0, 64, (2, 200))
+    with torch.no_grad():
+        assert rel_err(decode(decoder, x, 9), model(x)) < 1e-5
+
+
+class BoundedByACache(nn.Module):
+    """Adds a cache of 48 positions while L fits in it: export bounds L to [2, 48]."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(C, C)
+        self.register_buffer("cache", torch.randn(48, C))
+
+    def forward(self, x):
+        L = x.shape[1]
+        if L <= self.cache.shape[0]:
+            x = x + self.cache[:L]
+        return self.proj(x.cumsum(1))
+
+
+def test_max_len_is_served_or_refused_at_once_naming_the_limit():
+    with pytest.raises(NotDecodable) as err:
+        lcsm_compile.optimize(BoundedByACache(), (torch.randn(2, 16, C),), max_len=100)
+    (cand,) = [c for c in err.value.report.rejected if c.reason is Reason.CAPTURE_FAILED]
+    assert "max_len=100 cannot be served" in cand.explanation and "max_len <= 48" in cand.explanation
+    decoder = lcsm_compile.optimize(BoundedByACache(), (torch.randn(2, 16, C),), max_len=48)
+    assert decoder.max_len == 48
+
+
+class RunningMean(nn.Module):
+    """A running-mean normaliser: cumsum over positions divided by t + 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        t = torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[None, :, None]
+        centred = x - x.cumsum(1) / t
+        return self.proj(centred * torch.rsqrt(torch.cumsum(centred * centred, dim=1) / t + 1e-3))
+
+
+def test_cumsum_over_positions_is_the_all_ones_convolution():
+    model = RunningMean().double()
+    decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C, dtype=torch.float64),), max_len=96, validate=False)
+    assert [c.spelling for c in decoder.report.accepted] == ["cumsum", "cumsum"]
+    assert torch.equal(decoder.report.accepted[0].conv.h, torch.ones(C, 96, dtype=torch.float64))
+    x = torch.randn(2, 96, C, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(decode(decoder, x, 3), model(x)) < 1e-12

@@ -12,7 +12,7 @@ from typing import Callable
 import torch.nn as nn
 
 from examples.models import conv1d_long, continuous, h3, hyena, hyenadna, m2, multihead_hyena, negatives, s4d
-from examples.models import multiquery_conv, positional, s4d_glu, striped_hyena, token_shift, zoology
+from examples.models import length_in_python, multiquery_conv, positional, s4d_glu, striped_hyena, token_shift, wavenet, zoology
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ ZOO: list[ZooEntry] = [
     _pos("hyena_cached_pe", positional.build_cached, n_long=2, n_short=2, one_graph=False),
     _pos("hyena_alternating_sign", positional.build_alternating, n_long=2, n_short=2),  # s[:, 1::2] *= -1
     _pos("multiquery_long_conv", multiquery_conv.build, n_long=2, n_short=0),  # B, L = x.shape; repeat; normalize; tensordot
+    # Third-party styles (issue 19): reach read from the op; the length read in Python
+    _pos("wavenet_dilated", wavenet.build, n_long=2, n_short=6),  # kernel 2, dilations 1..64: 3 rings + 1 long, x2 (filter, gate)
+    _pos("hyena_table_example_at_max_len", length_in_python.build_table_at_max_len, n_long=1, n_short=1),  # pos[:L], example L = max_len
+    _pos("hyena_min_cut_heads", length_in_python.build_min_cut_heads, n_long=1, n_short=1),  # min(L, l_max) cut, heads split
     _neg("neg_bidirectional", negatives.build_bidirectional, "BIDIRECTIONAL_FILTER"),
     _neg("neg_wrap_around", negatives.build_wrap_around, "WRAP_AROUND"),
     _neg("neg_length_dependent_filter", negatives.build_length_dependent, "FILTER_DEPENDS_ON_LENGTH"),
