@@ -173,9 +173,12 @@ def _two_rows(example_inputs):
                  for t in example_inputs)
 
 
-def _export(model, example_inputs, specs):
+def _export(model, example_inputs, specs, frozen=()):
     with preserved_state(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export's own notes (attributes assigned in forward, ...)
+        for m, name, value in frozen:  # a plain value: a branch on it is taken as it stands now
+            del m._buffers[name]
+            object.__setattr__(m, name, value)
         ep = torch.export.export(model, tuple(_fresh(example_inputs)), dynamic_shapes=specs, strict=False)
         if any(_mutates(n) for n in ep.graph.nodes):
             ep = ep.run_decompositions({})  # functionalize: in-place writes become explicit dataflow
@@ -186,53 +189,78 @@ def _mutates(node):
     return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
 
 
+def _scalar_state(model):
+    """(module, name, value) of every one-element integer or bool buffer: a flag set on first use, a
+    step count. Export cannot branch on a buffer's value (a data-dependent guard); frozen to its
+    value now, the branch is the one every later call takes."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [(m, n, b.item()) for m in model.modules() for n, b in m._buffers.items()
+            if b is not None and b.numel() == 1 and not (b.is_floating_point() or b.is_complex())]
+
+
+def _first_export(model, attempts, max_len, frozen=()):
+    """(ep, inputs, errors): the first of the (inputs, dynamic batch or not, dynamic at all) attempts export takes."""
+    errors = []
+    for inputs, batch, dynamic in attempts:
+        try:
+            return _export(model, inputs, _dynamic_specs(inputs, max_len, batch) if dynamic else None, frozen), inputs, errors
+        except Exception as exc:  # noqa: BLE001 - any exporter failure: try the next capture
+            errors.append(exc)
+    return None, None, errors
+
+
 def capture_export(model, example_inputs, max_len, dynamic=True, decompose=False, level="export"):
     """torch.export with the sequence dynamic in [2, max_len] (and the batch, where export allows);
-    a concrete export if that fails. In-place ops are functionalized.
+    a concrete export if that fails. In-place ops are functionalized. Where export cannot branch on
+    the value of a flag or counter buffer, it is frozen to its present value (said in the note).
 
     decompose: lower to the core ATen opset (rfft -> constant_pad_nd + _fft_r2c, conv1d ->
     convolution, ...), the spelling other exporters hand over.
     """
     x = example_inputs[0]
-    note, ep = "", None
-    if dynamic:
-        errors = []
-        # export specializes a dim of size 1, so a batch-1 example is exported as two copies of
-        # itself for a dynamic batch (sessions of any batch, rows joining and leaving). A length that
-        # meets a size of the model's (an example as long as the table `pos[:L]` slices) makes the
-        # slice's clamp guard L >= size and specializes L: the same example one position shorter
-        # takes the general branch, so it is tried next.
-        cut = [cut_length(example_inputs, x.shape[1] - 1)] if x.shape[1] > 3 else []
-        attempts = [(_two_rows(inputs) if x.shape[0] == 1 else inputs, True) for inputs in [example_inputs] + cut]
-        attempts += [(inputs, False) for inputs in [example_inputs] + cut]
-        for inputs, batch in attempts:
-            try:
-                ep = _export(model, inputs, _dynamic_specs(inputs, max_len, batch))
-                example_inputs = inputs
-                break
-            except Exception as exc:  # noqa: BLE001 - any exporter failure: try the next capture
-                errors.append(exc)
-        if ep is None:
-            note = f"dynamic export failed ({_first_line(errors[-1], 1)}); captured at concrete L={x.shape[1]}"
+    # export specializes a dim of size 1, so a batch-1 example is exported as two copies of itself
+    # for a dynamic batch (sessions of any batch, rows joining and leaving). A length that meets a
+    # size of the model's (an example as long as the table `pos[:L]` slices) makes the slice's
+    # clamp guard L >= size and specializes L: the same example one position shorter takes the
+    # general branch, so it is tried next. The concrete export comes last.
+    cut = [cut_length(example_inputs, x.shape[1] - 1)] if dynamic and x.shape[1] > 3 else []
+    attempts = [(_two_rows(inputs) if x.shape[0] == 1 else inputs, True, True) for inputs in [example_inputs] + cut]
+    attempts = (attempts + [(inputs, False, True) for inputs in [example_inputs] + cut] if dynamic else []) \
+        + [(example_inputs, False, False)]
+    ep, inputs, errors = _first_export(model, attempts, max_len)
+    frozen, notes = (), []
+    if ep is None and any("data-dependent" in str(e) for e in errors) and _scalar_state(model):
+        frozen = _scalar_state(model)
+        ep, inputs, errors = _first_export(model, attempts, max_len, frozen)
     if ep is None:
-        try:
-            ep = _export(model, example_inputs, None)
-        except Exception as exc:  # noqa: BLE001
-            raise CaptureError(_first_line(exc)) from None
+        raise CaptureError(_first_line(errors[-1])) from None
+    if frozen:
+        notes.append("branches on " + ", ".join(f"{type(m).__name__}.{n} = {v}" for m, n, v in frozen)
+                     + " taken as they stand now (export cannot branch on a buffer's value)")
     if decompose:
         ep = ep.run_decompositions()
     gm = ep.module()
+    # export's input guards: the range's bounds, and where a size met the hint, L != that size (a
+    # slice clamp's branch). The graph's arithmetic is what the model computes wherever it is
+    # checked numerically (faithful, the safety net, the translation validation); a step has L = 1.
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        gm.graph.erase_node(node)
+    gm.recompile()
     roles = {n: "input" for n in gm.graph.nodes if n.op == "placeholder"}
-    cap = Captured(gm, level, tuple(example_inputs), roles, None, int(example_inputs[0].shape[1]), int(max_len), note=note)
+    cap = Captured(gm, level, tuple(inputs), roles, None, int(inputs[0].shape[1]), int(max_len))
     _set_symbols(cap)
+    if dynamic and not cap.symbolic:
+        notes.insert(0, f"dynamic export failed ({_first_line(errors[-1], 1)}); captured at concrete L={x.shape[1]}")
     if cap.symbolic:
         rng = ep.range_constraints.get(cap.length_symbol)
         if rng is not None:
             lo, hi = int(rng.lower), int(min(rng.upper, max_len))
             cap.min_len = lo
             if hi < max_len:
-                cap.note = f"export narrowed the served lengths to [{lo}, {hi}]"
+                notes.append(f"export narrowed the served lengths to [{lo}, {hi}]")
                 cap.max_len = hi
+    cap.note = "; ".join(notes)
     return cap
 
 

@@ -86,9 +86,6 @@ def run(captured, candidates, position_constants=(), attention=()) -> DecodeProg
 def _rewrite(source, sites, attention=(), *, step, tables=()):
     gm = copy.deepcopy(source)
     graph = gm.graph
-    for node in list(graph.nodes):  # export's input guards pin L >= 2; a step has L = 1
-        if node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)
     names = {n.name: n for n in graph.nodes}
     user_inputs = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_before(user_inputs[0]):

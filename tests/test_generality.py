@@ -206,3 +206,76 @@ def test_cumsum_over_positions_is_the_all_ones_convolution():
     x = torch.randn(2, 96, C, dtype=torch.float64)
     with torch.no_grad():
         assert rel_err(decode(decoder, x, 3), model(x)) < 1e-12
+
+
+class CachedKernel(nn.Module):
+    """S4-style: the kernel is computed at l_max on the first eval forward and kept in the module."""
+
+    def __init__(self, l_max=128):
+        super().__init__()
+        self.l_max = l_max
+        self.log_dt = nn.Parameter(-3 * torch.rand(C))
+        self.A = nn.Parameter(-torch.rand(C, 4))
+        self.B = nn.Parameter(torch.randn(C, 4))
+        self._kernel = None
+
+    def kernel(self):
+        t = torch.arange(self.l_max, dtype=torch.float32)
+        return (self.B[:, :, None] * torch.exp(self.A[:, :, None] * self.log_dt.exp()[:, None, None] * t)).sum(1)
+
+    def forward(self, x):
+        if self.training or self._kernel is None:
+            k = self.kernel()
+            if not self.training:
+                self._kernel = k
+        else:
+            k = self._kernel
+        L, u = x.shape[1], x.transpose(1, 2)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(k[:, :L], n=2 * L), n=2 * L)[..., :L]
+        return torch.tanh(y.transpose(1, 2) + x)
+
+
+class FirstUseFlag(nn.Module):
+    """A buffer set on first use (a data-dependent init, as in any loaded checkpoint): export cannot
+    branch on its value, so it is frozen to the value it has now."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("scale", torch.ones(C))
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        if not self.initialized:
+            self.scale.copy_(1.0 / x.detach().std(dim=(0, 1)).clamp_min(1e-3))
+            self.initialized.fill_(True)
+        return self.proj(torch.cumsum(x * self.scale, dim=1))
+
+
+def test_the_verdict_does_not_depend_on_what_the_model_did_before():
+    """A model run before optimize (its kernel cached in the module) gets the verdict and max_len
+    of a fresh copy, and decodes exactly without the safety net."""
+    fresh, used = CachedKernel().eval(), CachedKernel().eval()
+    used.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        used(torch.randn(2, 40, C))
+    example = (torch.randn(2, 16, C),)
+    first = lcsm_compile.optimize(fresh, example, max_len=96, validate=False)
+    second = lcsm_compile.optimize(used, example, max_len=96, validate=False)
+    assert first.max_len == second.max_len == 96
+    assert [c.spelling for c in first.report.accepted] == [c.spelling for c in second.report.accepted] == ["fft_conv"]
+    x = torch.randn(2, 96, C)
+    with torch.no_grad():
+        assert rel_err(decode(second, x, 4), used(x)) < 1e-5
+
+
+def test_a_branch_on_a_buffer_set_on_first_use_is_taken_as_it_stands():
+    model = FirstUseFlag().eval()
+    with torch.no_grad():
+        model(torch.randn(2, 40, C))  # initialized, as a loaded checkpoint is
+    decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=96, validate=False)
+    assert "FirstUseFlag.initialized = True taken as they stand now" in decoder.report.capture.note
+    x = torch.randn(2, 96, C)
+    with torch.no_grad():
+        assert rel_err(decode(decoder, x, 4), model(x)) < 1e-5
+    assert bool(model.initialized) and model.scale.ne(1).any()  # the capture left the model as it was
