@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from lcsm_compile import ops
+from lcsm_compile.checks import check_ids
 from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, SessionNotStarted, ShapeError
 from lcsm_compile.logs import get_logger
 
@@ -190,8 +191,6 @@ class Program:
     """
 
     def __init__(self, gm, out_spec, compile=False):
-        if compile not in (True, False, "auto"):
-            raise ValueError(f"compile: expected True, False or 'auto', got {compile!r}")
         self.gm = gm
         self.out_spec = out_spec
         self.compile = compile
@@ -374,6 +373,7 @@ class Session:
             raise DTypeError(f"input: expected dtype {d.input_dtype}, got {x.dtype}")
         if x.device != d.device:
             raise DeviceError(f"input: expected device {d.device}, got {x.device}")
+        check_ids("input", x, d.vocab)
 
     def _recapture(self):
         """A captured step (cuda_graph) holds the state's layout: capture again after it changes."""
