@@ -140,3 +140,19 @@ def test_float_ids_say_token_ids_must_be_integers():
     with pytest.raises(NotDecodable, match=r"the example input is torch.float32 and the model has an nn.Embedding: "
                                            r"token ids must be integers"):
         lcsm_compile.optimize(tiny(), (ids().float(),))
+
+
+def bf16_lm():
+    """A factory for `lcsm-compile verify`: the tiny LM in bfloat16."""
+    torch.manual_seed(0)
+    return tiny().to(torch.bfloat16), (ids(1, 32),)
+
+
+def test_verify_holds_a_bfloat16_model_to_its_own_error_and_says_what_it_checked(capsys):
+    from lcsm_compile import cli
+
+    rc = cli.main(["verify", f"{__file__}:bf16_lm", "--no-progress", "--prompt-lens", "1,16"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "the model itself is off by" in out  # the tolerance follows the model's own bfloat16 error
+    assert out.splitlines()[-1].startswith("PASS") and f"checked positions 0..31 of the {MAX_LEN} served" in out
