@@ -156,3 +156,31 @@ def test_verify_holds_a_bfloat16_model_to_its_own_error_and_says_what_it_checked
     assert rc == 0, out
     assert "the model itself is off by" in out  # the tolerance follows the model's own bfloat16 error
     assert out.splitlines()[-1].startswith("PASS") and f"checked positions 0..31 of the {MAX_LEN} served" in out
+
+
+class TupleLM(nn.Module):
+    """Returns (logits, aux), as many models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm, self.max_len = tiny(), MAX_LEN
+
+    def forward(self, x):
+        logits = self.lm(x)
+        return logits, logits.sum(-1)
+
+
+def test_generate_takes_the_logits_the_hugging_face_way():
+    from types import SimpleNamespace
+
+    from lcsm_compile.generation import naive_generate, pick_logits
+
+    torch.manual_seed(0)
+    model, prompt = TupleLM().eval(), ids(2, 5)
+    with torch.no_grad():
+        want = naive_generate(model.lm, prompt, 6)
+        decoder = lcsm_compile.optimize(model, (ids(),))
+        assert torch.equal(decoder.generate(prompt, 6), want)  # (logits, aux): the first element
+        assert torch.equal(naive_generate(lambda x: {"hidden": None, "logits": model.lm(x)}, prompt, 6), want)
+        assert pick_logits(SimpleNamespace(logits=want)) is want  # a ModelOutput-like object
+        assert torch.equal(naive_generate(lambda x: (x, model.lm(x)), prompt, 6, logits=lambda out: out[1]), want)
