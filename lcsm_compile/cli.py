@@ -874,6 +874,14 @@ def _closed_pipe():
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C anywhere, loading the model included: one line, the shell's 128 + SIGINT
+        print("lcsm-compile: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_warnings()
     lead = [a for a in argv[:3] if a != "--traceback"]
@@ -897,9 +905,6 @@ def main(argv=None):
         if args.traceback:
             raise
         return 2
-    except KeyboardInterrupt:
-        print("lcsm-compile: interrupted", file=sys.stderr)
-        return 130
     except Exception as e:  # noqa: BLE001 - a failure inside the pipeline: one line unless asked
         if args.traceback:
             raise

@@ -184,3 +184,14 @@ def test_generate_takes_the_logits_the_hugging_face_way():
         assert torch.equal(naive_generate(lambda x: {"hidden": None, "logits": model.lm(x)}, prompt, 6), want)
         assert pick_logits(SimpleNamespace(logits=want)) is want  # a ModelOutput-like object
         assert torch.equal(naive_generate(lambda x: (x, model.lm(x)), prompt, 6, logits=lambda out: out[1]), want)
+
+
+def test_ctrl_c_in_the_cli_exits_130_in_one_line(monkeypatch, capsys):
+    from lcsm_compile import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)  # before any subcommand runs
+    assert cli.main(["detect", "m:f"]) == 130
+    assert capsys.readouterr().err == "lcsm-compile: interrupted\n"
