@@ -117,6 +117,8 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
 
     check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, validate=validate)
     example_inputs, max_len = check_args(model, example_inputs, max_len, "export")
+    get_logger("passes").info("optimize: %s at max_len %d, %d passes (seconds: capture, analysis, rewrite, validation)",
+                              type(model).__name__, max_len, len(pipeline.PASSES))
     if cuda_graph:  # an argument error, not the model's: raised, not a refusal in the Report
         from lcsm_compile.graphs import check_device
 

@@ -221,7 +221,7 @@ def _run_pass(p, ctx):
     except Exception as exc:  # noqa: BLE001 - a dump is for people; it never stops the pipeline
         text = f"(dump failed: {type(exc).__name__}: {exc})"
     ctx.passes.append((p.name, text, seconds))
-    log.info("%s: %.3f s", p.name, seconds)
+    log.info("pass %d/%d %s: %.3f s", PASS_NAMES.index(p.name) + 1, len(PASSES), p.name, seconds)  # progress
     if text and log.isEnabledFor(logging.DEBUG):
         log.debug("after %s:\n%s", p.name, text)
     return True

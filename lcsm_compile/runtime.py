@@ -226,6 +226,8 @@ class Program:
     def _compile(self, key, args):
         from torch._inductor.compile_fx import compile_fx
 
+        get_logger("runtime").info("compiling the step program with inductor for inputs %s (seconds, once)",
+                                   [tuple(a.shape) for a in args[-1:]])
         with torch.no_grad():
             # a fresh graph over the same module: inductor's passes may rewrite the graph in place
             gm = torch.fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))

@@ -195,3 +195,14 @@ def test_ctrl_c_in_the_cli_exits_130_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", interrupted)  # before any subcommand runs
     assert cli.main(["detect", "m:f"]) == 130
     assert capsys.readouterr().err == "lcsm-compile: interrupted\n"
+
+
+def test_optimize_logs_progress_per_pass(caplog):
+    with caplog.at_level("INFO", logger="lcsm_compile"):
+        lcsm_compile.optimize(tiny(), (ids(),), validate=False)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("lcsm_compile.")]
+    assert lines[0].startswith("optimize: LM at max_len 64")
+    n = len(pipeline.PASSES)
+    ran = [name for name in pipeline.PASS_NAMES if name != "validate"]
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("pass ")] == \
+        [f"pass {pipeline.PASS_NAMES.index(name) + 1}/{n} {name}" for name in ran]
