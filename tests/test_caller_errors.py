@@ -206,3 +206,22 @@ def test_optimize_logs_progress_per_pass(caplog):
     ran = [name for name in pipeline.PASS_NAMES if name != "validate"]
     assert [ln.split(":")[0] for ln in lines if ln.startswith("pass ")] == \
         [f"pass {pipeline.PASS_NAMES.index(name) + 1}/{n} {name}" for name in ran]
+
+
+def test_demo_takes_threads_and_says_when_a_busy_machine_makes_timings_unreliable(monkeypatch, capsys):
+    import json
+    import os
+
+    from lcsm_compile import cli
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * (os.cpu_count() or 1), 0.0, 0.0))
+    try:
+        rc = cli.main(["demo", "--layers", "1", "--d-model", "16", "--vocab", "32", "--prompt", "4", "--tokens", "8",
+                       "--verify-len", "16", "--no-compile", "--threads", "1", "--json"])
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert rc == 0 and data["threads"] == 1
+    assert "timings are unreliable" in data["unreliable_timings"] and "timings are unreliable" in captured.err
