@@ -66,7 +66,9 @@ Options (torch.compile(model, backend="lcsm", options={...})):
               or run it eagerly (no compile time; slower per position).
 Unknown or invalid options raise BackendOptionError (a ValueError) naming the allowed values, at
 the first call of the compiled model: torch.compile hands a backend its options only then. It is
-raised as itself, not wrapped in dynamo's BackendCompilerFailed.
+raised as itself, not wrapped in dynamo's BackendCompilerFailed. A token id outside the model's
+vocabulary raises InputError (BackendInputError at the call that compiles the graph): the input's
+mistake, so the graph is not demoted to the fallback.
 """
 
 import collections
