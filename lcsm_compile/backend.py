@@ -175,7 +175,7 @@ def lcsm_backend(gm, example_inputs, *, options=None, mode=None):
     try:
         plan = _plan(gm, example_inputs)
         try:
-            check_ids("input", example_inputs[plan.input_index], vocab_size(gm))
+            check_ids("input", example_inputs[plan.input_index], vocab_size(gm, plan.input_index))
         except InputError as exc:
             raise BackendInputError(str(exc)) from None
         # analysis and torch.export run outside dynamo's tracing context: guards they would add

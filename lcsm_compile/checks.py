@@ -54,18 +54,19 @@ def check_options(**options):
 _EMBEDDINGS = {torch.ops.aten.embedding.default: (1, 0), torch.nn.functional.embedding: (0, 1), torch.embedding: (1, 0)}
 
 
-def vocab_size(gm):
-    """The vocabulary of the model's input: the rows of the first embedding whose indices are a graph
-    input (the token ids), read off the weight's recorded value; None when no embedding reads one."""
-    for node in gm.graph.nodes:
+def vocab_size(gm, input_index=0):
+    """The vocabulary of the model's token ids (graph input `input_index`; the others of a dynamo graph
+    are the model's state): the rows of the first embedding that reads them, from the weight's
+    recorded value. None when no embedding reads them."""
+    ids = [n for n in gm.graph.nodes if n.op == "placeholder"][input_index]
+    for node in ids.users:
         where = _EMBEDDINGS.get(node.target)
-        if where is None or len(node.args) < 2:
+        if where is None or len(node.args) < 2 or node.args[where[0]] is not ids:
             continue
-        ids, weight = node.args[where[0]], node.args[where[1]]
-        if isinstance(ids, torch.fx.Node) and ids.op == "placeholder" and isinstance(weight, torch.fx.Node):
-            value = weight.meta.get("val", weight.meta.get("example_value"))
-            if isinstance(value, torch.Tensor) and isinstance(value.shape[0], int):
-                return value.shape[0]
+        weight = node.args[where[1]]
+        value = weight.meta.get("val", weight.meta.get("example_value")) if isinstance(weight, torch.fx.Node) else None
+        if isinstance(value, torch.Tensor) and isinstance(value.shape[0], int):
+            return value.shape[0]
     return None
 
 
@@ -74,7 +75,7 @@ def check_ids(name, x, vocab):
     "index out of range in self"). One min/max over the ids."""
     if vocab is None or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool or x.numel() == 0:
         return
-    lo, hi = (int(v) for v in torch.aminmax(x))
+    lo, hi = torch.stack(torch.aminmax(x)).tolist()  # one read back from the device
     if lo < 0 or hi >= vocab:
         raise InputError(f"{name}: token id {lo if lo < 0 else hi} is outside the model's vocabulary "
                          f"[0, {vocab}) (the size of its embedding)")
