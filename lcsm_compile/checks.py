@@ -11,7 +11,7 @@ import torch
 
 from lcsm_compile.errors import InputError
 
-CONVS = ("flash", "floor", "lazy")
+CONVS = ("flash", "floor", "lazy")  # the keys of decoder.BANKS (not imported: the decoder imports this module)
 
 
 def check_choice(name, value, allowed):
