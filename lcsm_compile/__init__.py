@@ -12,7 +12,7 @@ import torch as _torch
 if "triton" not in _sys.modules and not _torch.cuda.is_available():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, NotDecodable, SessionNotStarted, ShapeError
+from lcsm_compile.errors import DeviceError, DTypeError, InputError, LcsmError, MaxLenExceeded, NotDecodable, SessionNotStarted, ShapeError
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.analysis import analyze, register_mixer
 from lcsm_compile.report import Candidate, Reason, Report, Verdict
@@ -28,6 +28,7 @@ __all__ = [
     "ShapeError",
     "DTypeError",
     "DeviceError",
+    "InputError",
     "MaxLenExceeded",
     "analyze",
     "register_mixer",

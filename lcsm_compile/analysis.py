@@ -6,12 +6,15 @@ Each pass is a function in its own file under passes/; the pipeline keeps every 
 and time, which the Report carries for the CLI.
 """
 
+import itertools
 import logging
 import warnings
 
 import torch
 
 from lcsm_compile import pipeline
+from lcsm_compile.checks import check_choice, check_options
+from lcsm_compile.errors import DeviceError, ShapeError
 from lcsm_compile.passes import capture as capture_pass
 from lcsm_compile.passes.detect import register_mixer
 from lcsm_compile.report import Report
@@ -23,9 +26,10 @@ CAPTURE_LEVELS = ("export", "dynamo")
 
 def check_args(model, example_inputs, max_len, capture_level):
     """(example_inputs as a tuple, max_len): a single tensor is taken as the only input; max_len
-    defaults to the model's int `max_len` attribute, else the example length."""
-    if capture_level not in CAPTURE_LEVELS:
-        raise ValueError(f"capture: expected one of {CAPTURE_LEVELS}, got {capture_level!r}")
+    defaults to the model's int `max_len` attribute, else the example length. The caller's mistakes
+    (options, an example the capture cannot use, weights not loaded) raise here, before any work."""
+    check_choice("capture", capture_level, CAPTURE_LEVELS)
+    check_options(max_len=max_len)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs or not isinstance(example_inputs[0], torch.Tensor):
@@ -33,15 +37,31 @@ def check_args(model, example_inputs, max_len, capture_level):
                         f"of the first), got {type(example_inputs).__name__}")
     x = example_inputs[0]
     if x.dim() < 2:
-        raise ValueError(f"example_inputs[0]: expected the sequence on dim 1 (e.g. token ids [B, L]), got shape "
+        raise ShapeError(f"example_inputs[0]: expected the sequence on dim 1 (e.g. token ids [B, L]), got shape "
                          f"{tuple(x.shape)}")
+    L = int(x.shape[1])
+    if L < 2:
+        raise ShapeError(f"example_inputs[0]: expected at least 2 positions on dim 1, got {tuple(x.shape)}: the capture "
+                         "keeps the length symbolic, and torch.export fixes a dim of size 0 or 1")
+    if isinstance(model, torch.nn.Module):
+        _check_model(model, x)
     if max_len is None and isinstance(getattr(model, "max_len", None), int):
         max_len = model.max_len
-    L = int(x.shape[1])
     max_len = L if max_len is None else int(max_len)
     if max_len < L:
         raise ValueError(f"max_len={max_len} is shorter than the example length {L}")
     return tuple(example_inputs), max_len
+
+
+def _check_model(model, x):
+    """The model can run on the example: real weights, on the example's device. (Float ids for an embedding
+    are found only when the capture fails: pipeline._caller_notes.)"""
+    state = next(itertools.chain(model.parameters(), model.buffers()), None)
+    if state is not None and state.is_meta:
+        raise DeviceError("model parameters are on the meta device; load real weights first "
+                          "(e.g. model.to_empty(device=...) then load_state_dict)")
+    if state is not None and state.device != x.device:
+        raise DeviceError(f"example_inputs[0]: expected the model's device {state.device}, got {x.device}")
 
 
 def analyze(model, example_inputs, *, max_len=None, capture="export") -> Report:
@@ -54,12 +74,8 @@ def analyze(model, example_inputs, *, max_len=None, capture="export") -> Report:
     (CAPTURE_FAILED names the pass, the exception and the source line).
     """
     example_inputs, max_len = check_args(model, example_inputs, max_len, capture)
-    ctx = pipeline.Context(model, example_inputs, max_len, capture)
-    if getattr(model, "training", False):
-        ctx.notes.append("the model is in training mode: dropout and batch statistics make the numeric "
-                         "checks fail; call model.eval() first")
     with quiet():
-        return pipeline.run(ctx, stages=("analysis",)).report
+        return pipeline.run(pipeline.Context(model, example_inputs, max_len, capture), stages=("analysis",)).report
 
 
 def analyze_graph(gm, example_inputs, *, max_len=None, source="dynamo", user_inputs=None) -> Report:

@@ -66,7 +66,9 @@ Options (torch.compile(model, backend="lcsm", options={...})):
               or run it eagerly (no compile time; slower per position).
 Unknown or invalid options raise BackendOptionError (a ValueError) naming the allowed values, at
 the first call of the compiled model: torch.compile hands a backend its options only then. It is
-raised as itself, not wrapped in dynamo's BackendCompilerFailed.
+raised as itself, not wrapped in dynamo's BackendCompilerFailed. A token id outside the model's
+vocabulary raises InputError (BackendInputError at the call that compiles the graph): the input's
+mistake, so the graph is not demoted to the fallback.
 """
 
 import collections
@@ -81,7 +83,8 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from lcsm_compile.errors import LcsmError, MaxLenExceeded, NotDecodable
+from lcsm_compile.checks import check_choice, check_ids, check_options, vocab_size
+from lcsm_compile.errors import InputError, LcsmError, MaxLenExceeded, NotDecodable
 from lcsm_compile.passes import capture
 
 log = logging.getLogger("lcsm_compile.backend")
@@ -136,17 +139,27 @@ class BackendOptionError(LcsmError, ValueError, torch._dynamo.exc.ShortenTraceba
         torch._dynamo.exc.ShortenTraceback.__init__(self, message, first_useful_frame=None)
 
 
+class BackendInputError(InputError, torch._dynamo.exc.ShortenTraceback):
+    """An input the model cannot take (a token id outside its vocabulary) at the call that compiles
+    its graph: raised as itself, and the graph is not demoted to the fallback, since the mistake is
+    the input's, not the graph's (the next call compiles it again)."""
+
+    def __init__(self, message):
+        torch._dynamo.exc.ShortenTraceback.__init__(self, message, first_useful_frame=None)
+
+
 def parse_options(options):
     opts = dict(OPTIONS)
     unknown = sorted(set(options or {}) - set(OPTIONS))
     if unknown:
         raise BackendOptionError(f"lcsm backend: unknown option(s) {unknown}; allowed keys: {sorted(OPTIONS)}")
     opts.update(options or {})
-    for key, allowed in CHOICES.items():
-        if opts[key] not in allowed:
-            raise BackendOptionError(f"lcsm backend: option {key}={opts[key]!r}; expected one of {allowed}")
-    if opts["max_len"] is not None and (not isinstance(opts["max_len"], int) or opts["max_len"] < 1):
-        raise BackendOptionError(f"lcsm backend: option max_len={opts['max_len']!r}; expected a positive int")
+    try:  # the checks optimize() runs on the same options (lcsm_compile.checks)
+        for key, allowed in CHOICES.items():
+            check_choice(key, opts[key], allowed)
+        check_options(max_len=opts["max_len"])
+    except (TypeError, ValueError) as exc:
+        raise BackendOptionError(f"lcsm backend: option {exc}") from None
     return opts
 
 
@@ -161,6 +174,10 @@ def lcsm_backend(gm, example_inputs, *, options=None, mode=None):
     record = CompileRecord("decode")
     try:
         plan = _plan(gm, example_inputs)
+        try:
+            check_ids("input", example_inputs[plan.input_index], vocab_size(gm, plan.input_index))
+        except InputError as exc:
+            raise BackendInputError(str(exc)) from None
         # analysis and torch.export run outside dynamo's tracing context: guards they would add
         # there (about their own inputs) would be installed on the user's frame
         with torch._guards.tracing(None), torch._guards.compile_context(None):
@@ -377,7 +394,7 @@ class DecodedGraph:
             record.report, record.times["pipeline_s"] = ctx.report, time.perf_counter() - t0
             record.times.update({f"{name}_s": round(s, 4) for name, _, s in ctx.passes})
         if ctx.decoder is None:
-            raise _Fallback("not decodable: " + _reasons(ctx.report), ctx.report)
+            raise _Fallback("not decodable: " + ctx.report.refusal(), ctx.report)
         self.decoder = ctx.decoder
         state = [inputs[i] for i in self.state_index]
         self.state = state
@@ -412,6 +429,7 @@ class DecodedGraph:
             return outs
 
     def _run(self, x):
+        check_ids("input", x, self.decoder.vocab)  # before any step: a bad id further on must not leave positions half done
         t = x.shape[1]
         if t > self.max_len:
             raise MaxLenExceeded(f"input of {t} positions exceeds max_len={self.max_len} "
@@ -468,11 +486,6 @@ class DecodedGraph:
         for buf, o, d in zip(self.out_bufs, outs, self.plan.out_dims):
             if d is not None:
                 buf.narrow(d, start, count).copy_(o)
-
-
-def _reasons(report):
-    rejected = [f"{c.name}: {c.reason.value if c.reason else '?'} ({c.explanation})" for c in report.rejected]
-    return "; ".join(rejected) if rejected else "; ".join(report.notes) or "no convolution to decode"
 
 
 register()

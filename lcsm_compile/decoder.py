@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from lcsm_compile import generation
 from lcsm_compile.analysis import check_args, quiet
 from lcsm_compile.baselines import FloorConv, LazyConv
+from lcsm_compile.checks import check_options, vocab_size
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.errors import NotDecodable
 from lcsm_compile.logs import get_logger
@@ -22,10 +23,7 @@ class Decoder:
 
     def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None, compile="auto",
                  cuda_graph=False, programs=None, schedule=None):
-        if conv not in BANKS:
-            raise ValueError(f"conv: expected one of {sorted(BANKS)}, got {conv!r}")
-        if cuda_graph not in (False, True, "emulate"):
-            raise ValueError(f"cuda_graph: expected False, True or 'emulate', got {cuda_graph!r}")
+        check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph)
         # cuda_graph: each session captures its step without advance (lcsm_compile.graphs) and
         # replays it, the tile call launched eagerly after; "emulate" replays recorded ops on any device
         self.cuda_graph = cuda_graph
@@ -35,6 +33,7 @@ class Decoder:
         example = example_inputs[0]
         self.input_ndim, self.example_shape = example.dim(), tuple(example.shape)
         self.input_dtype, self.device = example.dtype, example.device
+        self.vocab = vocab_size(report.captured.gm)  # token ids are checked against it (Session._check)
         self.batch_dynamic = report.captured.batch_symbol is not None
         if programs is None:
             from lcsm_compile import pipeline
@@ -116,7 +115,10 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     validate: run the translation validation (passes/validate.py; its time is in report.passes)."""
     from lcsm_compile import pipeline
 
+    check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, validate=validate)
     example_inputs, max_len = check_args(model, example_inputs, max_len, "export")
+    get_logger("passes").info("optimize: %s at max_len %d, %d passes (seconds: capture, analysis, rewrite, validation)",
+                              type(model).__name__, max_len, len(pipeline.PASSES))
     if cuda_graph:  # an argument error, not the model's: raised, not a refusal in the Report
         from lcsm_compile.graphs import check_device
 

@@ -7,6 +7,8 @@ recomputes the model on the growing prefix. Exits 1 if the decoder is not exact.
 """
 
 import json
+import os
+import sys
 import time
 import warnings
 
@@ -28,6 +30,8 @@ def add_arguments(parser):
     parser.add_argument("--verify-len", type=int, default=1024, help="positions of the teacher-forced check")
     parser.add_argument("--no-compile", action="store_true", help="run the step program eagerly")
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive loop")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 on a busy machine times "
+                                                    "the methods more fairly)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, prompt and inputs (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary instead of the report")
 
@@ -37,11 +41,18 @@ def main(args):
     if args.prompt < 1 or args.tokens < 1:
         raise lcsm_compile.LcsmError("demo: --prompt and --tokens must be at least 1")
     say = (lambda *a, **k: None) if args.json else print  # --json: one JSON object on stdout, nothing else
+    if args.threads is not None:
+        if args.threads < 1:
+            raise lcsm_compile.LcsmError(f"demo: --threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    busy = _busy()
+    if busy:
+        print(f"lcsm-compile demo: warning: {busy}", file=sys.stderr)
     g = torch.Generator().manual_seed(args.seed)
     model = demo_lm(args.layers, args.d_model, args.vocab, max_len=L, seed=args.seed)
     say(f"lcsm-compile demo: Hyena LM, {args.layers} layers, d_model {args.d_model}, vocab {args.vocab}, max_len {L}, {torch.get_num_threads()} threads")
     result = {"layers": args.layers, "d_model": args.d_model, "vocab": args.vocab, "prompt": args.prompt,
-              "tokens": args.tokens, "max_len": L, "threads": torch.get_num_threads()}
+              "tokens": args.tokens, "max_len": L, "threads": torch.get_num_threads(), "unreliable_timings": busy}
 
     start = time.perf_counter()
     example = torch.randint(0, args.vocab, (1, min(64, L)), generator=g)
@@ -106,11 +117,21 @@ def main(args):
     for name, s in rows:
         say(f"{name:<14} {s:>9.2f} {s / args.tokens * 1e3:>9.2f}")
     if "speedup" in result:
-        say(f"speedup over the naive loop: {result['speedup']:.1f}x")
+        say(f"speedup over the naive loop: {result['speedup']:.1f}x" + (f" (unreliable: {busy})" if busy else ""))
     if args.json:
         print(json.dumps(result), file=args.stdout)
     if not ok:
         raise SystemExit(1)
+
+
+def _busy():
+    """Why timings on this machine are unreliable now (None when they are not): more runnable work
+    than cores, so the two methods are timed while sharing the CPUs with other processes."""
+    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (f"the 1-minute load average {load:.1f} exceeds the {cores} cores: timings are unreliable "
+            "(--threads 1, or a quiet machine)")
 
 
 def _convolutions(decoder, max_len):

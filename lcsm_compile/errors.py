@@ -17,6 +17,10 @@ class DeviceError(LcsmError, ValueError):
     """A tensor lives on a different device than the state it must join."""
 
 
+class InputError(LcsmError, ValueError):
+    """An input the model cannot take, e.g. a token id outside its vocabulary."""
+
+
 class MaxLenExceeded(LcsmError, IndexError):
     """A step or prefill would go past the maximum length the state was built for."""
 
@@ -42,9 +46,7 @@ class NotDecodable(LcsmError):
 
     def __init__(self, report):
         self.report = report
-        reasons = [f"{c.name}: {c.reason.name if c.reason else '?'} ({c.explanation})" for c in getattr(report, "candidates", []) if c.verdict.name == "REJECTED"]
-        detail = "; ".join(reasons) if reasons else getattr(report, "summary", "no convolution to decode")
-        super().__init__(f"model is not decodable: {detail}")
+        super().__init__(f"model is not decodable: {report.refusal()}")
 
 
 class SessionNotStarted(LcsmError, RuntimeError):

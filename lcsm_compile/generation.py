@@ -31,6 +31,7 @@ The model is called once per generated token except the last (whose logits nobod
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 import numbers
 import sys
 import warnings
@@ -41,7 +42,7 @@ import torch.utils._pytree as pytree
 
 from lcsm_compile.errors import DTypeError, MaxLenExceeded, SessionNotStarted, ShapeError
 
-__all__ = ["process_logits", "generate", "NaiveSession", "naive_generate"]
+__all__ = ["process_logits", "pick_logits", "generate", "NaiveSession", "naive_generate"]
 
 EosIds = Union[int, Sequence[int], torch.Tensor, None]
 
@@ -200,6 +201,7 @@ def generate(
     progress: Union[bool, str] = False,
     max_len: Optional[int] = None,
     on_max_len: str = "error",
+    logits: Optional[Callable] = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids [B, P]``; returns ``ids [B, P + n]`` (long).
 
@@ -219,6 +221,9 @@ def generate(
     * ``max_len``: bound on ``P + max_new_tokens``; ``on_max_len="error"`` raises :class:`MaxLenExceeded` before
       any work, ``"truncate"`` warns and generates ``max_len - P`` tokens.
 
+    * ``logits``: ``logits(output) -> [B, t, V]`` picks the logits out of what the model returns; by default
+      they are taken the Hugging Face way (:func:`pick_logits`).
+
     ``max_new_tokens=0`` returns a copy of the prompt without calling the decoder.
     """
     # --- every check before any work, so a bad call never leaves a half-run decoder behind
@@ -237,6 +242,8 @@ def generate(
         raise ValueError(f"max_len: expected None or an int >= 1, got {max_len!r}")
     if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
         raise TypeError(f"streamer: expected an object with put() and end() (HF BaseStreamer), got {type(streamer).__name__}")
+    if logits is not None and not callable(logits):
+        raise TypeError(f"logits: expected None or a callable(model output) -> logits, got {type(logits).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable(position, new_tokens), got {type(callback).__name__}")
     if not do_sample:
@@ -270,10 +277,11 @@ def generate(
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     out = [ids]
 
-    def last_scores(name: str, logits: torch.Tensor, length: int) -> torch.Tensor:
-        _check_logits(name, logits, (B, length, None))
+    def last_scores(name: str, output, length: int) -> torch.Tensor:
+        scores = pick_logits(output, logits)
+        _check_logits(name, scores, (B, length, None))
         # HF _sample: float32 copy on the ids' device, so fp16/bf16 decoders sample like HF does
-        return logits[:, -1, :].to(dtype=torch.float32, device=device, copy=True)
+        return scores[:, -1, :].to(dtype=torch.float32, device=device, copy=True)
 
     from tqdm.auto import tqdm
 
@@ -311,6 +319,23 @@ def generate(
     return torch.cat(out, dim=1)
 
 
+def pick_logits(output, logits=None):
+    """The logits in a model's output: ``logits(output)`` when a selector is given, else as Hugging Face
+    code takes them: the output itself if a tensor, its ``"logits"`` key or ``.logits`` attribute (a
+    ``ModelOutput``), else the first element of a tuple or list (``(logits, aux)``)."""
+    if logits is not None:
+        return logits(output)
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    return output  # _check_logits names what it got
+
+
 class NaiveSession:
     """The O(L^2) loop users write, as a decoding session: every step appends the new input to the
     prefix and calls the model on the whole prefix again. The baseline every decoder is compared with.
@@ -341,10 +366,10 @@ def naive_generate(model: Callable[[torch.Tensor], torch.Tensor], prompt_ids: to
     streaming are shared and a fast decoder can be compared token for token.
     """
 
-    def checked(ids: torch.Tensor) -> torch.Tensor:
-        logits = model(ids)
-        _check_logits("model", logits, (ids.shape[0], ids.shape[1], None))
-        return logits
+    def checked(ids: torch.Tensor):
+        output = model(ids)
+        _check_logits("model", pick_logits(output, options.get("logits")), (ids.shape[0], ids.shape[1], None))
+        return output
 
     session = NaiveSession(checked)
     return generate(session.prefill, session.step, prompt_ids, max_new_tokens, **options)

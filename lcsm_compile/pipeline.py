@@ -150,6 +150,8 @@ def run(ctx, *, stop_after=None, stages=("analysis", "rewrite", "check")):
     set; after the rewrite (for a decodable model) ctx.decoder. Returns ctx."""
     if stop_after is not None and stop_after not in PASS_NAMES:
         raise ValueError(f"stop_after: unknown pass {stop_after!r}; passes: {', '.join(PASS_NAMES)}")
+    if "analysis" in stages:
+        ctx.notes += _caller_notes(ctx)
     for p in PASSES:
         if p.stage not in stages:
             continue
@@ -173,6 +175,23 @@ def run(ctx, *, stop_after=None, stages=("analysis", "rewrite", "check")):
     if ctx.report is None:  # the analysis stopped early (stop_after, or a pass failed)
         ctx.report = _report(ctx)
     return ctx
+
+
+def _caller_notes(ctx):
+    """Likely mistakes of the caller that make the analysis refuse the model; a refusal's text
+    (Report.refusal) carries them. The module is the model, or the one dynamo compiled (backend)."""
+    source = ctx.source
+    module = source if isinstance(source, torch.nn.Module) else getattr(getattr(source, "plan", None), "frame_module", None)
+    if module is None:
+        return []
+    notes = []
+    if module.training:
+        notes.append("the model is in training mode: dropout and batch statistics make the numeric checks fail; "
+                     "call model.eval() first")
+    x = ctx.example_inputs[0]
+    if x.is_floating_point() and any(isinstance(m, torch.nn.Embedding) for m in module.modules()):
+        notes.append(f"the example input is {x.dtype} and the model has an nn.Embedding: token ids must be integers")
+    return notes
 
 
 def _run_pass(p, ctx):
@@ -202,7 +221,7 @@ def _run_pass(p, ctx):
     except Exception as exc:  # noqa: BLE001 - a dump is for people; it never stops the pipeline
         text = f"(dump failed: {type(exc).__name__}: {exc})"
     ctx.passes.append((p.name, text, seconds))
-    log.info("%s: %.3f s", p.name, seconds)
+    log.info("pass %d/%d %s: %.3f s", PASS_NAMES.index(p.name) + 1, len(PASSES), p.name, seconds)  # progress
     if text and log.isEnabledFor(logging.DEBUG):
         log.debug("after %s:\n%s", p.name, text)
     return True

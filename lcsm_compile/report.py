@@ -182,6 +182,14 @@ class Report:
     def rejected(self):
         return [c for c in self.candidates if c.verdict is Verdict.REJECTED]
 
+    def refusal(self) -> str:
+        """Why the model is refused, in one line: each rejection's reason, then the notes that add to
+        them (e.g. "call model.eval() first"). NotDecodable and the backend's fallback say this."""
+        reasons = [f"{c.name}: {c.reason.value if c.reason else '?'} ({c.explanation})" for c in self.rejected]
+        text = "; ".join(reasons)
+        notes = [n for n in self.notes if (n.partition(": ")[2] or n) not in text]  # "capture failed: <reason>" repeats one
+        return "; ".join(reasons + notes) or "no convolution to decode"
+
     def to_json(self, indent=2):
         return json.dumps({
             "decodable": bool(self.decodable),

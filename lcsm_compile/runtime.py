@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from lcsm_compile import ops
+from lcsm_compile.checks import check_ids
 from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, SessionNotStarted, ShapeError
 from lcsm_compile.logs import get_logger
 
@@ -190,8 +191,6 @@ class Program:
     """
 
     def __init__(self, gm, out_spec, compile=False):
-        if compile not in (True, False, "auto"):
-            raise ValueError(f"compile: expected True, False or 'auto', got {compile!r}")
         self.gm = gm
         self.out_spec = out_spec
         self.compile = compile
@@ -227,6 +226,8 @@ class Program:
     def _compile(self, key, args):
         from torch._inductor.compile_fx import compile_fx
 
+        get_logger("runtime").info("compiling the step program with inductor for inputs %s (seconds, once)",
+                                   [tuple(a.shape) for a in args[-1:]])
         with torch.no_grad():
             # a fresh graph over the same module: inductor's passes may rewrite the graph in place
             gm = torch.fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
@@ -374,6 +375,7 @@ class Session:
             raise DTypeError(f"input: expected dtype {d.input_dtype}, got {x.dtype}")
         if x.device != d.device:
             raise DeviceError(f"input: expected device {d.device}, got {x.device}")
+        check_ids("input", x, d.vocab)
 
     def _recapture(self):
         """A captured step (cuda_graph) holds the state's layout: capture again after it changes."""
