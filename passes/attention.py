@@ -13,8 +13,11 @@ only (else MASK_FROM_INPUT), and evaluated at several lengths it must block exac
 the query: the causal triangle (else NON_CAUSAL_MASK when some query sees a later key, SLIDING_WINDOW
 for a causal band, UNSUPPORTED_ATTENTION for any other pattern or an additive bias). "Blocks" means
 -inf, or a finite fill of at most -1e9 (HF's finfo.min, GPT-2's -1e10): softmax weighs such a key
-exp(-1e9) = 0 exactly, in every float dtype, unless the scores themselves are ~1e9 apart; a larger
-fill (-1e4, 0) leaks weight to the future and is NON_CAUSAL_MASK. A band wider than the lengths the
+exp(-1e9) = 0 exactly, in every float dtype, unless the scores themselves are ~1e9 apart. A fill in
+(-1e9, -1000] (GPT-2's -10000) blocks the same way while the scores stay within |fill| - 746 of each
+other (exp underflows to exactly 0 below -745 in float64, -104 in float32): accepted, the report says
+so, and the translation validation confirms it on the model's scores. A larger fill (-10, 0) leaks
+weight to the future and is NON_CAUSAL_MASK. A band wider than the lengths the
 mask is evaluated at (MASK_LENGTHS) would look causal there: the translation validation is the backstop.
 
 Every recognised site claims its nodes (q/k/v to output), as a convolution's Match claims its
@@ -37,6 +40,7 @@ from lcsm_compile.passes.time_axis import CONTRACTIONS, Axis, TimeInfo, revisit
 from lcsm_compile.report import AttentionStructure, Candidate, Reason, Verdict
 
 BLOCKED = -1e9  # a mask value at or below this weighs its key exp(BLOCKED) = 0: the key is masked
+UNDERFLOW = -1000.0  # at or below this, exp(fill + score gap) is exactly 0 while the gap stays under |fill| - 746
 MASK_LENGTHS = 256  # masks are also evaluated at min(max_len, this): a band narrower than it is seen
 _SDPA = {"scaled_dot_product_attention"}
 _UNIFORM_FILLS = {torch.ops.aten.full_like.default, torch.ops.aten.full.default, torch.ops.aten.new_full.default}
@@ -327,9 +331,10 @@ def _chain_masks(site, parts, info, ctx):
         value = _constant(fill, ctx, n) if fill is not None else None
         if value is None:
             raise _Declined(Reason.UNSUPPORTED_ATTENTION, f"{n.name} fills the scores with a non-constant value", n)
-        if not value <= BLOCKED:
+        if not value <= UNDERFLOW:
             raise _Declined(Reason.NON_CAUSAL_MASK, f"{n.name} fills masked scores with {value:g}: softmax still gives "
-                                                     f"those keys weight (a mask fills -inf, or at most {BLOCKED:g})", n)
+                                                     f"those keys weight (a mask fills -inf, or at most {UNDERFLOW:g})", n)
+        _finite_fill(parts, value)
         masks.append(("fill" if kind == "fill" else "allow", mask))
     if not masks:
         raise _Declined(Reason.NON_CAUSAL_MASK, f"{site.node.name}: softmax over every key position with no mask: every "
@@ -385,14 +390,23 @@ def _prove_causal(site, parts, masks, ctx):
                 blocked |= m2 if kind == "fill" else ~m2
             else:
                 m2 = m2.double() * (-1 if kind == "sub" else 1)
-                bias = (m2 != 0) & (m2 > BLOCKED)
+                bias = (m2 != 0) & (m2 > UNDERFLOW)
                 if bias.any():
                     i, j = [int(x) for x in bias.nonzero()[0]]
                     raise _Declined(Reason.UNSUPPORTED_ATTENTION,
                                     f"mask {node.name} adds a finite bias ({float(m2[i, j]):g} at query {i}, key {j}) to "
                                     "the scores: only 0 / -inf masks are decoded (a position bias such as ALiBi is not)", node)
-                blocked |= m2 <= BLOCKED
+                blocks = m2 <= UNDERFLOW
+                blocked |= blocks
+                if blocks.any():
+                    _finite_fill(parts, float(m2[blocks].max()))
         _check_triangle(blocked, n, site, masks)
+
+
+def _finite_fill(parts, value):
+    """Record the largest finite mask value above BLOCKED: it blocks only while the scores stay close."""
+    if BLOCKED < value <= UNDERFLOW:
+        parts["finite_fill"] = max(parts.get("finite_fill", value), value)
 
 
 def _square(m, parts, n, node):
@@ -520,8 +534,12 @@ def _retime(site, parts, info, ctx):
 def _accepted_text(s, parts):
     mask = "is_causal=True" if parts["kind"] == "sdpa" and parts.get("mask") is None else "mask proven the causal triangle"
     scale = " ".join(f"{'x' if op == 'mul' else '/'}{v:.6g}" for op, v in s.scale_ops) or "1"
+    fill = parts.get("finite_fill")
+    finite = "" if fill is None else (f"; masked keys get a finite {fill:g}, exactly 0 after the softmax while the "
+                                      f"scores stay within {-fill - 746:g} of each other (the translation "
+                                      "validation confirms it)")
     return (f"causal attention ({mask}), scale {scale}: a KV cache of {s.max_len} positions, {s.heads} heads of "
-            f"{s.head_dim} per batch row")
+            f"{s.head_dim} per batch row{finite}")
 
 
 def _candidate(site, ctx, reason, why, at, structure=None):

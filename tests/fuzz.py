@@ -903,10 +903,10 @@ class Attention(nn.Module):
     """Multi-head softmax attention over time, in one of several spellings of its mask. Legal (a
     causal triangle the analysis can prove): "sdpa" (is_causal=True), "sdpa_mask" (a bool tril
     attn_mask), "masked_fill" (tril built in forward), "additive" (a -inf triu buffer sliced to L),
-    "where" (torch.where on a tril). Illegal: "no_mask" (every query sees the future), "window"
+    "where" (torch.where on a tril), "finite_additive" (GPT-2's triu * -10000 added). Illegal: "no_mask" (every query sees the future), "window"
     (a causal band of 4 keys: causal and prefix-stable, declined as a sliding window)."""
 
-    LEGAL = ("sdpa", "sdpa_mask", "masked_fill", "additive", "where")
+    LEGAL = ("sdpa", "sdpa_mask", "masked_fill", "additive", "where", "finite_additive")
 
     def __init__(self, d, heads, spelling, max_len):
         super().__init__()
@@ -932,6 +932,8 @@ class Attention(nn.Module):
                 att = att + self.bias[:L, :L].to(att.dtype)
             elif self.spelling == "where":
                 att = torch.where(tril, att, torch.full_like(att, float("-inf")))
+            elif self.spelling == "finite_additive":
+                att = att + torch.ones(L, L, dtype=att.dtype, device=x.device).triu(1) * -10000.0
             elif self.spelling == "window":
                 band = tril & ~torch.ones(L, L, dtype=torch.bool, device=x.device).tril(-4)
                 att = att.masked_fill(~band, float("-inf"))

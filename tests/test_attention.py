@@ -167,3 +167,10 @@ def test_attention_as_public_code_writes_it(spelling):
         y = torch.cat([s.prefill(x[:, :40], attention_mask=mask)] + [s.step(x[:, t : t + 1]) for t in range(40, 80)], 1)
         assert rel_err(y[:1, 25:], model(x[:1, 25:])) < tol
         assert rel_err(y[1:], ref[1:]) < tol
+
+
+def test_a_finite_additive_mask_is_accepted_and_said_so(decoders):
+    """GPT-2's -10000: exactly 0 after the softmax while scores stay close, which the report names."""
+    _, decoder = decoders("finite_additive")
+    texts = [c.explanation for c in decoder.report.accepted if c.kind == "attention"]
+    assert len(texts) == 2 and all("finite -10000" in t and "within 9254" in t for t in texts), texts

@@ -8,7 +8,8 @@ Causal spellings:
 - "masked_fill": nanoGPT, att.masked_fill(self.bias[:, :, :L, :L] == 0, float("-inf")), scale as a mul;
 - "additive": an additive mask built in forward, torch.full((L, L), -inf).triu(1), einsum scores / sqrt(d);
 - "where": torch.where(tril, scores, finfo.min) (HF's finite minimum), scores by bmm on [B*H, L, D];
-- "rotary": rotary position codes computed from arange(L) in forward, then SDPA(is_causal=True).
+- "rotary": rotary position codes computed from arange(L) in forward, then SDPA(is_causal=True);
+- "finite_additive": GPT-2's finite mask, scores + triu(ones) * -10000 (exp underflows to exactly 0).
 Look-alikes (declined):
 - "no_mask": softmax(q k^T / sqrt(d)) v with no mask;          NON_CAUSAL_MASK
 - "full_mask": SDPA with an all-True attn_mask;                   NON_CAUSAL_MASK
@@ -16,7 +17,7 @@ Look-alikes (declined):
 - "sdpa_not_causal": SDPA with is_causal=False and no mask;         NON_CAUSAL_MASK
 - "input_mask": a padding mask from the input ids combined with the triangle; MASK_FROM_INPUT
 - "sliding_window": a causal band of WINDOW keys;                 SLIDING_WINDOW
-- "small_fill": masked_fill with -1e4 (leaks weight to the future);  NON_CAUSAL_MASK
+- "leaky_fill": masked_fill with -10 (exp(-10) leaks weight to the future);  NON_CAUSAL_MASK
 """
 
 import math
@@ -29,10 +30,10 @@ from examples.models.common import LM, Block, seeded, token_inputs
 from examples.models.hyena import HyenaOperator
 
 D_MODEL, HEADS, MAX_LEN, VOCAB, LENGTH, WINDOW = 32, 4, 256, 64, 64, 8
-CAUSAL = ("sdpa", "sdpa_mask", "masked_fill", "additive", "where", "rotary")
+CAUSAL = ("sdpa", "sdpa_mask", "masked_fill", "additive", "where", "rotary", "finite_additive")
 DECLINED = {"no_mask": "NON_CAUSAL_MASK", "full_mask": "NON_CAUSAL_MASK", "wrong_triu": "NON_CAUSAL_MASK",
             "sdpa_not_causal": "NON_CAUSAL_MASK", "input_mask": "MASK_FROM_INPUT", "sliding_window": "SLIDING_WINDOW",
-            "small_fill": "NON_CAUSAL_MASK"}
+            "leaky_fill": "NON_CAUSAL_MASK"}
 
 
 def _rotate(x, cos, sin):
@@ -99,8 +100,11 @@ class CausalAttention(nn.Module):
             band = self.tril[:L, :L] & ~torch.ones(L, L, dtype=torch.bool, device=x.device).tril(-WINDOW)
             att = (q @ k.transpose(-2, -1) / math.sqrt(d)).masked_fill(~band, float("-inf"))
             y = F.softmax(att, dim=-1) @ v
-        else:  # small_fill
-            att = (q @ k.transpose(-2, -1) / math.sqrt(d)).masked_fill(~self.tril[:L, :L], -1e4)
+        elif s == "finite_additive":
+            att = q @ k.transpose(-2, -1) / math.sqrt(d) + torch.triu(torch.ones(L, L, device=x.device), 1) * -10000.0
+            y = F.softmax(att, dim=-1) @ v
+        else:  # leaky_fill
+            att = (q @ k.transpose(-2, -1) / math.sqrt(d)).masked_fill(~self.tril[:L, :L], -10.0)
             y = F.softmax(att, dim=-1) @ v
         return self.out_proj(y.transpose(1, 2).flatten(-2))
 
