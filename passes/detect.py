@@ -429,6 +429,19 @@ def match_scan(node, canon, info):
     return _finish(m, canon, info)
 
 
+# ---- matrices over positions --------------------------------------------------------------------
+
+def match_position_matrix(node, canon, info):
+    """A table over positions applied by a contraction (einsum('ij,bjd->bid', T[:L, :L], x), T @ x):
+    a long convolution when the table is lower-triangular Toeplitz, which the numeric checks prove
+    (shift-invariance on random inputs, causality by the impulse response, prefix-stability)."""
+    x, input_map = info[node].matrix
+    m = Match("position_matrix", node, strip(x, canon), node, "long")
+    m.input_map = input_map
+    m.filter_nodes = _static_closure([n for n in node.all_input_nodes if info[n].dep == "static"], info)
+    return _finish(m, canon, info)
+
+
 # ---- causal delays ------------------------------------------------------------------------------
 
 def match_delay(end, canon, info):
@@ -493,6 +506,8 @@ def run(canon, ctx):
             matches.append(match_conv1d(node, canon, info))
         elif c.op == "scan" and c.fn == "cumsum":
             matches.append(match_scan(node, canon, info))
+        elif info[node].matrix:
+            matches.append(match_position_matrix(node, canon, info))
     for node in canon:
         if info[node].cls == "delay":
             matches.append(match_delay(node, canon, info))

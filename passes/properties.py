@@ -249,8 +249,9 @@ def candidate_for(m, runner, cap, alt=None):
         if not r["fit_err"] <= tol:
             if not no_wrap[0]:
                 return reject(Reason.WRAP_AROUND, node, f"circular convolution: {no_wrap[1]}")
-            return reject(Reason.NUMERIC_MISMATCH, node,
-                          f"extracted causal filter + skip do not reproduce the output at L={L} (rel err {r['fit_err']:.1e})")
+            what = ("the matrix over positions is not lower-triangular Toeplitz (a causal convolution)"
+                    if m.spelling == "position_matrix" else "extracted causal filter + skip do not reproduce the output")
+            return reject(Reason.NUMERIC_MISMATCH, node, f"{what} at L={L} (rel err {r['fit_err']:.1e})")
     if len(lengths) > 1:  # the filter may change with L only by slicing
         e = rel_err(meas[1]["h"], meas[0]["h"][:, : lengths[1]])
         if not e <= tol:

@@ -64,6 +64,7 @@ class TimeInfo:
     static_dims: tuple = ()  # static values: the dims whose size depends on the length (lag axes)
     delay: int = 0  # cls "delay": positions the value lags its input by
     reason: str = "TIME_MIXING_OP"  # the Reason a "mixing" op is declined with
+    matrix: tuple = ()  # a matrix over positions applied to an activation: (activation operand, its einsum map)
     parts: list = field(default=None, repr=False)  # multi-output ops: one TimeInfo per output
 
     @property
@@ -360,6 +361,9 @@ class Analysis:
         if not time:
             return self.local(None)
         if len(time) > 1:
+            matrix = self.position_matrix(node, specs, out, time)
+            if matrix is not None:
+                return matrix
             raise Mixing(f"{_name(node)} pairs positions of two values (attention-like)")
         (letter, axis), = time.items()
         if letter not in out:
@@ -367,6 +371,25 @@ class Analysis:
         if axis is None:  # a position table contracted with an activation without positions
             raise Mixing(f"{_name(node)} contracts a position table with an activation")
         return self.local(replace(axis, dim=out.index(letter)))
+
+    def position_matrix(self, node, specs, out, time):
+        """y[..., t, ...] = sum_s M[t, s] x[..., s, ...] with M a table over positions (parameters and
+        positions only, [T, T] sliced to [L, L]): a convolution exactly when M is lower-triangular
+        Toeplitz, which detect and the numeric checks decide. None when the contraction is not that."""
+        acts = [(c, a) for c, a in time.items() if a is not None]
+        rows = [c for c, a in time.items() if a is None]
+        if len(acts) != 1 or len(rows) != 1:
+            return None
+        (s, axis), (t,) = acts[0], rows
+        tables = [(n, letters) for n, letters in specs if s in letters and t in letters]
+        operands = [(n, letters) for n, letters in specs if n in self.info and self.info[n].dep == "activation"]
+        if s in out or t not in out or len(tables) != 1 or len(operands) != 1 or not axis.aligned or axis.inner != 1:
+            return None
+        if self.info[tables[0][0]].dep != "static" or not self.sizes.is_len(meta_value(node).shape[out.index(t)]):
+            return None
+        x, letters = operands[0]
+        return TimeInfo("activation", Axis(out.index(t)), "conv_part", "a matrix over positions",
+                        matrix=(x, f"{letters.replace(s, t)}->{out}"))
 
     def reduce_dims(self, node, dims, name):
         """An op acting along `dims` of its first input (None: all dims)."""

@@ -722,6 +722,25 @@ class FullFilterFFTConv(FFTConv):
         return (y + u * self.D.to(f)[:, None]).transpose(1, 2).to(x.dtype)
 
 
+class ToeplitzConv(FFTConv):
+    """The filter as a causal Toeplitz table [C, L, L] (T[c, t, s] = h[c, t - s], zero above the
+    diagonal) applied by einsum, or by matmul on channels-first values (Toeplitz-network style)."""
+
+    def __init__(self, c, filt, matmul):
+        super().__init__(c, filt)
+        self.matmul = matmul
+
+    def forward(self, x):
+        L = x.shape[1]
+        lags = torch.arange(L, device=x.device)[:, None] - torch.arange(L, device=x.device)[None, :]
+        T = torch.tril(self.filter(L)[:, lags.clamp(min=0)]).to(x.dtype)  # [C, L, L]
+        if self.matmul:
+            y = (T @ x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)  # [B, C, L, 1] -> [B, L, C]
+        else:
+            y = torch.einsum("cts,bsc->btc", T, x)
+        return y + x * self.D.to(x.dtype)
+
+
 class ChannelsLastFFTConv(FFTConv):
     """FFT along dim=1 of [B, L, C], filter [L, C]."""
 
@@ -1215,7 +1234,7 @@ class _Builder:
             return self.illegal_conv(c, illegal)
         spelling = self.rng.choice(["fft", "fft_default_norm", "fft_full_filter", "fft_channels_last",
                                     "fft_complex", "fft_full_complex", "fft_einsum", "fft_per_head", "conv1d_long_max",
-                                    "conv1d_long_L", "conv1d_long_pad", "short"])
+                                    "conv1d_long_L", "conv1d_long_pad", "toeplitz_einsum", "toeplitz_matmul", "short"])
         if spelling == "short":
             return self.short_conv(c)
         if spelling == "fft_einsum":
@@ -1229,6 +1248,8 @@ class _Builder:
                "fft_complex": ComplexFFTConv, "fft_full_complex": FullComplexFFTConv}.get(spelling)
         if cls is not None:
             module = cls(c, filt)
+        elif spelling.startswith("toeplitz"):
+            module = ToeplitzConv(c, filt, matmul=spelling == "toeplitz_matmul")
         elif spelling == "fft_full_filter":
             module = FullFilterFFTConv(c, filt, self.max_len)
         else:
@@ -1349,7 +1370,7 @@ def all_productions():
     attention = {f"attention_{s}" for s in Attention.LEGAL}
     delays = {"shift_k", "token_shift_pad", "token_shift_zeropad2d", "token_shift_cat", "token_shift_roll"}
     convs = {"fft", "fft_default_norm", "fft_full_filter", "fft_channels_last", "fft_complex", "fft_einsum",
-             "fft_per_head", "conv1d_long_max", "conv1d_long_L", "conv1d_long_pad", "short_module",
+             "fft_per_head", "conv1d_long_max", "conv1d_long_L", "conv1d_long_pad", "toeplitz_einsum", "toeplitz_matmul", "short_module",
              "short_flipped", "short_pad", "short_dilated", "short_dilated_wide", "fft_full_complex"}
     return glue | position | attention | delays | convs | set(FILTERS) | {"hyena", "gated", "conv_layer", "none"} | set(ILLEGAL)
 

@@ -279,3 +279,43 @@ def test_a_branch_on_a_buffer_set_on_first_use_is_taken_as_it_stands():
     with torch.no_grad():
         assert rel_err(decode(decoder, x, 4), model(x)) < 1e-5
     assert bool(model.initialized) and model.scale.ne(1).any()  # the capture left the model as it was
+
+
+class ToeplitzMatrix(nn.Module):
+    """A parameter filter as a [L, L] matrix over positions, applied by einsum or matmul: causal
+    (lower-triangular), two-sided (a look-alike), or scaled by position vectors on both sides."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.h = nn.Parameter(torch.randn(128) * torch.exp(-torch.arange(128) / 16.0))
+        self.a = nn.Parameter(torch.rand(128) + 0.5)
+
+    def forward(self, x):
+        L = x.shape[1]
+        lags = torch.arange(L)[:, None] - torch.arange(L)[None, :]
+        T = self.h[lags.abs()] if self.how == "two_sided" else torch.tril(self.h[lags.clamp(min=0)])
+        if self.how == "matmul":
+            return T @ x
+        if self.how == "scaled":
+            T = T * self.a[:L, None]  # diag(a) T: not shift-invariant
+        return torch.einsum("ts,bsc->btc", T, x)
+
+
+@pytest.mark.parametrize("how", ["einsum", "matmul"])
+def test_a_lower_triangular_toeplitz_matrix_is_a_convolution(how):
+    model = ToeplitzMatrix(how).double()
+    decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C, dtype=torch.float64),), max_len=128, validate=False)
+    (cand,) = decoder.report.accepted
+    assert cand.spelling == "position_matrix" and rel_err(cand.conv.h[0], model.h.detach()) < 1e-12
+    x = torch.randn(2, 128, C, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(decode(decoder, x, 3), model(x)) < 1e-12
+
+
+@pytest.mark.parametrize("how", ["two_sided", "scaled"])
+def test_a_matrix_over_positions_that_is_not_causal_toeplitz_is_declined(how):
+    report = lcsm_compile.analyze(ToeplitzMatrix(how), (torch.randn(2, 16, C),), max_len=128)
+    assert not report.decodable
+    (cand,) = [c for c in report.rejected if c.spelling == "position_matrix"]
+    assert cand.reason is Reason.NUMERIC_MISMATCH and "not lower-triangular Toeplitz" in cand.explanation
