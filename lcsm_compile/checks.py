@@ -11,7 +11,11 @@ import torch
 
 from lcsm_compile.errors import InputError
 
-CONVS = ("flash", "floor", "lazy")  # the keys of decoder.BANKS (not imported: the decoder imports this module)
+
+def _convs():
+    from lcsm_compile.decoder import BANKS  # at call time: the decoder imports this module
+
+    return tuple(sorted(BANKS))
 
 
 def check_choice(name, value, allowed):
@@ -33,7 +37,7 @@ def _positive_int(name, value):
 
 
 CHECKS = {
-    "conv": lambda name, v: check_choice(name, v, CONVS),
+    "conv": lambda name, v: check_choice(name, v, _convs()),
     "compile": lambda name, v: check_choice(name, v, (True, False, "auto")),
     "cuda_graph": lambda name, v: check_choice(name, v, (False, True, "emulate")),
     "validate": lambda name, v: check_choice(name, v, (True, False)),
