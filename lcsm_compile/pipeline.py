@@ -299,8 +299,8 @@ def _report(ctx):
                                reason=Reason.CAPTURE_FAILED, max_len=cap.max_len,
                                explanation=f"max_len={ctx.max_len} cannot be served: the captured graph is valid for "
                                            f"lengths [{cap.min_len}, {cap.max_len}] only (torch.export bounded the "
-                                           f"length: the model's Python code compares it with a size of its own, such "
-                                           f"as a table or a cache of {cap.max_len} positions); pass max_len <= "
+                                           f"length where the model's Python code branches on it: a table or cache "
+                                           f"of {cap.max_len} positions, an FFT size planned from L); pass max_len <= "
                                            f"{cap.max_len}, or clear the model's cached state"))
         rejected = rejected + cands[-1:]
     decodable = bool(accepted) and not rejected and not failed and all(r["passed"] for r in safety.values())
