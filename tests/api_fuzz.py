@@ -1,6 +1,9 @@
-"""A stateful fuzzer of the decoding API (hypothesis's RuleBasedStateMachine): prefill, step, add,
-remove and generate on one session with rows, in-place weight updates and load_state_dict, and
-exceptions (KeyboardInterrupt included) injected at the k-th op call inside the next call. Every
+"""A stateful fuzzer of the decoding API (hypothesis's RuleBasedStateMachine).
+
+DecodeMachine: prefill, step, add, remove and generate on one session with rows, in-place weight
+updates and load_state_dict, and exceptions (KeyboardInterrupt included) injected at the k-th op
+call inside a call. BackendMachine: the naive loop under torch.compile(backend="lcsm"), calls that
+extend, shrink or diverge from the last input, weight changes and injected exceptions. Every
 output is checked against the model run from scratch on the sequence so far; every error must be
 the typed one the call's situation calls for, or the injected exception itself.
 
@@ -224,7 +227,91 @@ class DecodeMachine(RuleBasedStateMachine):
             assert self.session.positions == [None if seq is None else len(seq) for seq in self.rows]
 
 
+class BackendMachine(RuleBasedStateMachine):
+    """The naive loop under the backend: calls that extend, shrink or diverge from the last input,
+    weight changes (the backend rebuilds its decoder) and faults injected inside a call. Every call
+    must equal the model's output on the same input. Each example compiles afresh (a few seconds),
+    so that no example depends on what an earlier one left in dynamo's cache or the weights."""
+
+    @initialize(length=st.integers(2, 12))
+    def start(self, length):
+        torch._dynamo.reset()
+        self.model = demo_lm(n_layer=1, d_model=16, vocab=VOCAB, max_len=MAX_LEN)
+        self.c = torch.compile(self.model, backend="lcsm", dynamic=True,
+                               options={"max_len": MAX_LEN, "compile_step": False})
+        self.ids = torch.randint(0, VOCAB, (2, length))
+        self.changed = False
+        self.injector = Injector()
+        self.call()
+
+    def teardown(self):
+        if hasattr(self, "injector"):
+            self.injector.restore()
+        torch._dynamo.reset()
+
+    def call(self):
+        counts["backend call"] += 1
+        try:
+            with torch.no_grad():
+                out = self.c(self.ids)
+        except BaseException as exc:
+            fired, self.injector.fired = self.injector.fired, False
+            self.injector.disarm()
+            # a fault inside a rebuild's validation is that decoder's refusal, naming the fault
+            assert fired and (str(exc) == "injected" or isinstance(exc, LcsmError) and "injected" in str(exc)), \
+                f"backend: unexpected {exc!r}"
+            counts["backend injected -> " + type(exc).__name__] += 1
+            return
+        self.injector.disarm()
+        with torch.no_grad():
+            ref = self.model(self.ids)
+        err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err < TOL, f"backend: rel err {err:.2e} at length {self.ids.shape[1]}"
+        counts["backend ok"] += 1
+
+    @precondition(lambda self: self.ids.shape[1] < MAX_LEN)
+    @rule(new=st.integers(1, 16))
+    def extend(self, new):
+        new = min(new, MAX_LEN - self.ids.shape[1])
+        self.ids = torch.cat([self.ids, torch.randint(0, VOCAB, (2, new))], 1)
+        self.call()
+
+    @precondition(lambda self: self.ids.shape[1] > 2)
+    @rule(data=st.data())
+    def shrink(self, data):
+        self.ids = self.ids[:, : data.draw(st.integers(2, self.ids.shape[1] - 1))]
+        self.call()
+
+    @rule(data=st.data())
+    def diverge(self, data):
+        t = data.draw(st.integers(0, self.ids.shape[1] - 1))
+        self.ids = self.ids.clone()
+        self.ids[:, t] = (self.ids[:, t] + 1) % VOCAB
+        self.call()
+
+    @precondition(lambda self: not self.changed)  # once per example: each costs a rebuild (seconds)
+    @rule(how=st.sampled_from(["in place", "load_state_dict"]), seed=st.integers(1, 3))
+    def change_weights(self, how, seed):
+        self.changed = True
+        counts[f"backend weights changed {how}"] += 1
+        with torch.no_grad():
+            if how == "in place":
+                for p in self.model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            else:
+                self.model.load_state_dict(demo_lm(n_layer=1, d_model=16, vocab=VOCAB, max_len=MAX_LEN, seed=seed).state_dict())
+        self.call()
+
+    @precondition(lambda self: self.ids.shape[1] < MAX_LEN)
+    @rule(k=st.integers(1, 24), interrupt=st.booleans(), after=st.booleans(), new=st.integers(1, 16))
+    def interrupted(self, k, interrupt, after, new):
+        """An extending call whose k-th op raises; the next call must be exact."""
+        self.injector.arm(k, KeyboardInterrupt if interrupt else Fault, after)
+        self.extend(new)
+
+
 CI = settings(max_examples=15, stateful_step_count=12, deadline=None)
+CI_BACKEND = settings(max_examples=4, stateful_step_count=10, deadline=None)  # each example compiles: seconds
 
 
 def main(argv=None):
@@ -232,11 +319,13 @@ def main(argv=None):
     parser.add_argument("--examples", type=int, default=500)
     parser.add_argument("--steps", type=int, default=20, help="rules per example")
     args = parser.parse_args(argv)
-    DecodeMachine.TestCase.settings = settings(max_examples=args.examples, stateful_step_count=args.steps,
-                                               deadline=None)
     import unittest
 
-    result = unittest.TextTestRunner(verbosity=1).run(unittest.defaultTestLoader.loadTestsFromTestCase(DecodeMachine.TestCase))
+    suite = unittest.TestSuite()
+    for machine in (DecodeMachine, BackendMachine):
+        machine.TestCase.settings = settings(max_examples=args.examples, stateful_step_count=args.steps, deadline=None)
+        suite.addTests(unittest.defaultTestLoader.loadTestsFromTestCase(machine.TestCase))
+    result = unittest.TextTestRunner(verbosity=1).run(suite)
     for key, n in sorted(counts.items()):
         print(f"{n:7d}  {key}")
     return 0 if result.wasSuccessful() else 1
