@@ -316,15 +316,17 @@ CI_BACKEND = settings(max_examples=4, stateful_step_count=10, deadline=None)  # 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=500)
+    parser.add_argument("--examples", type=int, default=500, help="examples of DecodeMachine")
+    parser.add_argument("--backend-examples", type=int, default=20, help="examples of BackendMachine (each compiles: seconds)")
     parser.add_argument("--steps", type=int, default=20, help="rules per example")
     args = parser.parse_args(argv)
     import unittest
 
     suite = unittest.TestSuite()
-    for machine in (DecodeMachine, BackendMachine):
-        machine.TestCase.settings = settings(max_examples=args.examples, stateful_step_count=args.steps, deadline=None)
-        suite.addTests(unittest.defaultTestLoader.loadTestsFromTestCase(machine.TestCase))
+    for machine, examples in ((DecodeMachine, args.examples), (BackendMachine, args.backend_examples)):
+        if examples:
+            machine.TestCase.settings = settings(max_examples=examples, stateful_step_count=args.steps, deadline=None)
+            suite.addTests(unittest.defaultTestLoader.loadTestsFromTestCase(machine.TestCase))
     result = unittest.TextTestRunner(verbosity=1).run(suite)
     for key, n in sorted(counts.items()):
         print(f"{n:7d}  {key}")
