@@ -12,7 +12,8 @@ import torch as _torch
 if "triton" not in _sys.modules and not _torch.cuda.is_available():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from lcsm_compile.errors import DeviceError, DTypeError, InputError, LcsmError, MaxLenExceeded, NotDecodable, SessionNotStarted, ShapeError
+from lcsm_compile.errors import (DeviceError, DTypeError, InputError, LcsmError, MaxLenExceeded, NotDecodable,
+                                 SessionBroken, SessionNotStarted, ShapeError, StaleDecoder)
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.analysis import analyze, register_mixer
 from lcsm_compile.report import Candidate, Reason, Report, Verdict
@@ -40,5 +41,7 @@ __all__ = [
     "Decoder",
     "NotDecodable",
     "SessionNotStarted",
+    "SessionBroken",
+    "StaleDecoder",
 ]
 __version__ = "0.1.0"

@@ -34,8 +34,10 @@ How the decoder is built. The dynamo graph goes through every pass once (lcsm_co
 the same passes `optimize` runs): it is wrapped as a module of the user input alone (state held as
 attributes, SymInts read off the input's shape) and exported to the one canonical ATen graph, then
 analysed, rewritten and validated teacher-forced against that module. The Report is kept in
-`backend.records[-1].report`. If the model's parameters change in place after compiling (their
-`_version` moves, or dynamo passes other tensors), the decoder is rebuilt at the next call.
+`backend.records[-1].report`. If the model's parameters change after compiling (written in place,
+or dynamo passes other tensors: lcsm_compile.staleness), the decoder is rebuilt at the next call.
+A call that does not finish (any exception, KeyboardInterrupt included) drops its session: the
+next call starts a new one with a prefill of its whole input, so it is exact.
 
 Fallback. A graph the backend cannot decode (the analysis says it is not decodable, the model is
 split into several graphs by graph breaks, it has several user inputs, an output without the
@@ -86,6 +88,7 @@ import torch.utils._pytree as pytree
 from lcsm_compile.checks import check_choice, check_ids, check_options, vocab_size
 from lcsm_compile.errors import InputError, LcsmError, MaxLenExceeded, NotDecodable
 from lcsm_compile.passes import capture
+from lcsm_compile.staleness import Fingerprint
 
 log = logging.getLogger("lcsm_compile.backend")
 
@@ -371,10 +374,12 @@ class DecodedGraph:
         if x.shape[1] > self.max_len:
             raise _Fallback(f"the input is longer ({x.shape[1]}) than max_len={self.max_len}")
         self.state_index = [i for i, (kind, _) in enumerate(plan.roles) if kind == "state"]
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        self.state_names = [names[i] for i in self.state_index]
+        # Python floats dynamo hands over as a fresh 0-d tensor at every call: compared by value
+        self.scalars = {names[i] for i in self.state_index if plan.roles[i][1] == "scalar"}
         self.static_outputs = _static_outputs(gm, plan.out_dims)
         self._build(list(example_inputs), record)
-        self.session = None
-        self.n = 0  # positions in the session (and in the buffers)
         self.in_buf = self.out_bufs = None
         self.key = None  # (batch, trailing dims, dtype, device) of the session's input
         self.stats = collections.Counter()  # prefill / step / reuse / restart counts
@@ -396,31 +401,24 @@ class DecodedGraph:
         if ctx.decoder is None:
             raise _Fallback("not decodable: " + ctx.report.refusal(), ctx.report)
         self.decoder = ctx.decoder
-        state = [inputs[i] for i in self.state_index]
-        self.state = state
-        self.versions = [t.item() if self.plan.roles[i][1] == "scalar" else t._version
-                         for i, t in zip(self.state_index, state)]
+        self.session = None
+        self.n = 0  # positions in the session (and in the buffers)
+        self.fingerprint = Fingerprint(self._state(inputs), values=self.scalars)
 
-    def _state_changed(self, args):
-        for k, i in enumerate(self.state_index):
-            t = args[i]
-            if self.plan.roles[i][1] == "scalar":
-                if t.item() != self.versions[k]:
-                    return True
-            elif t is not self.state[k] or t._version != self.versions[k]:
-                return True
-        return False
+    def _state(self, args):
+        """(name, tensor) of the model state among the graph inputs `args`."""
+        return [(name, args[i]) for name, i in zip(self.state_names, self.state_index)]
 
     def __call__(self, *args):
         x = args[self.plan.input_index]
-        if self._state_changed(args):
-            log.info("lcsm backend: the model's parameters changed; rebuilding the decoder")
+        changed = self.fingerprint.changed(self._state(args))
+        if changed is not None:
+            log.info("lcsm backend: the model's state %s changed; rebuilding the decoder", changed)
             try:
                 with torch._guards.tracing(None), torch._guards.compile_context(None):
                     self._build(list(args))
             except _Fallback as exc:
                 raise NotDecodable(exc.report or _reason_report(exc.reason, self.opts)) from None
-            self.session, self.n = None, 0
         with torch.no_grad():
             outs = self._run(x)
             if self.static_outputs is not None:  # state the model writes back: computed as the graph does
@@ -438,14 +436,20 @@ class DecodedGraph:
         fresh = self.session is None or key != self.key or t < self.n or not self._prefix_ok(x)
         if not fresh and t - self.n > self.n:  # more new positions than old ones: one prefill is cheaper
             fresh = True
-        if fresh:
-            self._prefill(x, key)
-        else:
-            for i in range(self.n, t):
-                self._write(self.session.step(x[:, i : i + 1]), i, 1)
-                self.in_buf[:, i] = x[:, i]
-            self.stats["step"] += t - self.n
-            self.n = t
+        try:
+            if fresh:
+                self._prefill(x, key)
+            else:
+                for i in range(self.n, t):
+                    self._write(self.session.step(x[:, i : i + 1]), i, 1)
+                    self.in_buf[:, i] = x[:, i]
+                self.stats["step"] += t - self.n
+                self.n = t
+        except BaseException:
+            # the session, the buffers and the count of positions done may be out of step: the
+            # next call starts a new session with a prefill
+            self.session, self.n = None, 0
+            raise
         return tuple(None if d is None else buf.narrow(d, 0, t) for buf, d in zip(self.out_bufs, self.plan.out_dims))
 
     def _prefix_ok(self, x):

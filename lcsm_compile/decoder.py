@@ -8,9 +8,10 @@ from lcsm_compile.analysis import check_args, quiet
 from lcsm_compile.baselines import FloorConv, LazyConv
 from lcsm_compile.checks import check_options, vocab_size
 from lcsm_compile.engine import OnlineConv
-from lcsm_compile.errors import NotDecodable
+from lcsm_compile.errors import NotDecodable, StaleDecoder
 from lcsm_compile.logs import get_logger
 from lcsm_compile.runtime import Program, Session
+from lcsm_compile.staleness import Fingerprint, module_state
 
 BANKS = {"flash": OnlineConv, "lazy": LazyConv, "floor": FloorConv}
 
@@ -19,15 +20,20 @@ class Decoder:
     """Shared by every session of one optimized model: programs, filters, tile operators.
 
     programs / schedule: the decode_rewrite and layer_schedule artifacts (lcsm_compile.pipeline runs
-    those passes when they are not given)."""
+    those passes when they are not given). source: the module it is built from, whose parameters
+    and buffers check_fresh() watches (None: nothing to watch)."""
 
     def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None, compile="auto",
-                 cuda_graph=False, programs=None, schedule=None):
+                 cuda_graph=False, programs=None, schedule=None, source=None):
         check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph)
         # cuda_graph: each session captures its step without advance (lcsm_compile.graphs) and
         # replays it, the tile call launched eagerly after; "emulate" replays recorded ops on any device
         self.cuda_graph = cuda_graph
         self.report = report
+        # the filters, tables and the programs' copies of the weights are those of the parameters as
+        # read now: check_fresh() compares them with the module's at each session, prefill and add
+        self.source = source
+        self.fingerprint = Fingerprint(module_state(source)) if source is not None else None
         self.rows_why = None  # set when the validation of rows at their own positions failed
         self.max_len = int(max_len)
         example = example_inputs[0]
@@ -79,9 +85,19 @@ class Decoder:
         bias = None if conv.bias is None else conv.bias.reshape(-1).to(dtype=dtype, device=self.device)
         return weight.unsqueeze(1), weight.t().unsqueeze(1).contiguous(), bias
 
+    def check_fresh(self):
+        """Raise StaleDecoder naming the first parameter or buffer of the source module that was
+        written in place or replaced since the build."""
+        name = self.fingerprint.changed(module_state(self.source)) if self.fingerprint is not None else None
+        if name is not None:
+            raise StaleDecoder(f"the model's {name!r} changed (written in place or replaced) after the decoder was "
+                               f"built: it decodes the weights it was built from; call lcsm_compile.optimize(model, "
+                               f"...) again")
+
     def session(self, rows=None) -> Session:
         """A fresh session. rows=N: N free rows for add()/remove() (continuous batching); without
         it the first prefill fixes the rows."""
+        self.check_fresh()
         return Session(self, rows)
 
     def generate(self, prompt_ids, max_new_tokens, attention_mask=None, **options):

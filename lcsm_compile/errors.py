@@ -51,3 +51,13 @@ class NotDecodable(LcsmError):
 
 class SessionNotStarted(LcsmError, RuntimeError):
     """A step on a session that has no prompt yet: call `session.prefill(prompt)` first."""
+
+
+class StaleDecoder(LcsmError, RuntimeError):
+    """A parameter or buffer of the model changed (written in place, or replaced) after the decoder
+    was built from it: call lcsm_compile.optimize(model, ...) again."""
+
+
+class SessionBroken(LcsmError, RuntimeError):
+    """A state change of the session (prefill, step, add, remove) did not finish: an exception,
+    KeyboardInterrupt included, left its state partly updated. prefill(prompt) restarts it."""

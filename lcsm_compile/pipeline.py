@@ -315,7 +315,8 @@ def _build_decoder(ctx):
 
     try:
         return Decoder(ctx.report, max_len=ctx.report.capture.max_len, example_inputs=ctx.example_inputs,
-                       programs=ctx.programs, schedule=ctx.schedule, **_decoder_options(ctx.options))
+                       programs=ctx.programs, schedule=ctx.schedule, source=ctx.reference,
+                       **_decoder_options(ctx.options))
     except Exception as exc:  # noqa: BLE001 - a decoder that cannot be built is a refusal, not a crash
         text = f"building the decoder failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]
         _refuse(ctx, _failure("decoder", text, ctx))

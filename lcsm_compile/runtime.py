@@ -6,6 +6,7 @@ buffers for short convolutions, a KV cache per causal attention) and its positio
 independent and can be interleaved.
 """
 
+import contextlib
 import copy
 import functools
 import time
@@ -16,7 +17,7 @@ import torch.utils._pytree as pytree
 
 from lcsm_compile import ops
 from lcsm_compile.checks import check_ids
-from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, SessionNotStarted, ShapeError
+from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, SessionBroken, SessionNotStarted, ShapeError
 from lcsm_compile.logs import get_logger
 
 
@@ -330,6 +331,11 @@ class Session:
     Rows at their own positions are exactly what each row gets decoded alone: each keeps its own
     position for the convolutions, ring buffers and position tables; they need conv="flash", a
     capture with a symbolic batch, and position tables that have a batch dim (else a typed error).
+
+    Every state change is all-or-nothing: one that does not finish (any exception, KeyboardInterrupt
+    included) leaves the session broken, and every call but prefill raises SessionBroken until a
+    prefill restarts it. prefill and add check that the model's weights are those the decoder was
+    built from (Decoder.check_fresh); a step decodes the weights its prefill saw.
     """
 
     def __init__(self, decoder, rows=None):
@@ -338,6 +344,7 @@ class Session:
         self.handle = ops.register(self.state)  # [session id, position]; lcsm::advance moves the position
         self._own_positions = False  # rows at their own positions (after a ragged prefill, add or remove)
         self._captured = None  # lcsm_compile.graphs.CapturedStep, with Decoder(cuda_graph=...)
+        self._broken = None  # the state change that did not finish, until a prefill restarts the session
         if rows is not None:
             if not (isinstance(rows, int) and rows >= 1):
                 raise ValueError(f"rows: expected an int >= 1, got {rows!r}")
@@ -376,6 +383,18 @@ class Session:
         if x.device != d.device:
             raise DeviceError(f"input: expected device {d.device}, got {x.device}")
         check_ids("input", x, d.vocab)
+
+    @contextlib.contextmanager
+    def _changing(self, what):
+        """A state change: the session is broken from its start until it finishes."""
+        self._broken = what
+        yield
+        self._broken = None
+
+    def _check_not_broken(self, what):
+        if self._broken is not None:
+            raise SessionBroken(f"{what}: a {self._broken} of this session did not finish, so its state is partly "
+                                f"updated; call prefill(prompt) to restart it (or start a new session)")
 
     def _recapture(self):
         """A captured step (cuda_graph) holds the state's layout: capture again after it changes."""
@@ -419,15 +438,23 @@ class Session:
         P = self._check_prompt(prompt)
         B = prompt.shape[0]
         lengths = _real_lengths(attention_mask, B, P)
-        self._recapture()
-        self.state.reset(B)
-        if lengths is None:  # every row real from position 0: one program call, one shared position
-            self._own_positions = False
-            out = self.decoder.prefill_program(self.handle, inputs=(prompt,))
-            self.handle[1] = P
-            self.state.positions[:], self.state.live[:] = P, True
-            return out
-        self._rows_supported("prefill(attention_mask=...)")
+        if lengths is not None:
+            self._rows_supported("prefill(attention_mask=...)")
+        self.decoder.check_fresh()
+        with self._changing("prefill"):
+            self._recapture()
+            self.state.reset(B)
+            if lengths is None:  # every row real from position 0: one program call, one shared position
+                self._own_positions = False
+                out = self.decoder.prefill_program(self.handle, inputs=(prompt,))
+                self.handle[1] = P
+                self.state.positions[:], self.state.live[:] = P, True
+                return out
+            return self._prefill_ragged(prompt, lengths)
+
+    def _prefill_ragged(self, prompt, lengths):
+        """Left-padded prompts: one row prefill per distinct prompt length, outputs placed per row."""
+        B, P = prompt.shape[:2]
         self._own_positions = True
         leaves, spec = None, None
         for n in sorted(set(lengths.tolist())):  # one prefill call per distinct prompt length
@@ -461,6 +488,7 @@ class Session:
         untouched. The session needs its rows first: a prefill, or Decoder.session(rows=N)."""
         if self.state.capacity is None:
             raise SessionNotStarted("add: the session has no rows yet; prefill(prompt) or Decoder.session(rows=N) first")
+        self._check_not_broken("add")
         self._rows_supported("add")
         self._check_prompt(prompt)
         if prompt.shape[0] != 1:
@@ -469,23 +497,27 @@ class Session:
         if free.numel() == 0:
             raise LcsmError(f"add: all {self.state.capacity} rows hold a sequence; remove() one first")
         row = int(free[0])
-        self._own_positions = True
-        self._recapture()
-        return row, self._prefill_rows(prompt, torch.tensor([row]))
+        self.decoder.check_fresh()
+        with self._changing("add"):
+            self._own_positions = True
+            self._recapture()
+            return row, self._prefill_rows(prompt, torch.tensor([row]))
 
     @_inference
     def remove(self, row):
         """Free `row` (its sequence is done); add() may fill it again. The other rows are untouched."""
         state = self.state
+        self._check_not_broken("remove")
         if state.capacity is None or not (isinstance(row, int) and 0 <= row < state.capacity) or not state.live[row]:
             live = [] if state.capacity is None else state.live.nonzero().squeeze(1).tolist()
             raise LcsmError(f"remove: expected a row holding a sequence (one of {live}), got {row!r}")
         self._rows_supported("remove")
-        self._own_positions = True
-        self._recapture()
-        if state.bank is not None:
-            state.bank.release([row])
-        state.live[row], state.positions[row] = False, 0
+        with self._changing("remove"):
+            self._own_positions = True
+            self._recapture()
+            if state.bank is not None:
+                state.bank.release([row])
+            state.live[row], state.positions[row] = False, 0
 
     @_inference
     def step(self, x):
@@ -495,6 +527,7 @@ class Session:
         state, max_len = self.state, self.decoder.max_len
         if state.capacity is None:
             raise SessionNotStarted("step: call prefill(prompt) first")
+        self._check_not_broken("step")
         if not bool(state.live.any()):
             raise SessionNotStarted("step: no row holds a sequence; add() one first")
         over = state.live & (state.positions >= max_len)
@@ -510,14 +543,15 @@ class Session:
             x = x.clone(memory_format=torch.contiguous_format)
         device = self.decoder.device
         pos = torch.tensor([self.position], device=device) if not self._own_positions else state.positions.to(device)
-        if self.decoder.cuda_graph:
-            if self._captured is None:
-                from lcsm_compile.graphs import CapturedStep
+        with self._changing("step"):
+            if self.decoder.cuda_graph:
+                if self._captured is None:
+                    from lcsm_compile.graphs import CapturedStep
 
-                self._captured = CapturedStep(self, "emulate" if self.decoder.cuda_graph == "emulate" else "cuda")
-            out = self._captured(pos, x)
-        else:
-            out = self.decoder.step_fn(self.handle, pos, inputs=(x,))
+                    self._captured = CapturedStep(self, "emulate" if self.decoder.cuda_graph == "emulate" else "cuda")
+                out = self._captured(pos, x)
+            else:
+                out = self.decoder.step_fn(self.handle, pos, inputs=(x,))
         if not self._own_positions:
             return out
         free = ~state.live

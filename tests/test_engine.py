@@ -218,7 +218,8 @@ def test_public_errors_are_typed():
     """Every error the package raises on purpose is an LcsmError, and also the builtin a caller
     would catch for that kind of mistake."""
     for name, builtin in (("ShapeError", ValueError), ("DTypeError", TypeError), ("DeviceError", ValueError),
-                          ("InputError", ValueError), ("MaxLenExceeded", IndexError), ("NotDecodable", Exception)):
+                          ("InputError", ValueError), ("MaxLenExceeded", IndexError), ("NotDecodable", Exception),
+                          ("StaleDecoder", RuntimeError), ("SessionBroken", RuntimeError)):
         cls = getattr(lcsm_compile, name)
         assert name in lcsm_compile.__all__ and issubclass(cls, lcsm_compile.LcsmError) and issubclass(cls, builtin)
     assert set(lcsm_compile.__all__) <= set(dir(lcsm_compile))
