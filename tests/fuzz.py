@@ -193,6 +193,19 @@ class HeadsView(nn.Module):
         return h.transpose(1, 2).reshape(B, L, D)
 
 
+class RunningMean(nn.Module):
+    """A running mean over positions, cumsum / (t + 1): a convolution with the all-ones filter, scaled
+    by a position constant."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        t = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[:, None]
+        return x + self.proj(x.cumsum(dim=1) / t)
+
+
 class MinCutHeads(nn.Module):
     """The positions cut to min(L, l_max) (a table's reach, as public code guards it), then heads split
     and merged on that Min-sized axis: channels split, never positions."""
@@ -974,8 +987,6 @@ class TimeMix(nn.Module):
             return x + self.proj(x.mean(dim=1, keepdim=True))
         if how == "max_time":
             return x + self.proj(x.amax(dim=1, keepdim=True))
-        if how == "cumsum_time":
-            return x + self.proj(x.cumsum(dim=1))
         if how == "softmax_time":
             return x + self.proj(x.softmax(dim=1))
         if how == "layernorm_time":
@@ -1074,7 +1085,7 @@ class InputFilterFFTConv(nn.Module):
 # the module is not affine in its input), "rule" (causal, prefix-stable and linear, but outside the
 # legality rule: a scan over time is no convolution spelling the rule lists).
 ILLEGAL = {
-    "attention_no_mask": "future", "attention_window": "nonlinear", "mean_time": "future", "max_time": "future", "cumsum_time": "rule",
+    "attention_no_mask": "future", "attention_window": "nonlinear", "mean_time": "future", "max_time": "future",
     "softmax_time": "future", "layernorm_time": "future", "flip_time": "future", "roll_time": "future",
     "future_shift_pad": "future", "future_shift_cat": "future", "last_position": "future",
     "divide_by_L": "prefix", "same_padding": "future", "bidirectional": "future", "wrap_around": "future",
@@ -1179,6 +1190,7 @@ class _Builder:
             "log_softmax_channels": lambda: ChannelSoftmax(d, log=True),
             "heads_view": lambda: HeadsView(d, h), "heads_permute": lambda: HeadsPermute(d, h),
             "einops_rearrange": lambda: Rearrange(d, h), "min_cut_heads": lambda: MinCutHeads(d, h, self.max_len),
+            "running_mean": lambda: RunningMean(d),
             "permute": lambda: ChannelsFirstAffine(d, movedim=False),
             "movedim": lambda: ChannelsFirstAffine(d, movedim=True), "einsum": lambda: EinsumChannels(d),
             "chunk_gate": ChunkGate, "split_swap": lambda: SplitSwap(d), "unbind_stack": UnbindPairs,
@@ -1359,7 +1371,7 @@ def all_productions():
     """Every production name the grammar can draw (what a long enough run must cover)."""
     glue = {"linear", "glu", "conv_glu", "repeat", "repeat_interleave", "tile", "rms_vector_norm", "rms_rsqrt",
             "normalize", "layernorm", "tensordot", "gt_where", "clamp", "masked_fill", "softmax_channels",
-            "log_softmax_channels", "heads_view", "heads_permute", "einops_rearrange", "min_cut_heads", "permute", "movedim",
+            "log_softmax_channels", "heads_view", "heads_permute", "einops_rearrange", "min_cut_heads", "running_mean", "permute", "movedim",
             "einsum", "chunk_gate", "split_swap", "unbind_stack", "stack_flatten", "unsqueeze_amax", "inplace",
             "strided_slice", "sort", "topk", "cumsum_channels", "flip_channels", "roll_channels", "index_select",
             "gather", "pad_channels", "cast_up", "cast_double", "batchnorm_eval", "var_norm", "logsumexp",
