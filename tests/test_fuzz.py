@@ -148,6 +148,8 @@ def test_the_fuzzer_catches_a_wrong_decoder(monkeypatch):
         prefill = step = _run
 
     class WrongDecoder:
+        batch_dynamic = True
+
         def session(self):
             return Session()
 

@@ -58,7 +58,7 @@ def test_axis_follows_layout_changes(capture_level):
 @pytest.mark.parametrize("fn,op", [
     (lambda s, x: x.mean(dim=1), "mean"),
     (lambda s, x: torch.softmax(x, dim=1), "softmax"),
-    (lambda s, x: torch.cumsum(x, dim=1), "cumsum"),
+    (lambda s, x: torch.cumprod(x, dim=1), "cumprod"),
     (lambda s, x: x.sort(dim=1).values, "sort"),
     (lambda s, x: x.flip(1), "flip"),
     (lambda s, x: x.roll(1, dims=1), "roll"),
@@ -82,6 +82,15 @@ def test_time_mixing_ops(fn, op):
     # a roll is a delay with wrapped rows (delay_part) until they are zeroed: never whole, so declined
     assert op in mixing(canon, info) | by_cls(canon, info, "delay_part"), \
         {c.fn: info[n].why for n, c in canon.items() if info[n].cls == "mixing"}
+
+
+def test_cumsum_over_positions_is_a_convolution():
+    """y_t = sum_{s<=t} x_s: the all-ones causal convolution, for detect; over channels it is local."""
+    canon, info = analyse(lambda s, x: torch.cumsum(x, dim=1) + x.cumsum(-1))
+    by_dim = {canon[n].params["dim"]: info[n] for n, c in canon.items() if c.fn == "cumsum"}
+    assert by_dim[(1,)].cls == "conv_part" and by_dim[(1,)].axis.dim == 1
+    assert by_dim[(2,)].cls == "local"
+    assert mixing(canon, info) == set()
 
 
 def test_length_used_as_a_number_is_length_dependent():

@@ -57,7 +57,7 @@ ZOO: list[ZooEntry] = [
     _pos("hyena_alternating_sign", positional.build_alternating, n_long=2, n_short=2),  # s[:, 1::2] *= -1
     _pos("multiquery_long_conv", multiquery_conv.build, n_long=2, n_short=0),  # B, L = x.shape; repeat; normalize; tensordot
     # Third-party styles (issue 19): reach read from the op; the length read in Python
-    _pos("wavenet_dilated", wavenet.build, n_long=2, n_short=6),  # kernel 2, dilations 1..64: 3 rings + 1 long, x2 (filter, gate)
+    _pos("wavenet_dilated", wavenet.build, n_long=4, n_short=4),  # kernel 4, dilations 1..64: 2 rings + 2 long, x2 (filter, gate)
     _pos("hyena_table_example_at_max_len", length_in_python.build_table_at_max_len, n_long=1, n_short=1),  # pos[:L], example L = max_len
     _pos("hyena_min_cut_heads", length_in_python.build_min_cut_heads, n_long=1, n_short=1),  # min(L, l_max) cut, heads split
     _neg("neg_bidirectional", negatives.build_bidirectional, "BIDIRECTIONAL_FILTER"),

@@ -1,10 +1,12 @@
 """A WaveNet-style stack of dilated causal convolutions (van den Oord et al. 2016; the dilated
-residual stacks of public audio and DNA models): kernel 2, dilations 1, 4, 16, 64, each
-layer's gate tanh(f) * sigmoid(g) over its dilated conv, a 1x1 residual and skip projection.
+residual stacks of public audio and DNA models), depthwise: kernel 4, dilations 1, 4, 16, 64 (every
+lag up to 255 reached), each layer's gate tanh(f) * sigmoid(g) over its dilated conv, a 1x1
+residual and skip projection; the head reads the skips and the last residual.
 
-Spellings exercised: nn.Conv1d(dilation=d, padding=d) then [..., :L] (the convolution's lags reach d,
-though its kernel has 2 taps: the analysis reads that from the op, never from an impulse response
-sampled at a short length); reaches 2, 5 and 17 decode on ring buffers, 65 as a long convolution.
+Spellings exercised: nn.Conv1d(dilation=d, padding=3d) then [..., :L] (the convolution's lags reach
+3d, though its kernel has 4 taps: the analysis reads that from the op, never from an impulse
+response sampled at a short length); reaches 4 and 13 decode on ring buffers, 49 and 193 as long
+convolutions.
 """
 
 import torch
@@ -17,7 +19,7 @@ DILATIONS = (1, 4, 16, 64)
 
 
 class DilatedGate(nn.Module):
-    def __init__(self, channels, dilation, kernel_size=2):
+    def __init__(self, channels, dilation, kernel_size=4):
         super().__init__()
         reach = dilation * (kernel_size - 1)
         self.filt = nn.Conv1d(channels, channels, kernel_size, dilation=dilation, padding=reach, groups=channels)
@@ -45,7 +47,7 @@ class WaveNetLM(nn.Module):
         for layer in self.layers:
             x, s = layer(x)
             out = out + s
-        return self.head(torch.relu(out).transpose(1, 2))
+        return self.head(torch.relu(out + x).transpose(1, 2))
 
 
 def build():
