@@ -427,7 +427,6 @@ class DecodedGraph:
             return outs
 
     def _run(self, x):
-        check_ids("input", x, self.decoder.vocab)  # before any step: a bad id further on must not leave positions half done
         t = x.shape[1]
         if t > self.max_len:
             raise MaxLenExceeded(f"input of {t} positions exceeds max_len={self.max_len} "

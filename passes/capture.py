@@ -230,9 +230,10 @@ def capture_export(model, example_inputs, max_len, dynamic=True, decompose=False
         + [(example_inputs, False, False)]
     ep, inputs, errors = _first_export(model, attempts, max_len)
     frozen, notes = (), []
-    if ep is None and any("data-dependent" in str(e) for e in errors) and _scalar_state(model):
+    if ep is None and any("data-dependent" in str(e) for e in errors):
         frozen = _scalar_state(model)
-        ep, inputs, errors = _first_export(model, attempts, max_len, frozen)
+        if frozen:
+            ep, inputs, errors = _first_export(model, attempts, max_len, frozen)
     if ep is None:
         raise CaptureError(_first_line(errors[-1])) from None
     if frozen:

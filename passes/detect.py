@@ -357,6 +357,12 @@ def match_fft(r, canon, info):
     return _finish(m, canon, info, extra)
 
 
+def _same_layout(x):
+    """The input map of an op whose output has its input's layout: "abc->abc"."""
+    letters = "abcdefghijk"[: meta_value(x).dim()]
+    return f"{letters}->{letters}"
+
+
 def _positive(expr):
     """True when `expr` (int or sympy) is provably > 0."""
     return bool(expr > 0) if isinstance(expr, int) else bool(sympy.ask(sympy.Q.positive(expr)))
@@ -424,8 +430,7 @@ def match_scan(node, canon, info):
     (a running-sum normaliser, a running mean before its division by t + 1)."""
     x = strip(canon[node].inputs[0], canon)
     m = Match("cumsum", node, x, node, "long")
-    letters = "abcdefghijk"[: meta_value(x).dim()]
-    m.input_map = f"{letters}->{letters}"
+    m.input_map = _same_layout(x)
     return _finish(m, canon, info)
 
 
@@ -460,8 +465,7 @@ def match_delay(end, canon, info):
     m.filter_length = info[end].delay + 1
     m.region = _region(x, end, info)
     m.filter_nodes = _static_closure([i for n in m.region for i in n.all_input_nodes if info[i].dep == "static"], info)
-    letters = "abcdefghijk"[: meta_value(x).dim()]
-    m.input_map = f"{letters}->{letters}"
+    m.input_map = _same_layout(x)
     m.claimed = set(m.region)
     if len({strip(s, canon) for s in sources}) > 1:
         m.problem = ("NONLINEAR", end, f"the shifted value {end.name} combines several activations")
@@ -479,8 +483,7 @@ def match_registered(node, mixer, canon, info):
     statics = [a for a in node.all_input_nodes if a is not x]
     bad = [a for a in statics if info[a].dep == "activation"]
     m.filter_nodes = _static_closure(statics, info)
-    letters = "abcdefghijk"[: meta_value(x).dim()]
-    m.input_map = f"{letters}->{letters}"  # the op keeps the input's layout
+    m.input_map = _same_layout(x)  # the op keeps the input's layout
     if bad:
         m.problem = ("FILTER_DEPENDS_ON_INPUT", bad[0], f"argument {bad[0].name} of {mixer.name} depends on activations")
     m.region = [node]
