@@ -40,7 +40,7 @@ class Decoder:
         self.input_ndim, self.example_shape = example.dim(), tuple(example.shape)
         self.input_dtype, self.device = example.dtype, example.device
         self.vocab = vocab_size(report.captured.gm)  # token ids are checked against it (Session._check)
-        self.batch_dynamic = report.captured.batch_symbol is not None
+        self.batch_dynamic = report.captured.batch_dynamic
         if programs is None:
             from lcsm_compile import pipeline
 

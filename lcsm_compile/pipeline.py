@@ -3,7 +3,7 @@ and the CLI (`lcsm-compile passes --print-after P --stop-after P`).
 
     analysis:  capture -> canonicalize -> time_axis -> attention -> detect -> properties
                -> position_constants -> safety_net                                          (product: the Report)
-    rewrite:   decode_rewrite -> layer_schedule                       (product: the Decoder)
+    rewrite:   decode_rewrite -> generalize -> layer_schedule         (product: the Decoder)
     check:     validate                                               (translation validation)
 
 Each pass reads what earlier passes left on the Context and leaves its artifact there (one
@@ -23,8 +23,8 @@ import torch
 import torch.fx
 
 from lcsm_compile.logs import get_logger
-from lcsm_compile.passes import attention, canonicalize, capture, decode_rewrite, detect, layer_schedule, position_constants
-from lcsm_compile.passes import properties, time_axis, validate
+from lcsm_compile.passes import attention, canonicalize, capture, decode_rewrite, detect, generalize, layer_schedule
+from lcsm_compile.passes import position_constants, properties, time_axis, validate
 from lcsm_compile.report import Candidate, CaptureInfo, Reason, Report, Verdict
 
 
@@ -54,8 +54,7 @@ class Context:
     # helpers
     runner: Any = None
     reference: Any = None  # the module the decoder must reproduce (the model, or the dynamo graph's module)
-    alt_cap: Any = None  # a second concrete capture, when the symbolic one was not faithful
-    alt: list = None  # (match, runner, cap) of alt_cap, paired with the main matches by order
+    alt: list = None  # (match, runner, cap) of cap.alt (concrete captures), paired with the main matches by order
     passes: list = field(default_factory=list)  # (name, dump, seconds)
     notes: list = field(default_factory=list)
     failed: bool = False  # a pass failed: the Report is a refusal
@@ -87,7 +86,7 @@ def _capture(ctx):
 
 
 def _properties(ctx):
-    if ctx.alt_cap is not None:
+    if ctx.cap.alt is not None:
         ctx.alt = _alt_matches(ctx)
     return properties.run(ctx.matches, ctx)
 
@@ -98,8 +97,8 @@ def _safety_net(ctx):
     cap = ctx.cap
     if cap.symbolic:
         f, tol = capture.Runner(cap).run_full, properties.TOL64 * 10
-    else:  # a concrete capture runs at one length only: check the model itself
-        f, tol = (lambda xs: ctx.reference(*xs)), 1e-4
+    else:  # a concrete capture runs at one length only: check the model itself, to its rounding
+        f, tol = (lambda xs: ctx.reference(*xs)), validate.TOL[validate.lowest_precision(cap.gm)]
     with capture.preserved_state(ctx.reference):
         return properties.safety_net(f, cap, tol)
 
@@ -138,6 +137,8 @@ PASSES = [
     Pass("decode_rewrite", "rewrite", lambda c: decode_rewrite.run(c.cap, c.report.sites, c.report.position_constants,
                                                                      c.report.attention),
          "programs", lambda r, c: r.dump()),
+    Pass("generalize", "rewrite", lambda c: generalize.run(c.programs, c.cap, c.report.site_pairs), "programs",
+         lambda r, c: r.dump()),
     Pass("layer_schedule", "rewrite", _layer_schedule, "schedule", lambda r, c: r.table()),
     Pass("validate", "check", lambda c: validate.run(c.decoder, c.reference, c), "validation", lambda r, c: validate.dump(r)),
 ]
@@ -158,8 +159,14 @@ def run(ctx, *, stop_after=None, stages=("analysis", "rewrite", "check")):
         if p.stage != "analysis" and (ctx.report is None or not ctx.report.decodable):
             break
         if p.name == "validate" and not ctx.options.get("validate", True):
-            continue
+            if ctx.cap.symbolic:
+                continue
+            ctx.report.notes.append("validate=False was overridden: a model captured at concrete lengths is decoded "
+                                    "from programs generalized from its captures (passes/generalize.py), which only "
+                                    "the translation validation checks at other lengths and batches")
         if not _run_pass(p, ctx):
+            break
+        if ctx.report is not None and p.stage != "analysis" and not ctx.report.decodable:
             break
         if p.name == ANALYSIS_PASSES[-1]:
             ctx.report = _report(ctx)
@@ -212,7 +219,7 @@ def _run_pass(p, ctx):
             text += f" (at {where})"
         ctx.passes.append((p.name, f"FAILED: {text}", seconds))
         log.debug("%s", "".join(traceback.format_exception(exc)))
-        _refuse(ctx, _failure(p.name, text, ctx))
+        _refuse(ctx, _failure(p.name, text, ctx, getattr(exc, "reason", Reason.CAPTURE_FAILED)))
         return False
     seconds = time.perf_counter() - start
     setattr(ctx, p.artifact, artifact)
@@ -244,9 +251,10 @@ def _failing_node(exc):
     return f"node {found.name}" + (f", {src}" if src else "") + (f", in {path}" if path else "")
 
 
-def _failure(pass_name, text, ctx):
+def _failure(pass_name, text, ctx, reason=Reason.CAPTURE_FAILED):
+    """A pass that failed (its exception may carry the Reason it refuses with)."""
     return Candidate(name="model" if pass_name == "capture" else pass_name, spelling=pass_name, kind="capture",
-                     verdict=Verdict.REJECTED, reason=Reason.CAPTURE_FAILED, explanation=text, max_len=ctx.max_len)
+                     verdict=Verdict.REJECTED, reason=reason, explanation=text, max_len=ctx.max_len)
 
 
 def _refuse(ctx, cand):
@@ -272,7 +280,7 @@ def _report(ctx):
         why = cands[-1].explanation if cands else "no capture"
         info = CaptureInfo(ctx.capture, False, "", int(ctx.example_inputs[0].shape[1]), ctx.max_len, why)
         return Report(False, cands, info, ctx.passes, {}, notes + [f"capture failed: {why}"])
-    if ctx.alt_cap is not None and ctx.alt is None and ctx.candidates is not None:
+    if cap is not None and cap.alt is not None and ctx.alt is None and ctx.candidates is not None:
         notes.append("the concrete captures at two lengths differ in structure: filter prefix-stability "
                      "was checked only through the whole-model safety net")
     if safety and not all(r["passed"] for r in safety.values()):
@@ -285,29 +293,33 @@ def _report(ctx):
     rejected = [c for c in cands if c.verdict is Verdict.REJECTED]
     if not accepted and not rejected and not failed:
         notes.append("NO_CONVOLUTION: nothing to decode (the model mixes no positions)")
-    if cap is not None and not cap.symbolic and not rejected and not failed:
+    if cap is not None and not cap.symbolic and cap.alt is None and not rejected and not failed:
         cands.append(Candidate(name="model", spelling="capture", kind="capture", verdict=Verdict.REJECTED,
                                reason=Reason.CAPTURE_FAILED, max_len=cap.max_len,
-                               explanation="the model was captured only at concrete lengths "
+                               explanation="the model was captured only at one concrete length "
                                            f"({cap.note or 'the length was specialised'}); decoding needs a graph "
-                                           "with a symbolic length"))
+                                           "with a symbolic length, or captures at two lengths"))
         rejected = cands[-1:]
     # serve what was asked, or say at once why not (a graph dynamo handed the backend is guarded by
     # dynamo: a longer input gets a graph of its own)
-    if cap.symbolic and cap.max_len < ctx.max_len and not isinstance(ctx.source, capture.DynamoSource):
+    # serve what was asked, or say at once why not. A symbolic export bounded below max_len was
+    # replaced by concrete captures (passes/capture.py); when those fail too, the bound is the news.
+    served = cap.symbolic_range
+    if served and served[1] < ctx.max_len and (rejected or failed or not all(r["passed"] for r in safety.values())):
         cands.append(Candidate(name="model", spelling="capture", kind="capture", verdict=Verdict.REJECTED,
-                               reason=Reason.CAPTURE_FAILED, max_len=cap.max_len,
-                               explanation=f"max_len={ctx.max_len} cannot be served: the captured graph is valid for "
-                                           f"lengths [{cap.min_len}, {cap.max_len}] only (torch.export bounded the "
+                               reason=Reason.CAPTURE_FAILED, max_len=served[1],
+                               explanation=f"max_len={ctx.max_len} cannot be served: the symbolic graph is valid for "
+                                           f"lengths [{served[0]}, {served[1]}] only (torch.export bounded the "
                                            f"length where the model's Python code branches on it: a table or cache "
-                                           f"of {cap.max_len} positions, an FFT size planned from L); pass max_len <= "
-                                           f"{cap.max_len}, or clear the model's cached state"))
+                                           f"of {served[1]} positions, an FFT size planned from L), and the model "
+                                           f"captured at concrete lengths did not decode either; pass max_len <= "
+                                           f"{served[1]}, or clear the model's cached state"))
         rejected = rejected + cands[-1:]
     decodable = bool(accepted) and not rejected and not failed and all(r["passed"] for r in safety.values())
     info = CaptureInfo(cap.level, cap.symbolic, str(cap.length_symbol if cap.symbolic else cap.example_length),
                        cap.example_length, cap.max_len, cap.note)
     return Report(decodable, cands, info, ctx.passes, safety, notes, captured=cap, position_constants=consts,
-                  time_info=ctx.time_info)
+                  time_info=ctx.time_info, site_pairs=[(m, a[0]) for m, a in zip(ctx.matches or (), ctx.alt or ())])
 
 
 def _build_decoder(ctx):
@@ -339,9 +351,10 @@ def lower(report, options, example_inputs):
     return ctx.programs, ctx.schedule, ctx.passes
 
 
+
 def _alt_matches(ctx):
     """Detect on the second concrete capture; pair its matches with ours by order and spelling."""
-    alt = Context(ctx.source, ctx.example_inputs, ctx.alt_cap.max_len, ctx.capture, cap=ctx.alt_cap)
+    alt = Context(ctx.source, ctx.example_inputs, ctx.cap.alt.max_len, ctx.capture, cap=ctx.cap.alt)
     alt.canon = canonicalize.run(alt.cap, alt)
     alt.time_info = time_axis.run(alt.canon, alt)
     theirs = detect.run(alt.canon, alt)

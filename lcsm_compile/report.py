@@ -163,6 +163,8 @@ class Report:
     captured: Any = field(default=None, repr=False)  # the Captured graph the candidates' nodes live in
     position_constants: list = field(default_factory=list, repr=False)  # PositionConstants the step indexes
     time_info: Any = field(default=None, repr=False)  # node -> TimeInfo of the captured graph
+    # concrete captures: each convolution's match with its counterpart's at the second length
+    site_pairs: list = field(default_factory=list, repr=False)
 
     @property
     def accepted(self):

@@ -41,7 +41,16 @@ class Captured:
     min_len: int = 2
     note: str = ""
     alt_shapes: dict = field(default_factory=dict)  # concrete captures: node name -> shape at another L
+    alt: "Captured" = None  # concrete captures: the same model captured at a shorter length
+    alt_batch: "Captured" = None  # concrete captures: as alt, with one batch row more
+    symbolic_range: tuple | None = None  # concrete captures: the lengths a symbolic export was valid for
     batch_symbol: object = None  # sympy.Symbol of dim 0 of the first input when the batch is dynamic
+
+    @property
+    def batch_dynamic(self):
+        """Sessions may use another batch size than the example's: the batch is a symbol, or a
+        concrete capture's programs are generalized over it (passes/generalize.py)."""
+        return self.batch_symbol is not None or self.alt_batch is not None
 
     @property
     def symbolic(self):
@@ -167,18 +176,31 @@ def cut_length(example_inputs, length):
                  for t in example_inputs)
 
 
+def _one_row_more(example_inputs):
+    """The example with its first row repeated once more in every input of the first input's batch."""
+    B = example_inputs[0].shape[0]
+    return tuple(torch.cat([t, t[:1]]) if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[0] == B else t
+                 for t in example_inputs)
+
+
 def _two_rows(example_inputs):
     """The example with every input of the first input's batch 1 repeated to batch 2."""
     return tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[0] == 1 else t
                  for t in example_inputs)
 
 
+def _freeze(frozen):
+    """Inside preserved_state: each (module, buffer name, value) becomes the plain value, so a branch
+    on it is taken as it stands now."""
+    for m, name, value in frozen:
+        del m._buffers[name]
+        object.__setattr__(m, name, value)
+
+
 def _export(model, example_inputs, specs, frozen=()):
     with preserved_state(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export's own notes (attributes assigned in forward, ...)
-        for m, name, value in frozen:  # a plain value: a branch on it is taken as it stands now
-            del m._buffers[name]
-            object.__setattr__(m, name, value)
+        _freeze(frozen)
         ep = torch.export.export(model, tuple(_fresh(example_inputs)), dynamic_shapes=specs, strict=False)
         if any(_mutates(n) for n in ep.graph.nodes):
             ep = ep.run_decompositions({})  # functionalize: in-place writes become explicit dataflow
@@ -234,11 +256,12 @@ def capture_export(model, example_inputs, max_len, dynamic=True, decompose=False
         frozen = _scalar_state(model)
         if frozen:
             ep, inputs, errors = _first_export(model, attempts, max_len, frozen)
+            if ep is None:
+                raise CaptureError(_frozen_failed(frozen, errors[-1])) from None
     if ep is None:
         raise CaptureError(_first_line(errors[-1])) from None
     if frozen:
-        notes.append("branches on " + ", ".join(f"{type(m).__name__}.{n} = {v}" for m, n, v in frozen)
-                     + " taken as they stand now (export cannot branch on a buffer's value)")
+        notes.append(_frozen_note(frozen))
     if decompose:
         ep = ep.run_decompositions()
     gm = ep.module()
@@ -288,19 +311,43 @@ def capture_dynamo(model, example_inputs, dynamic=True):
     # A fresh cache, so the recorder is called even if this forward was compiled before (the
     # recompile limit would otherwise silently fall back to eager). This clears dynamo's cache for
     # the whole process: compiled functions recompile on their next call.
-    torch._dynamo.reset()
-    inputs = _fresh(example_inputs)
-    try:
-        with preserved_state(model):
-            torch.compile(model, backend=recorder, dynamic=dynamic, fullgraph=True)(*inputs)
-    except Exception as exc:  # noqa: BLE001
-        raise CaptureError(_first_line(exc)) from None
-    finally:
+    def compile_once(frozen=()):
         torch._dynamo.reset()
+        try:
+            with preserved_state(model):
+                _freeze(frozen)
+                torch.compile(model, backend=recorder, dynamic=dynamic, fullgraph=True)(*inputs)
+        finally:
+            torch._dynamo.reset()
+
+    inputs = _fresh(example_inputs)
+    frozen = ()
+    try:
+        compile_once()
+    except Exception as exc:  # noqa: BLE001
+        frozen = _scalar_state(model) if "data-dependent" in str(exc) else ()
+        if not frozen:
+            raise CaptureError(_first_line(exc)) from None
+        try:
+            compile_once(frozen)
+        except Exception as exc2:  # noqa: BLE001
+            raise CaptureError(_frozen_failed(frozen, exc2)) from None
     if not graphs:
         raise CaptureError("dynamo compiled no graph (the model ran eagerly)")
     gm, backend_inputs = graphs[0]
+    gm.meta["lcsm_frozen"] = _frozen_note(frozen)
     return gm, backend_inputs, inputs
+
+
+def _frozen_note(frozen):
+    return ("branches on " + ", ".join(f"{type(m).__name__}.{n} = {v}" for m, n, v in frozen)
+            + " taken as they stand now (the capture cannot branch on a buffer's value)") if frozen else ""
+
+
+def _frozen_failed(frozen, exc):
+    return ("the capture cannot branch on the value of " + ", ".join(f"{type(m).__name__}.{n} = {v}" for m, n, v in frozen)
+            + f", and the branch taken as it stands now fails ({_first_line(exc, 1)}): the forward changes the "
+            "model's own state there (an initialisation on first use?); run the model once on real data before optimize")
 
 
 @dataclass
@@ -680,16 +727,20 @@ def capture(model, inputs, level, max_len, dynamic=True):
     gm, backend_inputs, used = capture_dynamo(model, inputs, dynamic)
     cap, _ = from_dynamo(gm, backend_inputs, used, max_len, dynamic=dynamic)
     cap.user_inputs = tuple(inputs)
+    cap.note = "; ".join(n for n in (gm.meta["lcsm_frozen"], cap.note) if n)
     return cap
 
 
 def run(model, ctx):
-    """The capture pass: model -> Captured, checked against the model at a second length.
+    """The capture pass: model -> Captured, checked against the model at other lengths.
 
     Captures are tried in order until one has a symbolic length: the requested level, then
-    (after torch.export) the dynamo graph, exported in turn. A concrete capture (no capture was
-    symbolic, or the symbolic one was not faithful) comes with a second one at a shorter length
-    (ctx.alt_cap): the dims whose size differs between the two are the position axes."""
+    (after torch.export) the dynamo graph, exported in turn. When none is symbolic over the served
+    lengths (the model reads L in Python: an FFT size planned from it, a branch on it, a table or
+    cache it slices), or the symbolic one was not faithful, the model is captured at concrete
+    lengths instead: at max_len, where filters and position tables are evaluated, and a second time
+    at a shorter length (cap.alt). The dims whose size differs between the two are the position
+    axes; the decode programs are made length-polymorphic from the two (passes/generalize.py)."""
     levels = [ctx.capture] + (["dynamo"] if ctx.capture == "export" else [])
     cap, failures = None, []
     for level in levels:
@@ -711,15 +762,47 @@ def run(model, ctx):
     # checked at a shorter length, and at the example's own when export took it one position shorter
     others = {max(cap.min_len, (2 * min(L, 48)) // 3), L} - {cap.example_length}
     unfaithful = [o for o in sorted(others) if not faithful(cap, model, o)] if cap.symbolic else []
+    if cap.symbolic and not unfaithful and cap.max_len >= ctx.max_len:
+        return cap
     if unfaithful:
-        note = (f"the {cap.level} graph differs from the model at L={unfaithful[0]} (a length-dependent value was "
-                f"specialized); analysed concrete captures instead")
-        cap = capture(model, ctx.example_inputs, cap.level, ctx.max_len, dynamic=False)
-        cap.note = note
-    if not cap.symbolic and L > 2:
-        ctx.alt_cap = capture(model, cut_length(ctx.example_inputs, L - L // 4), cap.level, L - L // 4, dynamic=False)
-        cap.alt_shapes, ctx.alt_cap.alt_shapes = _shapes(ctx.alt_cap), _shapes(cap)
+        why = f"the {cap.level} graph differs from the model at L={unfaithful[0]} (a length-dependent value was specialized)"
+    elif cap.symbolic:
+        why = f"{cap.note}: the model branches on L in Python"
+    else:
+        why = cap.note or "the length was specialised"
+    served = (cap.min_len, cap.max_len) if cap.symbolic and not unfaithful else None
+    cap = concrete(model, ctx.example_inputs, cap.level, ctx.max_len, why)
+    cap.symbolic_range = served
     return cap
+
+
+def concrete(model, example_inputs, level, max_len, why):
+    """Captures at max_len (the analysed one), at a shorter length (its .alt) and at that length with
+    one batch row more (its .alt_batch): sizes affine in the length and the batch are solved from the
+    three (passes/generalize.py)."""
+    L = int(example_inputs[0].shape[1])
+    cap = capture(model, extend_length(example_inputs, max_len), level, max_len, dynamic=False)
+    cap.note = f"{why}; captured at concrete L={max_len} and L={{alt}}"
+    short = L if L < max_len else L - L // 4
+    if 2 <= short < max_len:
+        shorter = cut_length(example_inputs, short)
+        cap.alt = capture(model, shorter, level, short, dynamic=False)
+        cap.alt_shapes, cap.alt.alt_shapes = _shapes(cap.alt), _shapes(cap)
+        try:
+            cap.alt_batch = capture(model, _one_row_more(shorter), level, short, dynamic=False)
+        except CaptureError:
+            cap.alt_batch = None  # the batch stays the example's (a model built for one batch size)
+    cap.note = cap.note.format(alt=short if cap.alt is not None else "-")
+    return cap
+
+
+def extend_length(example_inputs, length):
+    """The example with every input as long as the first tiled (or cut) to `length` positions:
+    values the model accepts (token ids in its vocabulary), at the length to capture."""
+    L = example_inputs[0].shape[1]
+    reps = -(-length // L)
+    return tuple(t.repeat(1, reps, *[1] * (t.dim() - 2))[:, :length]
+                 if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[1] == L else t for t in example_inputs)
 
 
 def _shapes(cap):

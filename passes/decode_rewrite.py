@@ -61,26 +61,25 @@ class DecodePrograms:
     sites: list  # the ConvSites, in call order
     out_spec: object  # pytree spec to rebuild the model's output structure
     position_constants: list = field(default_factory=list)  # names of the nodes the step reads from tables
-    dumps: dict = field(default_factory=dict)  # program name -> readable graph
     attention: list = field(default_factory=list)  # the AttentionSites, in call order
 
     def dump(self):
-        return "\n".join(f"# {name} program\n{text.rstrip()}" for name, text in self.dumps.items())
+        return "\n".join(f"# {name} program\n{gm.print_readable(print_output=False).rstrip()}"
+                         for name, gm in (("prefill", self.prefill), ("step", self.step)))
 
 
 def run(captured, candidates, position_constants=(), attention=()) -> DecodePrograms:
-    """Rewrite the captured graph (lcsm_compile.passes.capture.Captured, sequence dim dynamic)
-    around the accepted candidates of its Report (convolutions, then attention sites) and its
-    position constants."""
-    if not captured.symbolic:
-        raise ValueError("the decode rewrite needs a capture with a symbolic sequence length")
+    """Rewrite the captured graph (lcsm_compile.passes.capture.Captured) around the accepted
+    candidates of its Report (convolutions, then attention sites) and its position constants.
+    A concrete capture's programs are still concrete here: passes/generalize.py follows."""
     sites = [ConvSite(c.name, c.kind, c.conv) for c in candidates]
     attn = [AttentionSite(c.name, c.attention) for c in attention]
     out_spec = captured.gm.graph._codegen.pytree_info.out_spec
-    prefill = _rewrite(captured.gm, sites, attn, step=False)
+    # a concrete capture's prefill reads its position constants from their tables too: how the graph
+    # computes them may be baked at the captured length (linspace, a sliced cache)
+    prefill = _rewrite(captured.gm, sites, attn, step=False, tables=() if captured.symbolic else position_constants)
     step = _rewrite(captured.gm, sites, attn, step=True, tables=position_constants)
-    dumps = {"prefill": prefill.print_readable(print_output=False), "step": step.print_readable(print_output=False)}
-    return DecodePrograms(prefill, step, sites, out_spec, [c.name for c in position_constants], dumps, attn)
+    return DecodePrograms(prefill, step, sites, out_spec, [c.name for c in position_constants], attn)
 
 
 def _rewrite(source, sites, attention=(), *, step, tables=()):
@@ -117,8 +116,8 @@ def _rewrite(source, sites, attention=(), *, step, tables=()):
         y.replace_all_uses_with(new_y)
         outputs.append(result)
 
+    _read_tables(gm, tables, names, user_inputs[0], pos)
     if step:
-        _read_tables(gm, tables, names, user_inputs[0], pos)
         out = next(n for n in graph.nodes if n.op == "output")
         with graph.inserting_before(out):
             graph.call_function(lcsm.advance.default, (session, outputs))
@@ -190,10 +189,11 @@ def _attn_output(graph, result, q, v, a, y):
 
 
 def _read_tables(gm, tables, names, x, pos):
-    """Each position constant becomes its max_len table (a buffer of the step program) read at the
-    step's position; a table of batch 1 is expanded to the input's batch. `pos` is [1] when every
-    row shares the position and [B] when each row has its own: the B rows read on the positions
-    axis then move to the batch dim (a no-op swap of two size-1 dims for [1])."""
+    """Each position constant becomes its max_len table (a buffer of the program) read at the
+    step's position, or (prefill: pos None) its first L positions; a table of batch 1 is expanded
+    to the input's batch. `pos` is [1] when every row shares the position and [B] when each row
+    has its own: the B rows read on the positions axis then move to the batch dim (a no-op swap of
+    two size-1 dims for [1])."""
     graph = gm.graph
     for i, const in enumerate(tables):
         node = names[const.node.name]
@@ -202,13 +202,18 @@ def _read_tables(gm, tables, names, x, pos):
         name = f"lcsm_position_{i}"
         gm.register_buffer(name, table.to(val.device).contiguous())
         with graph.inserting_before(node):
-            row = graph.call_function(aten.index_select.default, (graph.get_attr(name), const.axis, pos))
+            if pos is None:
+                T = graph.call_function(aten.sym_size.int, (x, 1))
+                row = graph.call_function(aten.narrow.default, (graph.get_attr(name), const.axis, 0, T))
+            else:
+                row = graph.call_function(aten.index_select.default, (graph.get_attr(name), const.axis, pos))
             if const.batch_dims:
-                row = graph.call_function(aten.transpose.int, (row, const.axis, const.batch_dims[0]))
+                if pos is not None:
+                    row = graph.call_function(aten.transpose.int, (row, const.axis, const.batch_dims[0]))
                 batch = graph.call_function(aten.sym_size.int, (x, 0))
                 shape = [batch if d in const.batch_dims else -1 for d in range(val.dim())]
                 row = graph.call_function(aten.expand.default, (row, shape))
-            elif const.rows_rank is not None:  # rows into a leading dim that lines up with the users' batch
+            elif const.rows_rank is not None and pos is not None:  # rows into a leading dim that lines up with the users' batch
                 extra = const.rows_rank - val.dim()
                 for _ in range(extra):
                     row = graph.call_function(aten.unsqueeze.default, (row, 0))

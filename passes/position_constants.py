@@ -58,12 +58,10 @@ def run(matches, ctx):
     """-> (position constants, rejected candidates)."""
     cap = ctx.cap
     claimed = set().union(*(m.claimed for m in matches or ()), *(s.claimed for s in ctx.attention or ()))
-    if not cap.symbolic:
-        return [], _concrete_checks(frontier(ctx, claimed), ctx)
     consts, rejected = [], []
     for node in frontier(ctx, claimed):
         try:
-            consts.append(_table(node, ctx))
+            consts.append(_table(node, ctx) if cap.symbolic else _concrete_table(node, ctx))
         except _Declined as exc:
             rejected.append(_candidate(node, cap, exc.reason, exc.why))
         except Exception as exc:  # noqa: BLE001 - a table that cannot be evaluated declines the model
@@ -134,31 +132,29 @@ def _rows_rank(node, rank, B):
     return ranks.pop(), None
 
 
-def _concrete_checks(nodes, ctx):
-    """A model captured only at concrete lengths is not decoded, but its position constants can still
-    be named: each is compared with its namesake in the capture at the other length."""
-    if ctx.alt_cap is None:
-        return []
-    theirs = {n.name: n for n in ctx.alt_cap.gm.graph.nodes}
-    ours_runner, alt_runner = ctx.runner, capture.Runner(ctx.alt_cap)
-    rejected = []
-    for node in nodes:
-        other = theirs.get(node.name)
-        dims = ctx.time_info[node].static_dims
-        if other is None or len(dims) != 1:
-            continue
-        try:
-            a = ours_runner.evaluate([node], ctx.cap.example_length)[0]
-            b = alt_runner.evaluate([other], ctx.alt_cap.example_length)[0]
-        except Exception:  # noqa: BLE001 - what cannot be evaluated is left to the safety net
-            continue
-        (d,) = dims
-        short, long_ = (a, b) if a.shape[d] < b.shape[d] else (b, a)
-        if short.dim() == long_.dim() and not _close(short, long_.narrow(d, 0, short.shape[d])):
-            rejected.append(_candidate(node, ctx.cap, Reason.LENGTH_DEPENDENT,
-                                       f"position constant {node.name} at L={short.shape[d]} is not the prefix of its "
-                                       f"value at L={long_.shape[d]}: it changes with the length beyond slicing"))
-    return rejected
+def _concrete_table(node, ctx):
+    """A model captured at concrete lengths (the analysed one at max_len): the table is the node's
+    value there, proven the prefix-extension of its namesake in the capture at the shorter length."""
+    cap, alt = ctx.cap, ctx.cap.alt
+    dims = ctx.time_info[node].static_dims
+    shape = list(meta_value(node).shape)
+    if len(dims) != 1:
+        raise _Declined(Reason.LENGTH_DEPENDENT, f"position table {node.name} of shape {shape}: expected exactly one "
+                                                 f"axis whose size moves with L, found {len(dims)}")
+    (axis,) = dims
+    other = {n.name: n for n in alt.gm.graph.nodes}.get(node.name) if alt is not None else None
+    if other is None:
+        raise _Declined(Reason.LENGTH_DEPENDENT, f"position constant {node.name} has no counterpart in the capture at "
+                                                 f"a shorter length: its prefix property cannot be checked")
+    table = ctx.runner.evaluate([node], cap.example_length)[0]
+    short = capture.Runner(alt).evaluate([other], alt.example_length)[0]
+    if short.dim() != table.dim() or short.shape[axis] > table.shape[axis] or \
+            not _close(short, table.narrow(axis, 0, short.shape[axis])):
+        raise _Declined(Reason.LENGTH_DEPENDENT,
+                        f"position constant {node.name} at L={alt.example_length} is not the prefix of its value at "
+                        f"max_len={cap.max_len}: it changes with the length beyond slicing")
+    native = capture.Runner(cap, widen=False).evaluate([node], cap.example_length)[0]
+    return PositionConstant(node, axis, (), native, None, "the batch is fixed (concrete capture)")
 
 
 def _close(a, b):

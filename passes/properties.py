@@ -344,10 +344,23 @@ def safety_net(f, cap, tol):
         res = {}
         errs = [rel_err(b[:, :t], a[:, :t]) for a, b in zip(y, y2) if a.dim() > 1 and a.shape[1] == L]
         res["future_perturbation"] = {"passed": bool(errs) and max(errs) <= tol, "rel_err": max(errs, default=float("nan"))}
-        yp = _flat_outputs(f(tuple(a[:, :t] if _has_len(a, L) else a for a in x)))
-        errs = [rel_err(b, a[:, :t]) for a, b in zip(y, yp) if a.dim() > 1 and a.shape[1] == L]
+        errs = []
+        for p in prefix_lengths(cap, L):
+            yp = _flat_outputs(f(tuple(a[:, :p] if _has_len(a, L) else a for a in x)))
+            errs += [rel_err(b, a[:, :p]) for a, b in zip(y, yp) if a.dim() > 1 and a.shape[1] == L]
         res["prefix_stability"] = {"passed": bool(errs) and max(errs) <= tol, "rel_err": max(errs, default=float("nan"))}
     return res
+
+
+def prefix_lengths(cap, L):
+    """The prefixes the model must reproduce itself on: L // 2, and for a concrete capture (the model
+    reads L in Python and may branch on it anywhere) also the second capture's length and the powers
+    of two below L, so a branch that changes the model's outputs below some length is seen."""
+    lengths = {max(1, L // 2)}
+    if not cap.symbolic:
+        lengths |= {2 ** k for k in range(L.bit_length()) if 2 ** k < L}
+        lengths |= {cap.alt.example_length} if cap.alt is not None and cap.alt.example_length < L else set()
+    return sorted(lengths)
 
 
 def _has_len(a, L):

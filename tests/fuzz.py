@@ -709,6 +709,32 @@ class FFTConv(nn.Module):
         return y.transpose(1, 2).to(x.dtype)
 
 
+def fast_len(n):
+    """The smallest 2^a 3^b >= n: an FFT size planned in Python on the length, as FFT planners do."""
+    return min(2 ** a * 3 ** b for a in range(n.bit_length() + 1) for b in range(8) if 2 ** a * 3 ** b >= n)
+
+
+class PlannedFFTConv(FFTConv):
+    """Python planning on L (export specializes it): a filter of its own length N cut or zero-padded
+    by `if N < L`, and the FFT size fast_len(2L - 1)."""
+
+    def __init__(self, c, filt, n_filter):
+        super().__init__(c, filt)
+        self.n_filter = n_filter
+
+    def forward(self, x):
+        L, f = x.shape[1], fp(x.dtype)
+        k = self.filter(self.n_filter).to(f)
+        if self.n_filter < L:
+            k = F.pad(k, (0, L - self.n_filter))
+        else:
+            k = k[:, :L]
+        n = fast_len(2 * L - 1)
+        u = x.transpose(1, 2).to(f)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
+        return (y + u * self.D.to(f)[:, None]).transpose(1, 2).to(x.dtype)
+
+
 class DefaultNormFFTConv(FFTConv):
     """No /n and the default irfft norm (most small re-implementations)."""
 
@@ -1246,7 +1272,7 @@ class _Builder:
             return self.illegal_conv(c, illegal)
         spelling = self.rng.choice(["fft", "fft_default_norm", "fft_full_filter", "fft_channels_last",
                                     "fft_complex", "fft_full_complex", "fft_einsum", "fft_per_head", "conv1d_long_max",
-                                    "conv1d_long_L", "conv1d_long_pad", "toeplitz_einsum", "toeplitz_matmul", "short"])
+                                    "conv1d_long_L", "conv1d_long_pad", "toeplitz_einsum", "toeplitz_matmul", "fft_planned", "short"])
         if spelling == "short":
             return self.short_conv(c)
         if spelling == "fft_einsum":
@@ -1264,6 +1290,8 @@ class _Builder:
             module = ToeplitzConv(c, filt, matmul=spelling == "toeplitz_matmul")
         elif spelling == "fft_full_filter":
             module = FullFilterFFTConv(c, filt, self.max_len)
+        elif spelling == "fft_planned":
+            module = PlannedFFTConv(c, filt, self.rng.randint(self.max_len // 2, self.max_len))
         else:
             module = LongConv1d(c, filt, self.max_len, full=spelling == "conv1d_long_max",
                                 pad=spelling == "conv1d_long_pad")
@@ -1382,7 +1410,7 @@ def all_productions():
     attention = {f"attention_{s}" for s in Attention.LEGAL}
     delays = {"shift_k", "token_shift_pad", "token_shift_zeropad2d", "token_shift_cat", "token_shift_roll"}
     convs = {"fft", "fft_default_norm", "fft_full_filter", "fft_channels_last", "fft_complex", "fft_einsum",
-             "fft_per_head", "conv1d_long_max", "conv1d_long_L", "conv1d_long_pad", "toeplitz_einsum", "toeplitz_matmul", "short_module",
+             "fft_per_head", "conv1d_long_max", "conv1d_long_L", "conv1d_long_pad", "toeplitz_einsum", "toeplitz_matmul", "fft_planned", "short_module",
              "short_flipped", "short_pad", "short_dilated", "short_dilated_wide", "fft_full_complex"}
     return glue | position | attention | delays | convs | set(FILTERS) | {"hyena", "gated", "conv_layer", "none"} | set(ILLEGAL)
 

@@ -319,3 +319,58 @@ def test_a_matrix_over_positions_that_is_not_causal_toeplitz_is_declined(how):
     assert not report.decodable
     (cand,) = [c for c in report.rejected if c.spelling == "position_matrix"]
     assert cand.reason is Reason.NUMERIC_MISMATCH and "not lower-triangular Toeplitz" in cand.explanation
+
+
+@pytest.mark.parametrize("name", ["hyena_planned_lengths", "hyena_cached_kernel", "hyena_init_once"])
+def test_a_model_that_plans_on_the_length_in_python_decodes_from_two_captures(name):
+    """next_fast_len FFT sizes, `if N < L` kernel cuts, a contraction planned on the shapes, a cached
+    kernel, a first-use flag: export specializes L, so the model is captured at max_len and at a
+    shorter length, and the programs are generalized from the two. Two captures are evidence, not a
+    proof, so the translation validation runs even when validate=False asks otherwise."""
+    from examples.models import get
+
+    entry = get(name)
+    model, example = entry.build()
+    decoder = lcsm_compile.optimize(model, example, max_len=model.max_len, validate=False)
+    capture = decoder.report.capture
+    assert not capture.symbolic and f"captured at concrete L={model.max_len} and L=64" in capture.note
+    assert any("validate=False was overridden" in n for n in decoder.report.notes)
+    kinds = [s.kind for s in decoder.sites]
+    assert (kinds.count("long"), kinds.count("short")) == (entry.n_long, entry.n_short)
+    x = torch.randint(0, 64, (2, model.max_len))
+    with torch.no_grad():
+        y = model(x)
+        for prompt in (1, 37, model.max_len - 3):
+            assert rel_err(decode(decoder, x, prompt), y) < 1e-5, f"prompt {prompt}"
+        assert rel_err(decode(decoder, x[:1, :100], 50), model(x[:1, :100])) < 1e-5  # shorter, batch 1 of 2
+
+
+class GlueByLength(nn.Module):
+    """An FFT size planned in Python, and glue whose ops change past L = 100 though its values do
+    not (prefix-stable, legal): two concrete captures disagree on the glue, so it is refused by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.h = nn.Parameter(torch.randn(C, 200) * torch.exp(-torch.arange(200) / 20.0))
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        L = x.shape[1]
+        n = 1 << (2 * L - 1).bit_length()
+        u = x.transpose(1, 2)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(self.h[:, :L], n=n), n=n)[..., :L].transpose(1, 2)
+        if L > 100:
+            y = torch.relu(y) - torch.relu(-y)  # y, spelled another way
+        return self.proj(y)
+
+
+def test_glue_that_changes_with_the_length_is_refused_naming_the_op():
+    model = GlueByLength()
+    with pytest.raises(NotDecodable) as err:
+        lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=200)
+    (cand,) = [c for c in err.value.report.rejected if c.reason is Reason.LENGTH_DEPENDENT]
+    assert "relu" in cand.explanation and "has no counterpart" in cand.explanation
+    decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=100)  # one branch: served
+    x = torch.randn(2, 100, C)
+    with torch.no_grad():
+        assert rel_err(decode(decoder, x, 7), model(x)) < 1e-5

@@ -60,6 +60,10 @@ ZOO: list[ZooEntry] = [
     _pos("wavenet_dilated", wavenet.build, n_long=4, n_short=4),  # kernel 4, dilations 1..64: 2 rings + 2 long, x2 (filter, gate)
     _pos("hyena_table_example_at_max_len", length_in_python.build_table_at_max_len, n_long=1, n_short=1),  # pos[:L], example L = max_len
     _pos("hyena_min_cut_heads", length_in_python.build_min_cut_heads, n_long=1, n_short=1),  # min(L, l_max) cut, heads split
+    # the length planned in Python: captured at concrete lengths, dynamo guards on each length anew
+    _pos("hyena_planned_lengths", length_in_python.build_planned, n_long=2, n_short=2, one_graph=False),
+    _pos("hyena_cached_kernel", length_in_python.build_cached_kernel, n_long=2, n_short=2, one_graph=False),
+    _pos("hyena_init_once", length_in_python.build_init_once, n_long=2, n_short=2, one_graph=False),
     _neg("neg_bidirectional", negatives.build_bidirectional, "BIDIRECTIONAL_FILTER"),
     _neg("neg_wrap_around", negatives.build_wrap_around, "WRAP_AROUND"),
     _neg("neg_length_dependent_filter", negatives.build_length_dependent, "FILTER_DEPENDS_ON_LENGTH"),
