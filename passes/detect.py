@@ -42,6 +42,8 @@ class Match:
     padding: tuple | None = None
     input_map: str = ""
     reversed_node: torch.fx.Node | None = None  # a flip / left pad on the filter's lag axis
+    conj_node: torch.fx.Node | None = None  # a conjugated filter spectrum (the filter reversed in time)
+    filter_support: tuple | None = None  # FFT convolutions: (first, last) circular lag the filter occupies
     problem: tuple | None = None  # (Reason name, node, explanation)
     mixer: object = None  # registered Mixer
 
@@ -245,22 +247,77 @@ _CONJ = {"conj", "_conj", "conj_physical", "resolve_conj"}
 
 
 def _filter_ffts(static_leaves, canon, info):
-    """The static FFTs that produced the filter spectra (walking back through scaling / broadcasts),
-    and a conjugation met on the way, if any: the conjugate spectrum of a real filter is the
-    filter reversed in time (an anti-causal term)."""
-    found, conj, stack, seen = [], None, list(static_leaves), set()
+    """(FFT, conjugation or None) for each static FFT that produced the filter spectra (walking
+    back through scaling / broadcasts): the conjugate spectrum of a real filter is the filter
+    reversed in time, its lags at -(Lk-1) .. 0 of the circular convolution."""
+    found, stack, seen = [], [(n, None) for n in static_leaves], set()
     while stack:
-        n = stack.pop(0)
-        if n in seen:
+        n, conj = stack.pop(0)
+        if (n, conj) in seen:
             continue
-        seen.add(n)
+        seen.add((n, conj))
         if canon[n].op in ("rfft", "fft"):
-            found.append(n)
+            found.append((n, conj))
         elif canon[n].op in _SPECTRAL_WALK:
-            if canon[n].fn in _CONJ:
-                conj = conj or n
-            stack.extend(i for i in canon[n].inputs if info[i].dep == "static")
-    return found, conj
+            flip = canon[n].fn in _CONJ
+            here = (None if conj is not None else n) if flip else conj  # two conjugations cancel
+            stack.extend((i, here) for i in canon[n].inputs if info[i].dep == "static")
+    return found
+
+
+def _output_window(out, dim, canon, info):
+    """Follow the convolution's output on its FFT dim through rolls to the window of positions
+    taken from it (a slice, a narrow, or an index_select of an arange):
+    (output node, (start, end) or None, the static nodes of the window's index). Output t reads
+    the circular convolution at (start + t) mod n: a roll by s moves the window by -s."""
+    shift, statics = 0, []
+    while len(out.users) == 1:
+        u = next(iter(out.users))
+        c = canon[u]
+        if c.op in TRANSPARENT:
+            out = u
+        elif c.op == "roll" and c.params["dim"] == (dim,) and _roll_shift(u) is not None:
+            shift, out = shift - _roll_shift(u), u
+        elif c.op == "slice" and c.params["dim"] == dim and c.params["step"] == 1:
+            return u, (shift + _size_value(c.params["start"]), shift + _slice_end(c.params["end"], u, dim)), statics
+        elif c.op == "gather" and c.fn == "index_select" and c.params["dim"] == dim and _arange(u.args[2]) is not None:
+            start, end = _arange(u.args[2])
+            return u, (shift + start, shift + end), _static_closure([u.args[2]], info)
+        else:
+            break
+    return out, ((shift, None) if shift else None), statics
+
+
+def _roll_shift(node):
+    shifts = node.args[1] if len(node.args) > 1 else node.kwargs.get("shifts")
+    shifts = shifts[0] if isinstance(shifts, (list, tuple)) and len(shifts) == 1 else shifts
+    return _size_value(shifts)
+
+
+def _size_value(v):
+    """An int argument, or a symbolic size node's expression; None for anything else."""
+    if isinstance(v, torch.fx.Node):
+        val = meta_value(v)
+        return sym_expr(val) if isinstance(val, (int, torch.SymInt)) else None
+    return v if type(v) is int else (v if isinstance(v, sympy.Expr) else None)
+
+
+def _slice_end(end, node, dim):
+    """A slice's end, clamped by the size it cuts (x[..., :L] of an n-long axis)."""
+    size = _size(node.args[0], dim)
+    end = size if end is None else _size_value(end)
+    return end if isinstance(end, int) and isinstance(size, int) and end <= size else sympy.Min(end, size)
+
+
+def _arange(node):
+    """(start, end) of an index made by arange(start, end) with step 1, else None."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and "arange" in str(node.target)):
+        return None
+    args = [_size_value(a) for a in node.args]
+    if any(a is None for a in args) or not 1 <= len(args) <= 3:
+        return None
+    start, end, step = (0, args[0], 1) if len(args) == 1 else (args[0], args[1], args[2] if len(args) == 3 else 1)
+    return (start, end) if step == 1 else None
 
 
 def _strip_right_pad(node, dim, canon):
@@ -323,29 +380,30 @@ def match_fft(r, canon, info):
         extra.add(x)
         x = strip(canon[x].inputs[0], canon)
     spelling = "complex_fft_conv" if canon[leaf].op == "fft" else ("einsum_fft_conv" if einsums else "fft_conv")
-    out = _users_through(r_out, canon)
-    users = list(out.users)
-    out_slice = None
-    if len(users) == 1 and canon[users[0]].op == "slice" and canon[users[0]].params["dim"] == dim:
-        s = users[0]
-        out_slice = (canon[s].params["start"], canon[s].params["end"])
-        out = s
+    out, out_slice, window_statics = _output_window(_users_through(r_out, canon), dim, canon, info)
+    extra |= set(window_statics)
     m = Match(spelling, r, x, out, "long", out_slice=out_slice)
     m.filter_nodes = _static_closure(statics, info)
     n = c.params["n"]
     m.fft_size = n if n is not None else (_size(c.inputs[0], dim) if c.op == "ifft" else 2 * (_size(c.inputs[0], dim) - 1))
-    kffts, conj = _filter_ffts(statics, canon, info)
-    m.reversed_node = conj
-    lengths = []
-    for kfft in kffts:  # the filter carries the longest of the lag ranges fed to its FFTs
+    lengths, firsts, lasts = [], [], []
+    for kfft, conj in _filter_ffts(statics, canon, info):  # the filter carries the lag ranges fed to its FFTs
         k, kdim, nk = canon[kfft].inputs[0], canon[kfft].params["dim"], canon[kfft].params["n"]
         nk = _size(k, kdim) if nk is None else nk
         k = _strip_right_pad(k, kdim, canon)  # rfft(k, n) lowers to rfft(pad(k, (0, n - Lk)))
         lk = _size(k, kdim)
-        lengths.append(lk if isinstance(lk, int) and isinstance(nk, int) and lk <= nk else sympy.Min(lk, nk))
+        lk = lk if isinstance(lk, int) and isinstance(nk, int) and lk <= nk else sympy.Min(lk, nk)
+        lengths.append(lk)
+        # the circular lags it occupies: 0 .. lk-1, or conjugated (reversed in time) -(lk-1) .. 0
+        firsts.append(-(lk - 1) if conj is not None else 0)
+        lasts.append(0 if conj is not None else lk - 1)
+        m.conj_node = m.conj_node or conj
         m.reversed_node = m.reversed_node or _reversed_term(_static_closure([k], info), canon, info)
     # a filter given directly as a spectrum carries all n lags
     m.filter_length = (lengths[0] if len(lengths) == 1 else sympy.Max(*lengths)) if lengths else m.fft_size
+    if lengths:
+        m.filter_support = (firsts[0] if len(firsts) == 1 else sympy.Min(*firsts),
+                            lasts[0] if len(lasts) == 1 else sympy.Max(*lasts))
     if len(acts) > 1:
         other = acts[1]
         same = strip(canon[other].inputs[0], canon) is x

@@ -47,12 +47,12 @@ def run(programs, cap, site_pairs):
         raise NotGeneralizable(f"the convolutions {missing} have no counterpart in the capture at "
                                f"L={cap.alt.example_length}: the model's structure changes with the length")
     main, alt = _Point(cap), _Point(cap.alt)
-    alt.nodes = _pair(cap.gm.graph, cap.alt.gm.graph, site_pairs, (main, alt))  # main's glue node -> alt's
+    alt.nodes = _pair(cap, cap.alt, site_pairs, (main, alt))  # main's glue node -> alt's
     main.nodes = {n: n for n in alt.nodes}
     points = [main, alt]
     if cap.alt_batch is not None:  # alt's length, one row more: the same graph up to batch sizes
         rows = _Point(cap.alt_batch)
-        by_alt = _pair(cap.alt.gm.graph, cap.alt_batch.gm.graph, [], (alt, rows))
+        by_alt = _pair(cap.alt, cap.alt_batch, [], (alt, rows))
         rows.nodes = {n: by_alt.get(a) for n, a in alt.nodes.items()}
         points.append(rows)
     ours = {n.name: n for n in cap.gm.graph.nodes}
@@ -72,38 +72,54 @@ class _Point:
         return f"L={self.length}, batch {self.batch}"
 
 
-def _pair(graph, alt_graph, site_pairs, where):
-    """Pair the nodes of the two captures by structure: a node's class is its op, target, non-int
-    arguments and its inputs' (class, occurrence); ints are left out, they are what may move with L.
-    The k-th node of a class in one graph pairs with the k-th in the other, and every node of either
-    must pair. Only the glue is walked: from the output back, through each convolution site into its
-    signal but not its filter (the filter subgraphs are where Python planning on L changes the
-    structure, and the rewrite drops them); a site's class is its index and its signal's class."""
+def _pair(cap, alt_cap, site_pairs, where):
+    """Pair the nodes of two captures by structure: a node's class is its op, target, non-int
+    arguments and its live inputs' (class, occurrence); ints are left out (they are what may move
+    with L), and so are the classes of static inputs (computed from no user input: a mask sliced
+    from a buffer is a no-op slice at one length and a real one at another). The k-th node of a
+    class in one graph pairs with the k-th in the other. Only the glue is walked: from the output
+    back, through each convolution site into its signal but not its filter (the filter subgraphs
+    are where Python planning on L changes the structure, and the rewrite drops them); a site's
+    class is its index and its signal's class. The outputs must pair, which makes the live glue the
+    same graph in both; each node the programs keep is checked in _generalize."""
     classes = {}
 
-    def number(g, sites):
+    def number(c, sites):
+        live = _live(c)
         site_of = {m.output: i for i, m in enumerate(sites)}
         ids, seen = {}, {}
-        for node in _glue(g, sites):
+        for node in _glue(c.gm.graph, sites):
             if node in site_of:  # a site pairs with its counterpart fed by counterpart signals
                 m = sites[site_of[node]]
-                key = ("site", site_of[node], _shape([m.input, m.skip_node], ids))
+                key = ("site", site_of[node], _shape([m.input, m.skip_node], ids, live))
             else:
                 exact = node.target is operator.getitem  # which output of a split: structure, not a size
-                key = (node.op, str(node.target), _shape(node.args, ids, exact), _shape(node.kwargs, ids, exact))
+                key = (node.op, str(node.target), _shape(node.args, ids, live, exact),
+                       _shape(node.kwargs, ids, live, exact))
             cls = classes.setdefault(key, len(classes))
             ids[node] = (cls, seen.get(cls, 0))
             seen[cls] = ids[node][1] + 1
         return ids
 
-    theirs = {v: n for n, v in number(alt_graph, [a for _, a in site_pairs]).items()}
-    ours = number(graph, [m for m, _ in site_pairs])
-    for one, other, at in ((ours, theirs, where), ({n: v for v, n in theirs.items()}, dict.fromkeys(ours.values()), where[::-1])):
-        for node, v in one.items():
-            if v not in other:
-                raise NotGeneralizable(f"{node.name} ({_where(node)}) at {at[0]} has no counterpart at {at[1]}: "
-                                       "the model's time-local code changes with the length or the batch")
-    return {n: theirs[v] for n, v in ours.items()}
+    theirs = {v: n for n, v in number(alt_cap, [a for _, a in site_pairs]).items()}
+    ours = number(cap, [m for m, _ in site_pairs])
+    out = next(n for n in reversed(cap.gm.graph.nodes) if n.op == "output")
+    if ours[out] not in theirs:
+        live = _live(cap)  # name where the live glue first differs
+        bad = next(n for n in ours if n in live and ours[n] not in theirs
+                   and all(ours[i] in theirs for i in n.all_input_nodes if i in ours and i in live))
+        raise NotGeneralizable(f"{bad.name} ({_where(bad)}) at {where[0]} has no counterpart at {where[1]}: "
+                               "the model's time-local code changes with the length or the batch")
+    return {n: theirs.get(v) for n, v in ours.items()}
+
+
+def _live(cap):
+    """The nodes computed from a user input."""
+    live = {n for n, role in cap.roles.items() if role == "input"}
+    for node in cap.gm.graph.nodes:
+        if any(i in live for i in node.all_input_nodes):
+            live.add(node)
+    return live
 
 
 def _glue(graph, sites):
@@ -120,15 +136,15 @@ def _glue(graph, sites):
     return [n for n in graph.nodes if n in keep]
 
 
-def _shape(arg, ids, exact=False):
-    """An argument with its nodes replaced by their (class, occurrence) and, unless exact, its ints
-    by a wildcard."""
+def _shape(arg, ids, live, exact=False):
+    """An argument with its live nodes replaced by their (class, occurrence), its static ones by
+    "static" and, unless exact, its ints by a wildcard."""
     if isinstance(arg, fx.Node):
-        return ids[arg]
+        return ids[arg] if arg in live else "static"
     if isinstance(arg, (list, tuple)):
-        return (type(arg).__name__, tuple(_shape(a, ids, exact) for a in arg))
+        return (type(arg).__name__, tuple(_shape(a, ids, live, exact) for a in arg))
     if isinstance(arg, dict):
-        return tuple((k, _shape(v, ids, exact)) for k, v in arg.items())
+        return tuple((k, _shape(v, ids, live, exact)) for k, v in arg.items())
     if type(arg) is int and not exact:
         return "int"
     return repr(arg)

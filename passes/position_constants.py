@@ -154,7 +154,26 @@ def _concrete_table(node, ctx):
                         f"position constant {node.name} at L={alt.example_length} is not the prefix of its value at "
                         f"max_len={cap.max_len}: it changes with the length beyond slicing")
     native = capture.Runner(cap, widen=False).evaluate([node], cap.example_length)[0]
-    return PositionConstant(node, axis, (), native, None, "the batch is fixed (concrete capture)")
+    if cap.alt_batch is None:
+        return PositionConstant(node, axis, (), native, None, "the batch is fixed (concrete capture)")
+    # the dims that grow with the capture of one row more are batch dims: the table keeps one row
+    B = int(cap.user_inputs[0].shape[0])
+    twin = {n.name: n for n in cap.alt_batch.gm.graph.nodes}.get(node.name)
+    if twin is None or meta_value(twin).dim() != len(shape):
+        raise _Declined(Reason.LENGTH_DEPENDENT, f"position constant {node.name} has no counterpart in the capture "
+                                                 f"with one batch row more")
+    batch_dims = tuple(d for d, (a, b) in enumerate(zip(meta_value(other).shape, meta_value(twin).shape)) if a != b)
+    if any(shape[d] != B or meta_value(twin).shape[d] != meta_value(other).shape[d] + 1 for d in batch_dims):
+        raise _Declined(Reason.LENGTH_DEPENDENT, f"position table {node.name} of shape {shape} depends on the batch size")
+    for d in batch_dims:
+        first = native.narrow(d, 0, 1)
+        if not torch.equal(native, first.expand_as(native)):
+            raise _Declined(Reason.LENGTH_DEPENDENT, f"position table {node.name} differs between batch rows")
+        native = first
+    if len(batch_dims) > 1:
+        return PositionConstant(node, axis, batch_dims, native, None, f"it has {len(batch_dims)} batch dims")
+    rows_rank, rows_why = (None, None) if batch_dims else _rows_rank(node, len(shape), B)
+    return PositionConstant(node, axis, batch_dims, native, rows_rank, rows_why)
 
 
 def _close(a, b):

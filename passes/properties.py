@@ -1,7 +1,8 @@
 """Property checks: turn each Match into an ACCEPTED / REJECTED Candidate with a typed reason.
 
 Order: structural problems found by detect (filter from activations, channel mixing, non-causal
-padding, a reversed filter term, an output slice not starting at 0); then numbers, in float64 on
+padding, a flipped or left-padded filter term; for an FFT convolution, a window on its output
+that leaves the filter's lags reading ahead, `_fft_window`); then numbers, in float64 on
 the captured graph at two short lengths: the map input -> output is affine with a time-constant
 offset (linear up to a bias), its impulse response h (the causal filter) and skip D reproduce the
 subgraph on random inputs, and h at the shorter length is a prefix of h at the longer one (else
@@ -69,6 +70,40 @@ def prove_no_wrap(n, lh, cap):
         return False, f"n={n} < L+Lh-1={L + lh - 1} at L={bad}{hint}"
     where = f"for L in [{cap.min_len}, {cap.max_len}]" if cap.symbolic else f"at L={L}"
     return True, f"n - (L+Lh-1) = {slack} >= 0 {where}"
+
+
+def _fft_window(m, cap):
+    """(ok, text) of the no-wrap proof for an FFT convolution read through its output window, or
+    None when the window reads ahead of t.
+
+    Output t reads the circular convolution at (start + t) mod n, whose filter occupies circular
+    lags first .. last (width w). Relative to t, those lags sit at c = first - start (mod n): the
+    output is causal when some representative c >= 0 (no lag reaches the future) and
+    n >= c + w + L - 1 (no lag of a future input wraps around onto t). The plain case (start 0,
+    lags 0 .. Lh-1) is c = 0, n >= L + Lh - 1; a conjugated spectrum (lags -(Lh-1) .. 0) read from
+    start = n - L + 1 (a roll by -1, then the last L positions) is c = 0 too: a cross-correlation
+    with a reversed kernel."""
+    first, last = (sympy.sympify(v) for v in m.filter_support)
+    start = sympy.sympify(m.out_slice[0] if m.out_slice is not None else 0)
+    width = last - first + 1
+    n = sympy.sympify(m.fft_size)
+    c = sympy.simplify(first - start)
+    if c == 0:
+        return prove_no_wrap(m.fft_size, width, cap)
+    if _for_all_lengths(c, cap, lambda v: v >= 0)[0]:  # a delayed window: it may still wrap
+        ok, text = prove_no_wrap(n - c, width, cap)
+        return ok, f"lags shifted by c = {c}; {text}"
+    for k in (1, -1):  # the window reads ahead, unless the lags come round modulo n
+        c = sympy.simplify(first - start + k * n)
+        if _for_all_lengths(c, cap, lambda v: v >= 0)[0]:
+            ok, text = prove_no_wrap(n - c, width, cap)
+            if ok:
+                return ok, f"lags shifted by c = {c} (mod n); {text}"
+    return None
+
+
+def _window(m):
+    return f"[{m.out_slice[0]}, {m.out_slice[1]})" if m.out_slice is not None else "[0, n)"
 
 
 def _is_length(expr, cap):
@@ -223,10 +258,19 @@ def candidate_for(m, runner, cap, alt=None):
     # 1. causality, structurally
     if m.reversed_node is not None:
         return reject(Reason.BIDIRECTIONAL_FILTER, m.reversed_node,
-                      f"{m.reversed_node.name} adds a reversed filter term (a flip or left pad on the lag axis, or a conjugated spectrum)")
-    if m.out_slice is not None and m.out_slice[0] != 0:
-        return reject(Reason.NOT_CAUSAL_SLICE, m.output, f"output slice starts at {m.out_slice[0]}, not 0")
-    no_wrap = prove_no_wrap(m.fft_size, m.filter_length, cap) if m.fft_size is not None else (True, "")
+                      f"{m.reversed_node.name} adds a reversed filter term (a flip or left pad on the lag axis)")
+    if m.fft_size is not None and m.filter_support is not None:
+        no_wrap = _fft_window(m, cap)
+        if no_wrap is None:
+            if m.conj_node is not None:
+                return reject(Reason.BIDIRECTIONAL_FILTER, m.conj_node,
+                              f"{m.conj_node.name} conjugates the filter spectrum (the filter reversed in time), and "
+                              f"the output window {_window(m)} does not make it causal")
+            return reject(Reason.NOT_CAUSAL_SLICE, m.output, f"output window {_window(m)} reads ahead of position t")
+    else:
+        if m.out_slice is not None and m.out_slice[0] != 0:
+            return reject(Reason.NOT_CAUSAL_SLICE, m.output, f"output slice starts at {m.out_slice[0]}, not 0")
+        no_wrap = prove_no_wrap(m.fft_size, m.filter_length, cap) if m.fft_size is not None else (True, "")
     # 2-3. numbers first: a symbolic shape can be stale (dynamo's fake linspace(0, 1, L) has a fixed
     # size), the evaluated graph cannot
     try:
@@ -267,8 +311,9 @@ def candidate_for(m, runner, cap, alt=None):
                           f"L={lengths[0]} (rel err {e:.1e})")
     if not no_wrap[0]:
         return reject(Reason.WRAP_AROUND, node, f"circular convolution: {no_wrap[1]}")
-    if m.fft_size is not None and m.out_slice is not None and not _is_length(m.out_slice[1], cap):
-        return reject(Reason.NOT_CAUSAL_SLICE, m.output, f"output slice end {m.out_slice[1]} is not L")
+    if m.fft_size is not None and m.out_slice is not None and (
+            m.out_slice[1] is None or not _is_length(sympy.sympify(m.out_slice[1]) - m.out_slice[0], cap)):
+        return reject(Reason.NOT_CAUSAL_SLICE, m.output, f"the output window {_window(m)} is not L positions long")
     if m.mixer is not None:
         h_reg, _ = _registered_filter(m, runner, cap, lengths[0])
         h_reg = torch.nn.functional.pad(h_reg[:, : lengths[0]], (0, max(0, lengths[0] - h_reg.shape[1])))  # fewer lags: zeros

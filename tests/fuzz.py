@@ -735,6 +735,20 @@ class PlannedFFTConv(FFTConv):
         return (y + u * self.D.to(f)[:, None]).transpose(1, 2).to(x.dtype)
 
 
+class CrossCorrelationFFTConv(FFTConv):
+    """A cross-correlation: the filter stored time-reversed (indexed by arange(L-1, ..., 0)), its
+    spectrum conjugated, an FFT size of 3L, the result rolled by -1 and the last L positions taken
+    by index_select. Its net filter is the causal, L-independent one."""
+
+    def forward(self, x):
+        L, f = x.shape[1], fp(x.dtype)
+        k_rev = self.filter(L)[:, torch.arange(L - 1, -1, -1, device=x.device)].to(f)
+        n, u = 3 * L, x.transpose(1, 2).to(f)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k_rev, n=n).conj(), n=n)
+        y = torch.roll(y, -1, dims=-1).index_select(-1, torch.arange(n - L, n, device=x.device))
+        return (y + u * self.D.to(f)[:, None]).transpose(1, 2).to(x.dtype)
+
+
 class DefaultNormFFTConv(FFTConv):
     """No /n and the default irfft norm (most small re-implementations)."""
 
@@ -1272,7 +1286,7 @@ class _Builder:
             return self.illegal_conv(c, illegal)
         spelling = self.rng.choice(["fft", "fft_default_norm", "fft_full_filter", "fft_channels_last",
                                     "fft_complex", "fft_full_complex", "fft_einsum", "fft_per_head", "conv1d_long_max",
-                                    "conv1d_long_L", "conv1d_long_pad", "toeplitz_einsum", "toeplitz_matmul", "fft_planned", "short"])
+                                    "conv1d_long_L", "conv1d_long_pad", "toeplitz_einsum", "toeplitz_matmul", "fft_planned", "fft_xcorr", "short"])
         if spelling == "short":
             return self.short_conv(c)
         if spelling == "fft_einsum":
@@ -1283,6 +1297,7 @@ class _Builder:
             return self.note(spelling) + f"/{fname}", PerHeadFFTConv(c, filt, self.heads)
         fname, filt = self.filter(c)
         cls = {"fft": FFTConv, "fft_default_norm": DefaultNormFFTConv, "fft_channels_last": ChannelsLastFFTConv,
+               "fft_xcorr": CrossCorrelationFFTConv,
                "fft_complex": ComplexFFTConv, "fft_full_complex": FullComplexFFTConv}.get(spelling)
         if cls is not None:
             module = cls(c, filt)
@@ -1410,7 +1425,7 @@ def all_productions():
     attention = {f"attention_{s}" for s in Attention.LEGAL}
     delays = {"shift_k", "token_shift_pad", "token_shift_zeropad2d", "token_shift_cat", "token_shift_roll"}
     convs = {"fft", "fft_default_norm", "fft_full_filter", "fft_channels_last", "fft_complex", "fft_einsum",
-             "fft_per_head", "conv1d_long_max", "conv1d_long_L", "conv1d_long_pad", "toeplitz_einsum", "toeplitz_matmul", "fft_planned", "short_module",
+             "fft_per_head", "conv1d_long_max", "conv1d_long_L", "conv1d_long_pad", "toeplitz_einsum", "toeplitz_matmul", "fft_planned", "fft_xcorr", "short_module",
              "short_flipped", "short_pad", "short_dilated", "short_dilated_wide", "fft_full_complex"}
     return glue | position | attention | delays | convs | set(FILTERS) | {"hyena", "gated", "conv_layer", "none"} | set(ILLEGAL)
 

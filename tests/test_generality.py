@@ -374,3 +374,59 @@ def test_glue_that_changes_with_the_length_is_refused_naming_the_op():
     x = torch.randn(2, 100, C)
     with torch.no_grad():
         assert rel_err(decode(decoder, x, 7), model(x)) < 1e-5
+
+
+class CrossCorrelation(nn.Module):
+    """A modal kernel stored time-reversed (powers over arange(L-1, ..., 0)), its spectrum
+    conjugated, the result rolled by -1 and the last L positions taken by index_select: a
+    cross-correlation whose net filter h[j] = sum_m B_m lam_m^j is causal and independent of L.
+    Look-alikes: the conjugated spectrum read from the front (anti-causal), and a plain convolution
+    rolled by -1 (it reads one position ahead)."""
+
+    def __init__(self, how="xcorr", fft_size="3L"):
+        super().__init__()
+        self.how, self.fft_size = how, fft_size
+        self.a = nn.Parameter(torch.randn(C, 4))
+        self.B = nn.Parameter(torch.randn(C, 4))
+        self.D = nn.Parameter(torch.randn(C))
+
+    def filter(self, powers):
+        return (self.B[..., None] * torch.sigmoid(self.a)[..., None] ** powers).sum(1)
+
+    def forward(self, x):
+        L, u = x.shape[1], x.transpose(1, 2)
+        n = 3 * L if self.fft_size == "3L" else 1 << (2 * L - 1).bit_length()  # planned in Python
+        if self.how == "rolled_ahead":
+            k_f = torch.fft.rfft(self.filter(torch.arange(L, dtype=x.dtype)), n=n)
+        else:
+            k_f = torch.fft.rfft(self.filter(torch.arange(L - 1, -1, -1, dtype=x.dtype)), n=n).conj()
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * k_f, n=n)
+        if self.how == "front":
+            y = y[..., :L]
+        elif self.how == "rolled_ahead":
+            y = torch.roll(y, -1, dims=-1)[..., :L]
+        else:
+            y = torch.roll(y, -1, dims=-1).index_select(-1, torch.arange(n - L, n))
+        return torch.tanh((y + u * self.D[:, None]).transpose(1, 2))
+
+
+@pytest.mark.parametrize("fft_size", ["3L", "planned"])
+def test_a_cross_correlation_with_a_reversed_kernel_is_a_causal_convolution(fft_size):
+    """A conjugated spectrum is a time reversal and a roll plus a window of the tail is a shift: the
+    filter's lags, moved by the window, are proved causal and wrap-free for every served L."""
+    model = CrossCorrelation("xcorr", fft_size).double()
+    decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C, dtype=torch.float64),), max_len=128, validate=False)
+    (cand,) = decoder.report.accepted
+    assert cand.spelling == "fft_conv" and "lags shifted by c = " in cand.explanation
+    t = torch.arange(128, dtype=torch.float64)
+    assert rel_err(cand.conv.h, model.filter(t).detach()) < 1e-12  # the net filter, forward in time
+    x = torch.randn(2, 128, C, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(decode(decoder, x, 5), model(x)) < 1e-12
+
+
+@pytest.mark.parametrize("how, reason", [("front", Reason.BIDIRECTIONAL_FILTER), ("rolled_ahead", Reason.NOT_CAUSAL_SLICE)])
+def test_a_window_that_leaves_the_filter_reading_ahead_is_declined(how, reason):
+    report = lcsm_compile.analyze(CrossCorrelation(how), (torch.randn(2, 16, C),), max_len=128)
+    assert not report.decodable
+    assert reason in {c.reason for c in report.rejected if c.spelling == "fft_conv"}

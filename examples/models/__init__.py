@@ -12,7 +12,7 @@ from typing import Callable
 import torch.nn as nn
 
 from examples.models import conv1d_long, continuous, h3, hyena, hyenadna, m2, multihead_hyena, negatives, s4d
-from examples.models import length_in_python, multiquery_conv, positional, s4d_glu, striped_hyena, token_shift, wavenet, zoology
+from examples.models import cross_correlation, length_in_python, multiquery_conv, positional, s4d_glu, striped_hyena, token_shift, wavenet, zoology
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ ZOO: list[ZooEntry] = [
     _pos("hyena_planned_lengths", length_in_python.build_planned, n_long=2, n_short=2, one_graph=False),
     _pos("hyena_cached_kernel", length_in_python.build_cached_kernel, n_long=2, n_short=2, one_graph=False),
     _pos("hyena_init_once", length_in_python.build_init_once, n_long=2, n_short=2, one_graph=False),
+    # conjugated spectrum of a reversed kernel, rolled by -1, tail taken by index_select; next_fast_len
+    _pos("cross_correlation", cross_correlation.build, n_long=2, n_short=0, one_graph=False),
     _neg("neg_bidirectional", negatives.build_bidirectional, "BIDIRECTIONAL_FILTER"),
     _neg("neg_wrap_around", negatives.build_wrap_around, "WRAP_AROUND"),
     _neg("neg_length_dependent_filter", negatives.build_length_dependent, "FILTER_DEPENDS_ON_LENGTH"),
