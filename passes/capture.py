@@ -40,7 +40,7 @@ class Captured:
     max_len: int
     min_len: int = 2
     note: str = ""
-    alt_shapes: dict = field(default_factory=dict)  # concrete captures: node name -> shape at another L
+    alt_shapes: dict = field(default_factory=dict)  # concrete captures: node name -> its counterpart's shape at another L
     alt: "Captured" = None  # concrete captures: the same model captured at a shorter length
     alt_batch: "Captured" = None  # concrete captures: as alt, with one batch row more
     symbolic_range: tuple | None = None  # concrete captures: the lengths a symbolic export was valid for
@@ -787,7 +787,7 @@ def concrete(model, example_inputs, level, max_len, why):
     if 2 <= short < max_len:
         shorter = cut_length(example_inputs, short)
         cap.alt = capture(model, shorter, level, short, dynamic=False)
-        cap.alt_shapes, cap.alt.alt_shapes = _shapes(cap.alt), _shapes(cap)
+        cap.alt_shapes, cap.alt.alt_shapes = _shapes(cap, cap.alt), _shapes(cap.alt, cap)
         try:
             cap.alt_batch = capture(model, _one_row_more(shorter), level, short, dynamic=False)
         except CaptureError:
@@ -805,5 +805,32 @@ def extend_length(example_inputs, length):
                  if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[1] == L else t for t in example_inputs)
 
 
-def _shapes(cap):
-    return {n.name: tuple(meta_value(n).shape) for n in cap.gm.graph.nodes if isinstance(meta_value(n), torch.Tensor)}
+def _shapes(cap, other):
+    """cap's node name -> the shape of its counterpart in the other capture."""
+    return {n.name: tuple(meta_value(o).shape) for n, o in counterparts(cap, other).items()
+            if o is not None and isinstance(meta_value(n), torch.Tensor) and isinstance(meta_value(o), torch.Tensor)}
+
+
+def counterparts(cap, other):
+    """cap's node -> the node of the other capture of the same model that the same code made: the
+    same op, module and source line, the k-th such; None where there is none. Names do not
+    correspond: once one length takes another branch (a no-op slice elided at one length), every
+    later name shifts."""
+    def key(node):
+        trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+        if not trace:  # placeholders and attributes: their names are their identity
+            return node.op, node.name
+        modules = list((node.meta.get("nn_module_stack") or {}).values())
+        target = "aten.slice.Tensor" if node.target is torch.ops.aten.alias.default else str(node.target)  # x[:L] at L = size
+        return node.op, target, modules[-1][0] if modules else "", trace[-1].strip()
+
+    theirs, seen = {}, {}
+    for node in other.gm.graph.nodes:
+        theirs.setdefault(key(node), []).append(node)
+    out = {}
+    for node in cap.gm.graph.nodes:
+        k = key(node)
+        i = seen[k] = seen.get(k, -1) + 1
+        same = theirs.get(k, ())
+        out[node] = same[i] if i < len(same) else None
+    return out

@@ -89,6 +89,9 @@ def _pair(cap, alt_cap, site_pairs, where):
         site_of = {m.output: i for i, m in enumerate(sites)}
         ids, seen = {}, {}
         for node in _glue(c.gm.graph, sites):
+            if _no_op(node):  # the same value under another name: its input's class
+                ids[node] = ids[node.args[0]]
+                continue
             if node in site_of:  # a site pairs with its counterpart fed by counterpart signals
                 m = sites[site_of[node]]
                 key = ("site", site_of[node], _shape([m.input, m.skip_node], ids, live))
@@ -101,7 +104,7 @@ def _pair(cap, alt_cap, site_pairs, where):
             seen[cls] = ids[node][1] + 1
         return ids
 
-    theirs = {v: n for n, v in number(alt_cap, [a for _, a in site_pairs]).items()}
+    theirs = {v: n for n, v in number(alt_cap, [a for _, a in site_pairs]).items() if not _no_op(n)}
     ours = number(cap, [m for m, _ in site_pairs])
     out = next(n for n in reversed(cap.gm.graph.nodes) if n.op == "output")
     if ours[out] not in theirs:
@@ -111,6 +114,15 @@ def _pair(cap, alt_cap, site_pairs, where):
         raise NotGeneralizable(f"{bad.name} ({_where(bad)}) at {where[0]} has no counterpart at {where[1]}: "
                                "the model's time-local code changes with the length or the batch")
     return {n: theirs.get(v) for n, v in ours.items()}
+
+
+def _no_op(node):
+    """An alias, or a slice that keeps every element (`x[:, :L]` where x has L positions, exported as
+    an alias at one length and a slice at another)."""
+    if node.op != "call_function" or node.target not in (aten.alias.default, aten.slice.Tensor):
+        return False
+    val, src = meta_value(node), meta_value(node.args[0])
+    return isinstance(val, torch.Tensor) and isinstance(src, torch.Tensor) and tuple(val.shape) == tuple(src.shape)
 
 
 def _live(cap):
@@ -156,7 +168,8 @@ def _generalize(gm, ours, points, *, step):
     differs between them is solved as slope_L * L + slope_B * B + offset, with the prefill's L and B
     read from its input and the step's L = 1."""
     graph = gm.graph
-    x = next(n for n in graph.nodes if n.op == "placeholder" and n.name in ours)
+    first = next(n.name for n, role in points[0].cap.roles.items() if role == "input")  # [B, L, ...]
+    x = next(n for n in graph.nodes if n.op == "placeholder" and n.name == first)
     dims = {}  # dim of x -> its sym_size node, made on first need
 
     def dim(d):
@@ -208,6 +221,8 @@ def _generalize(gm, ours, points, *, step):
         if node.name not in ours or node.op in ("placeholder", "output"):
             continue  # the rewrite's own nodes are polymorphic already
         orig = ours[node.name]
+        if _no_op(orig):
+            continue  # passes its input on at every length
         twins = [(pt.nodes.get(orig), pt) for pt in points]
         missing = next((pt for n, pt in twins if n is None), None)
         if missing is not None:
