@@ -749,13 +749,19 @@ def run(model, ctx):
         except CaptureError as exc:
             failures.append(f"{level}: {exc}")
             continue
+        except Exception as exc:  # noqa: BLE001 - the exporter's own bugs (a hook's IndexError): the next capture
+            failures.append(f"{level}: {_first_line(exc)}")
+            continue
         if cap is None or got.symbolic:
             cap = got
         if got.symbolic:
             break
         failures.append(f"{level}: {got.note or 'the length was specialised'}")
-    if cap is None:
-        raise CaptureError("; ".join(failures))
+    if cap is None:  # no dynamic capture at all: the concrete ones may still be taken
+        try:
+            return concrete(model, ctx.example_inputs, ctx.capture, ctx.max_len, "; ".join(failures))
+        except Exception:  # noqa: BLE001 - it fails for the reasons the dynamic captures gave
+            raise CaptureError("; ".join(failures)) from None
     if failures and cap.symbolic:
         cap.note = "; ".join([f"fell back to the {cap.level} capture after {'; '.join(failures)}"] + ([cap.note] if cap.note else []))
     L = int(ctx.example_inputs[0].shape[1])

@@ -539,6 +539,22 @@ class CachedPE(nn.Module):
         return x + self.cache[:L].to(x.dtype)
 
 
+class FirstUseScale(nn.Module):
+    """A per-channel scale set from the data by the first forward, behind a flag buffer, in the state
+    a loaded checkpoint has it (set): export cannot branch on the flag's value."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("initialized", torch.tensor(True))
+        self.register_buffer("scale", 0.5 + torch.rand(d))
+
+    def forward(self, x):
+        if not self.initialized:
+            self.scale.copy_(1.0 / x.detach().std(dim=(0, 1)).clamp_min(1e-3))
+            self.initialized.fill_(True)
+        return x * self.scale.to(x.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Causal delays (legal): a shift by k >= 1 positions toward later outputs with zero fill.
 
@@ -1245,7 +1261,7 @@ class _Builder:
             "signed_sqrt": SignedSqrt, "dropout": lambda: nn.Dropout(0.1), "mlp": lambda: Mlp(d),
             "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU, "tanh": nn.Tanh,
             "sigmoid": nn.Sigmoid, "erf": Erf, "softplus": nn.Softplus, "mish": nn.Mish, "elu": nn.ELU,
-            "hardswish": nn.Hardswish,
+            "hardswish": nn.Hardswish, "first_use_scale": lambda: FirstUseScale(d),
         }
         name, make = self.pick(table)
         return self.note(name), make()
@@ -1419,7 +1435,7 @@ def all_productions():
             "strided_slice", "sort", "topk", "cumsum_channels", "flip_channels", "roll_channels", "index_select",
             "gather", "pad_channels", "cast_up", "cast_double", "batchnorm_eval", "var_norm", "logsumexp",
             "signed_sqrt", "dropout", "mlp", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid",
-            "erf", "softplus", "mish", "elu", "hardswish"}
+            "erf", "softplus", "mish", "elu", "hardswish", "first_use_scale"}
     position = {"sinusoidal_pe", "alternating_sign", "arange_features", "learned_pe", "buffer_pe", "embedding_pe", "rotary",
                 "cached_pe"}
     attention = {f"attention_{s}" for s in Attention.LEGAL}
