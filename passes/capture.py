@@ -183,12 +183,6 @@ def _one_row_more(example_inputs):
                  for t in example_inputs)
 
 
-def _two_rows(example_inputs):
-    """The example with every input of the first input's batch 1 repeated to batch 2."""
-    return tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[0] == 1 else t
-                 for t in example_inputs)
-
-
 def _freeze(frozen):
     """Inside preserved_state: each (module, buffer name, value) becomes the plain value, so a branch
     on it is taken as it stands now."""
@@ -247,7 +241,7 @@ def capture_export(model, example_inputs, max_len, dynamic=True, decompose=False
     # clamp guard L >= size and specializes L: the same example one position shorter takes the
     # general branch, so it is tried next. The concrete export comes last.
     cut = [cut_length(example_inputs, x.shape[1] - 1)] if dynamic and x.shape[1] > 3 else []
-    attempts = [(_two_rows(inputs) if x.shape[0] == 1 else inputs, True, True) for inputs in [example_inputs] + cut]
+    attempts = [(_one_row_more(inputs) if x.shape[0] == 1 else inputs, True, True) for inputs in [example_inputs] + cut]
     attempts = (attempts + [(inputs, False, True) for inputs in [example_inputs] + cut] if dynamic else []) \
         + [(example_inputs, False, False)]
     ep, inputs, errors = _first_export(model, attempts, max_len)
@@ -339,13 +333,17 @@ def capture_dynamo(model, example_inputs, dynamic=True):
     return gm, backend_inputs, inputs
 
 
+def _frozen_names(frozen):
+    return ", ".join(f"{type(m).__name__}.{n} = {v}" for m, n, v in frozen)
+
+
 def _frozen_note(frozen):
-    return ("branches on " + ", ".join(f"{type(m).__name__}.{n} = {v}" for m, n, v in frozen)
-            + " taken as they stand now (the capture cannot branch on a buffer's value)") if frozen else ""
+    return (f"branches on {_frozen_names(frozen)} taken as they stand now (the capture cannot branch on a "
+            "buffer's value)") if frozen else ""
 
 
 def _frozen_failed(frozen, exc):
-    return ("the capture cannot branch on the value of " + ", ".join(f"{type(m).__name__}.{n} = {v}" for m, n, v in frozen)
+    return (f"the capture cannot branch on the value of {_frozen_names(frozen)}"
             + f", and the branch taken as it stands now fails ({_first_line(exc, 1)}): the forward changes the "
             "model's own state there (an initialisation on first use?); run the model once on real data before optimize")
 
@@ -737,10 +735,9 @@ def run(model, ctx):
     Captures are tried in order until one has a symbolic length: the requested level, then
     (after torch.export) the dynamo graph, exported in turn. When none is symbolic over the served
     lengths (the model reads L in Python: an FFT size planned from it, a branch on it, a table or
-    cache it slices), or the symbolic one was not faithful, the model is captured at concrete
-    lengths instead: at max_len, where filters and position tables are evaluated, and a second time
-    at a shorter length (cap.alt). The dims whose size differs between the two are the position
-    axes; the decode programs are made length-polymorphic from the two (passes/generalize.py)."""
+    cache it slices), or the symbolic one was not faithful, or none succeeded, the model is captured
+    at concrete lengths instead (concrete): the dims whose size differs between the captures are
+    the position axes; the decode programs are generalized from them (passes/generalize.py)."""
     levels = [ctx.capture] + (["dynamo"] if ctx.capture == "export" else [])
     cap, failures = None, []
     for level in levels:

@@ -168,8 +168,8 @@ def _generalize(gm, ours, points, *, step):
     differs between them is solved as slope_L * L + slope_B * B + offset, with the prefill's L and B
     read from its input and the step's L = 1."""
     graph = gm.graph
-    first = next(n.name for n, role in points[0].cap.roles.items() if role == "input")  # [B, L, ...]
-    x = next(n for n in graph.nodes if n.op == "placeholder" and n.name == first)
+    input_name = next(n.name for n, role in points[0].cap.roles.items() if role == "input")  # [B, L, ...]
+    x = next(n for n in graph.nodes if n.op == "placeholder" and n.name == input_name)
     dims = {}  # dim of x -> its sym_size node, made on first need
 
     def dim(d):

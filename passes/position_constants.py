@@ -134,7 +134,7 @@ def _rows_rank(node, rank, B):
 
 def _concrete_table(node, ctx):
     """A model captured at concrete lengths (the analysed one at max_len): the table is the node's
-    value there, proven the prefix-extension of its namesake in the capture at the shorter length."""
+    value there, proven the prefix-extension of its counterpart in the capture at the shorter length."""
     cap, alt = ctx.cap, ctx.cap.alt
     dims = ctx.time_info[node].static_dims
     shape = list(meta_value(node).shape)

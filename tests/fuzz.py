@@ -730,27 +730,6 @@ def fast_len(n):
     return min(2 ** a * 3 ** b for a in range(n.bit_length() + 1) for b in range(8) if 2 ** a * 3 ** b >= n)
 
 
-class PlannedFFTConv(FFTConv):
-    """Python planning on L (export specializes it): a filter of its own length N cut or zero-padded
-    by `if N < L`, and the FFT size fast_len(2L - 1)."""
-
-    def __init__(self, c, filt, n_filter):
-        super().__init__(c, filt)
-        self.n_filter = n_filter
-
-    def forward(self, x):
-        L, f = x.shape[1], fp(x.dtype)
-        k = self.filter(self.n_filter).to(f)
-        if self.n_filter < L:
-            k = F.pad(k, (0, L - self.n_filter))
-        else:
-            k = k[:, :L]
-        n = fast_len(2 * L - 1)
-        u = x.transpose(1, 2).to(f)
-        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
-        return (y + u * self.D.to(f)[:, None]).transpose(1, 2).to(x.dtype)
-
-
 class CrossCorrelationFFTConv(FFTConv):
     """A cross-correlation: the filter stored time-reversed (indexed by arange(L-1, ..., 0)), its
     spectrum conjugated, an FFT size of 3L, the result rolled by -1 and the last L positions taken
@@ -782,13 +761,30 @@ class FullFilterFFTConv(FFTConv):
         super().__init__(c, filt)
         self.max_len = max_len
 
+    def sized_filter(self, L, f):
+        """(the filter as the convolution uses it, the FFT size) at length L, in dtype f."""
+        k = self.filter(self.max_len).to(f)
+        return k, L + k.shape[-1]
+
     def forward(self, x):
         L, f = x.shape[1], fp(x.dtype)
-        k = self.filter(self.max_len).to(f)
-        n = L + k.shape[-1]
+        k, n = self.sized_filter(L, f)
         u = x.transpose(1, 2).to(f)
         y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
         return (y + u * self.D.to(f)[:, None]).transpose(1, 2).to(x.dtype)
+
+
+class PlannedFFTConv(FullFilterFFTConv):
+    """Python planning on L (export specializes it): a filter of its own length N (max_len here) cut
+    or zero-padded by `if N < L`, and the FFT size fast_len(2L - 1)."""
+
+    def sized_filter(self, L, f):
+        k = self.filter(self.max_len).to(f)
+        if self.max_len < L:
+            k = F.pad(k, (0, L - self.max_len))
+        else:
+            k = k[:, :L]
+        return k, fast_len(2 * L - 1)
 
 
 class ToeplitzConv(FFTConv):
