@@ -300,8 +300,6 @@ def _report(ctx):
                                            f"({cap.note or 'the length was specialised'}); decoding needs a graph "
                                            "with a symbolic length, or captures at two lengths"))
         rejected = cands[-1:]
-    # serve what was asked, or say at once why not (a graph dynamo handed the backend is guarded by
-    # dynamo: a longer input gets a graph of its own)
     # serve what was asked, or say at once why not. A symbolic export bounded below max_len was
     # replaced by concrete captures (passes/capture.py); when those fail too, the bound is the news.
     served = cap.symbolic_range

@@ -40,9 +40,12 @@ class Captured:
     max_len: int
     min_len: int = 2
     note: str = ""
-    alt_shapes: dict = field(default_factory=dict)  # concrete captures: node name -> its counterpart's shape at another L
     alt: "Captured" = None  # concrete captures: the same model captured at a shorter length
     alt_batch: "Captured" = None  # concrete captures: as alt, with one batch row more
+    # concrete captures: node -> the node the same code made in the capture at the other length
+    # (main <-> alt), and in alt_batch (main only); None where there is none (see counterparts)
+    counterpart: dict = field(default_factory=dict)
+    batch_counterpart: dict = field(default_factory=dict)
     symbolic_range: tuple | None = None  # concrete captures: the lengths a symbolic export was valid for
     batch_symbol: object = None  # sympy.Symbol of dim 0 of the first input when the batch is dynamic
 
@@ -783,20 +786,28 @@ def concrete(model, example_inputs, level, max_len, why):
     """Captures at max_len (the analysed one), at a shorter length (its .alt) and at that length with
     one batch row more (its .alt_batch): sizes affine in the length and the batch are solved from the
     three (passes/generalize.py)."""
-    L = int(example_inputs[0].shape[1])
     cap = capture(model, extend_length(example_inputs, max_len), level, max_len, dynamic=False)
     cap.note = f"{why}; captured at concrete L={max_len} and L={{alt}}"
-    short = L if L < max_len else L - L // 4
+    short = second_length(max_len)
     if 2 <= short < max_len:
-        shorter = cut_length(example_inputs, short)
+        shorter = extend_length(example_inputs, short)
         cap.alt = capture(model, shorter, level, short, dynamic=False)
-        cap.alt_shapes, cap.alt.alt_shapes = _shapes(cap, cap.alt), _shapes(cap.alt, cap)
+        cap.counterpart, cap.alt.counterpart = counterparts(cap, cap.alt), counterparts(cap.alt, cap)
         try:
             cap.alt_batch = capture(model, _one_row_more(shorter), level, short, dynamic=False)
+            cap.batch_counterpart = counterparts(cap, cap.alt_batch)
         except CaptureError:
             cap.alt_batch = None  # the batch stays the example's (a model built for one batch size)
     cap.note = cap.note.format(alt=short if cap.alt is not None else "-")
     return cap
+
+
+def second_length(max_len):
+    """The second capture's length: near max_len and equal to it modulo a large power of two, so that
+    Python branches on the length (a threshold, parity, divisibility) most likely take max_len's side
+    at both. The decoder runs max_len's glue at every length, which prefix stability (the safety net,
+    then the translation validation) makes the model's own at shorter lengths."""
+    return max_len - (1 << max(0, (max_len // 4).bit_length() - 1))
 
 
 def extend_length(example_inputs, length):
@@ -806,12 +817,6 @@ def extend_length(example_inputs, length):
     reps = -(-length // L)
     return tuple(t.repeat(1, reps, *[1] * (t.dim() - 2))[:, :length]
                  if isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[1] == L else t for t in example_inputs)
-
-
-def _shapes(cap, other):
-    """cap's node name -> the shape of its counterpart in the other capture."""
-    return {n.name: tuple(meta_value(o).shape) for n, o in counterparts(cap, other).items()
-            if o is not None and isinstance(meta_value(n), torch.Tensor) and isinstance(meta_value(o), torch.Tensor)}
 
 
 def counterparts(cap, other):

@@ -142,7 +142,7 @@ def _concrete_table(node, ctx):
         raise _Declined(Reason.LENGTH_DEPENDENT, f"position table {node.name} of shape {shape}: expected exactly one "
                                                  f"axis whose size moves with L, found {len(dims)}")
     (axis,) = dims
-    other = capture.counterparts(cap, alt)[node] if alt is not None else None
+    other = cap.counterpart.get(node)
     if other is None:
         raise _Declined(Reason.LENGTH_DEPENDENT, f"position constant {node.name} has no counterpart in the capture at "
                                                  f"a shorter length: its prefix property cannot be checked")
@@ -158,7 +158,7 @@ def _concrete_table(node, ctx):
         return PositionConstant(node, axis, (), native, None, "the batch is fixed (concrete capture)")
     # the dims that grow with the capture of one row more are batch dims: the table keeps one row
     B = int(cap.user_inputs[0].shape[0])
-    twin = capture.counterparts(cap, cap.alt_batch)[node]
+    twin = cap.batch_counterpart.get(node)
     if twin is None or meta_value(twin).dim() != len(shape):
         raise _Declined(Reason.LENGTH_DEPENDENT, f"position constant {node.name} has no counterpart in the capture "
                                                  f"with one batch row more")

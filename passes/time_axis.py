@@ -99,8 +99,9 @@ def length_dims(node, cap):
     val = meta_value(node)
     if not isinstance(val, torch.Tensor):
         return ()
-    if not cap.symbolic and node.name in cap.alt_shapes and len(cap.alt_shapes[node.name]) == val.dim():
-        return tuple(d for d, (a, b) in enumerate(zip(val.shape, cap.alt_shapes[node.name])) if a != b)
+    other = meta_value(cap.counterpart[node]) if cap.counterpart.get(node) is not None else None
+    if not cap.symbolic and isinstance(other, torch.Tensor) and other.dim() == val.dim():
+        return tuple(d for d, (a, b) in enumerate(zip(val.shape, other.shape)) if a != b)
     out = []
     for d, s in enumerate(val.shape):
         e = sym_expr(s)

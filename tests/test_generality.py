@@ -11,6 +11,7 @@ import torch.nn as nn
 import lcsm_compile
 from helpers import rel_err
 from lcsm_compile import NotDecodable, Reason
+from lcsm_compile.passes import capture as capture_pass
 from lcsm_compile.models import demo_lm
 
 C = 6
@@ -333,7 +334,9 @@ def test_a_model_that_plans_on_the_length_in_python_decodes_from_two_captures(na
     model, example = entry.build()
     decoder = lcsm_compile.optimize(model, example, max_len=model.max_len, validate=False)
     capture = decoder.report.capture
-    assert not capture.symbolic and f"captured at concrete L={model.max_len} and L=64" in capture.note
+    second = capture_pass.second_length(model.max_len)
+    assert model.max_len // 2 < second < model.max_len and (model.max_len - second) % 16 == 0  # max_len's side of branches
+    assert not capture.symbolic and f"captured at concrete L={model.max_len} and L={second}" in capture.note
     assert any("validate=False was overridden" in n for n in decoder.report.notes)
     kinds = [s.kind for s in decoder.sites]
     assert (kinds.count("long"), kinds.count("short")) == (entry.n_long, entry.n_short)
@@ -346,32 +349,45 @@ def test_a_model_that_plans_on_the_length_in_python_decodes_from_two_captures(na
 
 
 class GlueByLength(nn.Module):
-    """An FFT size planned in Python, and glue whose ops change past L = 100 though its values do
-    not (prefix-stable, legal): two concrete captures disagree on the glue, so it is refused by name."""
+    """An FFT size planned in Python, and glue whose ops change past L = `switch` and on odd L though
+    its values do not (prefix-stable, legal)."""
 
-    def __init__(self):
+    def __init__(self, switch):
         super().__init__()
+        self.switch = switch
         self.h = nn.Parameter(torch.randn(C, 200) * torch.exp(-torch.arange(200) / 20.0))
         self.proj = nn.Linear(C, C)
 
     def forward(self, x):
         L = x.shape[1]
         n = 1 << (2 * L - 1).bit_length()
-        u = x.transpose(1, 2)
+        u = x.clone() if L % 2 else x
+        u = u.transpose(1, 2)
         y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(self.h[:, :L], n=n), n=n)[..., :L].transpose(1, 2)
-        if L > 100:
+        if L > self.switch:
             y = torch.relu(y) - torch.relu(-y)  # y, spelled another way
         return self.proj(y)
 
 
-def test_glue_that_changes_with_the_length_is_refused_naming_the_op():
-    model = GlueByLength()
+def test_glue_that_changes_with_the_length_decodes_with_the_glue_of_max_len():
+    """Both captures sit near max_len on its side of the branches (a threshold, parity), so the
+    decoder runs max_len's glue at every length: prefix stability makes it the model's own."""
+    model = GlueByLength(switch=100)
+    decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=200, validate=False)
+    x = torch.randn(2, 200, C)
+    with torch.no_grad():
+        for prompt in (1, 7, 99, 150):
+            assert rel_err(decode(decoder, x, prompt), model(x)) < 1e-5, f"prompt {prompt}"
+
+
+def test_glue_that_changes_between_the_two_captures_is_refused_naming_the_op():
+    model = GlueByLength(switch=190)  # the second capture (L=168) and max_len (200) disagree on the glue
     with pytest.raises(NotDecodable) as err:
         lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=200)
     (cand,) = [c for c in err.value.report.rejected if c.reason is Reason.LENGTH_DEPENDENT]
     assert "relu" in cand.explanation and "has no counterpart" in cand.explanation
-    decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=100)  # one branch: served
-    x = torch.randn(2, 100, C)
+    decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=180)  # one side of it: served
+    x = torch.randn(2, 180, C)
     with torch.no_grad():
         assert rel_err(decode(decoder, x, 7), model(x)) < 1e-5
 
