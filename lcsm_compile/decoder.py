@@ -10,6 +10,7 @@ from lcsm_compile.checks import check_options, vocab_size
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.errors import NotDecodable, StaleDecoder
 from lcsm_compile.logs import get_logger
+from lcsm_compile.recurrence import Recurrence
 from lcsm_compile.runtime import Program, Session
 from lcsm_compile.staleness import Fingerprint, module_state
 
@@ -24,8 +25,8 @@ class Decoder:
     and buffers check_fresh() watches (None: nothing to watch)."""
 
     def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None, compile="auto",
-                 cuda_graph=False, programs=None, schedule=None, source=None):
-        check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph)
+                 cuda_graph=False, strategy="auto", programs=None, schedule=None, source=None):
+        check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, strategy=strategy)
         # cuda_graph: each session captures its step without advance (lcsm_compile.graphs) and
         # replays it, the tile call launched eagerly after; "emulate" replays recorded ops on any device
         self.cuda_graph = cuda_graph
@@ -44,7 +45,7 @@ class Decoder:
         if programs is None:
             from lcsm_compile import pipeline
 
-            options = {"conv": conv, "crossover": crossover}
+            options = {"conv": conv, "crossover": crossover, "strategy": strategy}
             programs, schedule, _ = pipeline.lower(report, options, example_inputs)
         self.programs, self.schedule = programs, schedule
         self.sites = self.programs.sites
@@ -52,10 +53,13 @@ class Decoder:
         self.prefill_program = Program(self.programs.prefill, self.programs.out_spec)
         self.step_fn = Program(self.programs.step, self.programs.out_spec, compile=compile)
 
-        # Every long convolution of every layer in one bank: one tile call per position.
+        # The long convolutions the layer schedule gave a recurrence (modal filters) step their own
+        # state; every other long convolution of every layer is in one bank: one tile call per position.
+        self.recurrent = {i: Recurrence(self.sites[i].conv.modal.poles, self.sites[i].conv.modal.residues,
+                                        self.sites[i].conv.skip, self.device) for i in self.schedule.recurrent}
         filters, skips, self.bank_slices, start = [], [], {}, 0
         for i, site in enumerate(self.sites):
-            if site.kind != "long":
+            if site.kind != "long" or i in self.recurrent:
                 continue
             k = site.conv
             dtype = _dtype_of(k.output)
@@ -72,9 +76,9 @@ class Decoder:
             from lcsm_compile.graphs import check_capturable
 
             check_capturable(self, cuda_graph)
-        get_logger("passes").info("decoder: %d sites (%d long in one bank of %d channels), %d attention sites on KV "
-                                  "caches, %s bank, max_len %d", len(self.sites), len(self.bank_slices), start,
-                                  len(self.attention), conv, self.max_len)
+        get_logger("passes").info("decoder: %d sites (%d long in one bank of %d channels, %d recurrent), %d attention "
+                                  "sites on KV caches, %s bank, max_len %d", len(self.sites), len(self.bank_slices), start,
+                                  len(self.recurrent), len(self.attention), conv, self.max_len)
         get_logger("schedule").info("layer schedule:\n%s", self.schedule.table())
 
     def _short_filter(self, conv):
@@ -116,7 +120,7 @@ class Decoder:
 
 
 def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=None, compile="auto", cuda_graph=False,
-             validate=True) -> Decoder:
+             strategy="auto", validate=True) -> Decoder:
     """Analyze `model`, build its Decoder and check it (lcsm_compile.pipeline: every pass, in order).
 
     Raises NotDecodable (carrying the Report) when some op that mixes positions is not an accepted
@@ -128,10 +132,14 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     per batch size, a few seconds on CPU, so a step is not dominated by Python dispatch) when a
     generation is long enough to pay for it (runtime.AUTO_COMPILE_CALLS steps, taken or announced
     by generate); True compiles on the first step, False never.
+    strategy: how each long convolution decodes (conv="flash"): "auto" (its recurrence where the filter
+    is proved modal and recurrence.choose's cost model prefers it, else the tiling), "tile" (always
+    the tiling) or "recurrent" (the recurrence wherever the filter is proved modal).
     validate: run the translation validation (passes/validate.py; its time is in report.passes)."""
     from lcsm_compile import pipeline
 
-    check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, validate=validate)
+    check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, strategy=strategy,
+                  validate=validate)
     example_inputs, max_len = check_args(model, example_inputs, max_len, "export")
     get_logger("passes").info("optimize: %s at max_len %d, %d passes (seconds: capture, analysis, rewrite, validation)",
                               type(model).__name__, max_len, len(pipeline.PASSES))
@@ -139,7 +147,7 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
         from lcsm_compile.graphs import check_device
 
         check_device(cuda_graph, example_inputs[0].device)
-    options = {"conv": conv, "crossover": crossover, "compile": compile, "cuda_graph": cuda_graph,
+    options = {"conv": conv, "crossover": crossover, "compile": compile, "cuda_graph": cuda_graph, "strategy": strategy,
                "validate": validate and conv != "floor"}
     with quiet():
         ctx = pipeline.run(pipeline.Context(model, example_inputs, max_len, "export", options))

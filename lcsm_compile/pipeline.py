@@ -2,7 +2,7 @@
 and the CLI (`lcsm-compile passes --print-after P --stop-after P`).
 
     analysis:  capture -> canonicalize -> time_axis -> attention -> detect -> properties
-               -> position_constants -> safety_net                                          (product: the Report)
+               -> position_constants -> safety_net -> modal                                 (product: the Report)
     rewrite:   decode_rewrite -> generalize -> layer_schedule         (product: the Decoder)
     check:     validate                                               (translation validation)
 
@@ -24,7 +24,7 @@ import torch.fx
 
 from lcsm_compile.logs import get_logger
 from lcsm_compile.passes import attention, canonicalize, capture, decode_rewrite, detect, generalize, layer_schedule
-from lcsm_compile.passes import position_constants, properties, time_axis, validate
+from lcsm_compile.passes import modal, position_constants, properties, time_axis, validate
 from lcsm_compile.report import Candidate, CaptureInfo, Reason, Report, Verdict
 
 
@@ -46,6 +46,7 @@ class Context:
     candidates: list = None
     position_constants: Any = None  # (PositionConstant list, rejected Candidate list)
     safety: dict = None
+    modal: dict = None  # accepted long convolution's name -> modal.ModalForm | modal.NotModal
     report: Report = None
     programs: Any = None
     schedule: Any = None
@@ -111,9 +112,8 @@ def _layer_schedule(ctx):
     if conv == "flash" and crossover is None:
         crossover = crossover_for(ctx.example_inputs[0].device)
     return layer_schedule.run(ctx.programs.step, ctx.programs.sites, max_len=ctx.report.capture.max_len,
-                              crossover=crossover if conv == "flash" else None,
-                              bank_width=sum(s.width for s in ctx.programs.sites if s.kind == "long"),
-                              attention=ctx.programs.attention)
+                              crossover=crossover if conv == "flash" else None, attention=ctx.programs.attention,
+                              strategy=ctx.options.get("strategy", "auto"))
 
 
 def _graph_dump(cap, ctx):
@@ -134,6 +134,7 @@ PASSES = [
     Pass("position_constants", "analysis", lambda c: position_constants.run(c.matches, c), "position_constants",
          lambda r, c: position_constants.dump(r)),
     Pass("safety_net", "analysis", _safety_net, "safety", lambda r, c: repr(r)),
+    Pass("modal", "analysis", lambda c: modal.run(c.candidates, c.cap), "modal", lambda r, c: modal.dump(r)),
     Pass("decode_rewrite", "rewrite", lambda c: decode_rewrite.run(c.cap, c.report.sites, c.report.position_constants,
                                                                      c.report.attention),
          "programs", lambda r, c: r.dump()),
@@ -334,7 +335,7 @@ def _build_decoder(ctx):
 
 
 def _decoder_options(options):
-    return {k: options[k] for k in ("conv", "crossover", "compile", "cuda_graph") if k in options}
+    return {k: options[k] for k in ("conv", "crossover", "compile", "cuda_graph", "strategy") if k in options}
 
 
 def lower(report, options, example_inputs):

@@ -64,6 +64,7 @@ class ConvStructure:
     filter_length: Any  # sympy expr or int: lags the filter can carry
     padding: tuple | None = None  # conv1d (left, right) padding, None for FFT convs
     taps: int | None = None  # short convs: the filter's length (its kernel reach)
+    modal: Any = None  # long convs: passes/modal.py's ModalForm (h = Re sum r p^t, proved) or NotModal (why not)
     _h: Any = field(default=None, repr=False)
 
     @property
@@ -137,6 +138,7 @@ class Candidate:
             "module_path": self.module_path, "source": self.source, "offending": self.offending,
             "length": self.length, "max_len": self.max_len, "channels": self.channels,
             "filter_length": self.filter_length, "dtype": self.dtype, "input": self.input, "output": self.output,
+            **({"form": str(self.conv.modal)} if self.conv is not None and self.conv.modal is not None else {}),
             **({"cache": {"heads": self.attention.heads, "max_len": self.attention.max_len, "head_dim": self.attention.head_dim,
                           "value_dim": self.attention.value_dim}} if self.attention is not None else {}),
         }
@@ -218,6 +220,8 @@ class Report:
                              c.attention.cache if c.attention is not None else c.filter_length or "-", c.module_path]))
             if c.explanation:
                 out.append("    " + c.explanation)
+            if c.conv is not None and c.conv.modal is not None:
+                out.append("    form: " + str(c.conv.modal))
         for name, res in self.safety.items():
             out.append(f"safety {name}: {'passed' if res['passed'] else 'FAILED'} (rel_err {res['rel_err']:.2e})")
         out.extend("note: " + n for n in self.notes)

@@ -36,6 +36,8 @@ class SessionState:
         self.slices = decoder.bank_slices  # site index -> channel slice of the bank (long convs)
         self.sites = decoder.sites
         self.rings = {}  # site index -> [K-1, N, W] last inputs of a short convolution
+        self.recurrent = decoder.recurrent  # site index -> recurrence.Recurrence (modal long convolutions)
+        self.modes = {}  # site index -> [N, W, modes] complex128 state of a recurrent convolution
         self.short_filters = decoder.short_filters  # site index -> (taps [W, K] causal, bias or None)
         self.attention = getattr(decoder, "attention", [])  # AttentionSites
         self.max_len = decoder.max_len
@@ -50,6 +52,7 @@ class SessionState:
                 self.bank = self.bank.fork()  # another batch size: fresh state
             self.bank.reset()
         self.rings.clear()  # KV caches stay allocated: a row reads only the positions it wrote
+        self.modes.clear()
         self.capacity, self.rows, self.graph = capacity, None, False
         self.positions = torch.zeros(capacity, dtype=torch.long)
         self.live = torch.zeros(capacity, dtype=torch.bool)
@@ -58,6 +61,8 @@ class SessionState:
     # every site's input is brought to the bank's dtype (convolutions of one model can run in
     # different dtypes, e.g. a bfloat16 model with one FFT in float32): exact widening, one rounding back
     def conv_prefill(self, index, u):
+        if index in self.recurrent:
+            return self._recurrent_prefill(index, u)
         if self.rows is None:
             y = self.bank.prefill(u.to(self.bank.dtype), channels=self.slices[index])
         else:
@@ -67,8 +72,23 @@ class SessionState:
         return self._plus_bias(index, y).to(u.dtype)
 
     def conv_step(self, index, u):
+        if index in self.recurrent:
+            x = u[..., 0]
+            y = self.recurrent[index].step(self.modes[index], x.reshape(self.modes[index].shape[:2]))
+            return self._plus_bias(index, y.reshape(x.shape).unsqueeze(-1)).to(u.dtype)
         y = self.bank.red_cell(u[..., 0].to(self.bank.dtype), channels=self.slices[index]).unsqueeze(-1)
         return self._plus_bias(index, y).to(u.dtype)
+
+    def _recurrent_prefill(self, index, u):
+        rec = self.recurrent[index]
+        y, state = rec.prefill(u.reshape(-1, rec.width, u.shape[-1]))
+        if self.rows is None:
+            self.modes[index] = state
+        else:
+            if index not in self.modes:
+                self.modes[index] = state.new_zeros(self.capacity, rec.width, rec.modes)
+            self.modes[index][self.rows.to(state.device)] = state
+        return self._plus_bias(index, y.reshape(u.shape)).to(u.dtype)
 
     def advance(self):
         if self.bank is not None:
@@ -150,7 +170,9 @@ class SessionState:
     def memory_breakdown(self):
         rings = sum(r.numel() * r.element_size() for r in self.rings.values())
         kv = sum(t.untyped_storage().nbytes() for pair in self.kv.values() for t in pair)
-        return {**(self.bank.memory_breakdown() if self.bank is not None else {}), "rings": rings, "kv_cache": kv}
+        modes = sum(m.numel() * m.element_size() for m in self.modes.values())
+        return {**(self.bank.memory_breakdown() if self.bank is not None else {}), "rings": rings, "recurrent": modes,
+                "kv_cache": kv}
 
 
 def _sdpa_scale(site):
@@ -563,8 +585,9 @@ class Session:
 
     def memory_breakdown(self, per_channel_position=False) -> dict:
         """Bytes per part: the bank's (state, block, spectra, Toeplitz blocks, filters; the last
-        three shared by every session of the decoder), the ring buffers and the KV caches of the
-        causal attentions ("kv_cache", 0 before the first prefill).
+        three shared by every session of the decoder), the ring buffers, the modal states of the
+        recurrent convolutions ("recurrent") and the KV caches of the causal attentions ("kv_cache",
+        0 before the first prefill).
         per_channel_position: each part divided by batch rows x long-conv channels x max_len, the
         cost of one position of one channel (after a prefill; the state is 4 bytes in float32)."""
         parts = self.state.memory_breakdown()
@@ -572,7 +595,8 @@ class Session:
             if self.state.capacity is None:
                 raise SessionNotStarted("memory_breakdown(per_channel_position=True): call prefill(prompt) first")
             if self.state.bank is None:
-                raise ValueError("memory_breakdown(per_channel_position=True): this model has no long convolution")
+                raise ValueError("memory_breakdown(per_channel_position=True): this model has no long convolution on the "
+                                 "tiling (none, or each decodes by its recurrence, whose state does not grow with positions)")
             cells = self.state.capacity * self.state.bank.channels * self.decoder.max_len
             parts = {k: v / cells for k, v in parts.items()}
         return parts

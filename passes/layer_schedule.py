@@ -9,6 +9,8 @@ every layer and batch row. The pass checks that ordering on the graph, because i
 a tile read only history: inputs up to the current position, which every layer has produced.
 Causal attentions (lcsm::attn_step on a KV cache) are sites of kind "attention" beside the
 convolutions: they take part in the levels and the critical path, never in a tile group.
+Each long convolution's decoding strategy is chosen here (lcsm_compile.recurrence.choose): a
+recurrent one (a modal filter) steps its own state in its red cell and joins no tile group.
 """
 
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ import torch
 
 from lcsm_compile.errors import LcsmError
 from lcsm_compile.kernels.registry import kernel_for
+from lcsm_compile.recurrence import choose
 from lcsm_compile.schedule import tile_sizes
 
 lcsm = torch.ops.lcsm
@@ -35,16 +38,18 @@ class LayerSchedule:
     critical_path: list  # site names: the longest chain of dependent convolutions
     tile_groups: list  # dicts: one batched tile call of one size over the whole bank
     edges: list = field(default_factory=list)  # (site, site) direct dependencies
+    recurrent: tuple = ()  # indices (into the programs' sites) of the long convolutions decoded by their recurrence
 
     def to_json(self) -> dict:
-        return {"sites": self.sites, "levels": self.levels, "critical_path": self.critical_path, "tile_groups": self.tile_groups, "edges": self.edges}
+        return {"sites": self.sites, "levels": self.levels, "critical_path": self.critical_path, "tile_groups": self.tile_groups,
+                "edges": self.edges, "recurrent": list(self.recurrent)}
 
     def table(self) -> str:
         n_attn = sum(1 for s in self.sites if s["kind"] == "attention")
         what = f"{len(self.sites) - n_attn} convolution sites" + (f" + {n_attn} attention sites" if n_attn else "")
         lines = [f"{what} in {len(self.levels)} levels; critical path {len(self.critical_path)} sites"]
         for i, level in enumerate(self.levels):
-            lines.append(f"  level {i}: " + ", ".join(f"{n} ({self._site(n)['kind']}, {self._site(n)['module']})" for n in level))
+            lines.append(f"  level {i}: " + ", ".join(f"{n} ({self._kind(n)}, {self._site(n)['module']})" for n in level))
         lines.append("  critical path: " + " -> ".join(self.critical_path))
         lines.append(f"{'tile':>6} {'kernel':>7} {'channels':>9} {'runs at steps':>16}  sites")
         for g in self.tile_groups:
@@ -66,6 +71,10 @@ class LayerSchedule:
     def _site(self, name):
         return next(s for s in self.sites if s["name"] == name)
 
+    def _kind(self, name):
+        s = self._site(name)
+        return f"long, recurrent: {s['modes']} modes" if "modes" in s else s["kind"]
+
 
 def dataflow_graph(gm) -> nx.DiGraph:
     """The fx graph as a networkx DAG over node names."""
@@ -76,9 +85,12 @@ def dataflow_graph(gm) -> nx.DiGraph:
     return g
 
 
-def run(step_gm, sites, *, max_len, crossover, bank_width, attention=()) -> LayerSchedule:
+def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto") -> LayerSchedule:
     """Schedule the step program `step_gm` (from passes.decode_rewrite) of the given ConvSites and
-    AttentionSites; `crossover` is the flash bank's largest direct tile (None for banks that run no tiles)."""
+    AttentionSites; `crossover` is the flash bank's largest direct tile (None for banks that run no
+    tiles, which decode every long convolution themselves); `strategy` as optimize() takes it."""
+    recurrent = tuple(i for i, s in enumerate(sites) if s.kind == "long" and crossover is not None
+                      and choose(s.conv, max_len, strategy) == "recurrent")
     g = dataflow_graph(step_gm)
     calls = {n.name: n for n in step_gm.graph.nodes if n.op == "call_function" and n.target in _SITE_OPS}
     advances = [n for n in step_gm.graph.nodes if n.op == "call_function" and n.target is lcsm.advance.default]
@@ -98,6 +110,8 @@ def run(step_gm, sites, *, max_len, crossover, bank_width, attention=()) -> Laye
         module = list(stack.values())[-1][0] if stack else ""
         by_call[name] = site.name
         entry = {"name": site.name, "kind": site.kind, "width": site.width, "module": module, "node": name}
+        if site.kind == "long" and node.args[2] in recurrent:
+            entry["modes"] = int(site.conv.modal.poles.shape[1])
         if site.kind == "attention":
             entry["cache"] = {"heads": site.attn.heads, "max_len": site.attn.max_len, "head_dim": site.attn.head_dim}
         info.append(entry)
@@ -111,19 +125,20 @@ def run(step_gm, sites, *, max_len, crossover, bank_width, attention=()) -> Laye
     deps = nx.transitive_reduction(deps)
     order = {s["name"]: i for i, s in enumerate(info)}
     levels = [sorted(level, key=order.get) for level in nx.topological_generations(deps)]
-    long_sites = [s["name"] for s in info if s["kind"] == "long"]
+    long_sites = [s["name"] for s in info if s["kind"] == "long" and "modes" not in s]
     groups = [
         {
             "size": U,
             "kernel": kernel_for(U, crossover).removesuffix("_tile"),
-            "channels": bank_width,
+            "channels": sum(s["width"] for s in info if s["name"] in long_sites),
             "first_step": U,  # step i (1-based after the prefill) runs the tile of size i & -i
             "every": 2 * U,
             "sites": long_sites,
         }
         for U in tile_sizes(1, max_len)
     ] if long_sites and crossover is not None else []  # lazy/floor banks run no tiles
-    return LayerSchedule(info, levels, nx.dag_longest_path(deps), groups, sorted(deps.edges, key=lambda e: (order[e[0]], order[e[1]])))
+    return LayerSchedule(info, levels, nx.dag_longest_path(deps), groups, sorted(deps.edges, key=lambda e: (order[e[0]], order[e[1]])),
+                         recurrent)
 
 
 def _check_tiles_read_history(g, advance, calls):

@@ -1528,6 +1528,7 @@ class Result:
     err: float | None = None  # teacher-forced relative error (accepted models)
     rows: str = ""  # accepted models, rows at their own positions: exact | wrong | withheld | unsupported
     rows_detail: str = ""
+    recurrent: int = 0  # accepted models: long convolutions decoded by their recurrence (modal filters)
     seconds: float = 0.0
 
     def line(self):
@@ -1644,6 +1645,7 @@ def run_case(case, total=None, forced_dtype=False, validate=True):
     else:
         res.err = err
         res.report = str(getattr(decoder, "report", ""))
+        res.recurrent = len(decoder.recurrent)
         if first_bad is not None:
             P, pos, shape = first_bad
             res.outcome = "silent_error"
@@ -1691,11 +1693,11 @@ def summarize(results):
         return [len(rs), sum(r.legal for r in rs), c["ok"] + c["illegal_accepted"] + c["silent_error"], c["ok"],
                 c["legal_refused"], c["illegal_refused"], sum(r.names_illegal is False for r in rs),
                 c["illegal_accepted"], c["silent_error"], c["crash"], rows["exact"], rows["withheld"],
-                rows["unsupported"], rows["wrong"]]
+                rows["unsupported"], rows["wrong"], sum(r.recurrent > 0 for r in rs)]
 
     names = ["models", "legal", "accepted", "ok (legal, exact)", "legal refused", "illegal refused",
              "  ...not naming it", "illegal accepted (exact)", "silent errors", "crashes", "rows: exact",
-             "rows: withheld (validation)", "rows: unsupported", "rows: WRONG"]
+             "rows: withheld (validation)", "rows: unsupported", "rows: WRONG", "with recurrent convs"]
     dtypes = sorted({r.dtype for r in results})
     cols = [counts(results)] + [counts([r for r in results if r.dtype == d]) for d in dtypes]
     out = [f"{'':<26}{'all':>6}" + "".join(f"{d:>10}" for d in dtypes)]

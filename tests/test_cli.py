@@ -328,7 +328,7 @@ def test_passes_json_timing_diff_print_before_and_stop_after(runs):
     assert data["total_seconds"] == pytest.approx(sum(p["seconds"] for p in data["passes"]), abs=1e-2)
     assert by["attention"]["before"] == by["time_axis"]["dump"]  # --print-before: the previous pass's output
     assert "before" not in by["time_axis"] and "dump" not in by["attention"]  # only what was asked for
-    assert by["decode_rewrite"]["diff"].startswith("--- after safety_net") and "lcsm.conv_step" in by["decode_rewrite"]["diff"]
+    assert by["decode_rewrite"]["diff"].startswith("--- after modal") and "lcsm.conv_step" in by["decode_rewrite"]["diff"]
     assert "critical path" in by["layer_schedule"]["dump"]
     assert "[lcsm passes] pass capture" in proc.stderr
 

@@ -307,6 +307,7 @@ def test_memory_bytes_matches_the_state_it_should_hold():
         "toeplitz": sum(U * U * C * f32 for U in (2**k for k in range(20)) if U < block),
         "filters": (L + 1) * C * f32,
         "rings": layers * 2 * B * (3 * d) * f32,  # the K-1 = 2 last inputs of 3d channels per layer
+        "recurrent": 0,  # Hyena's implicit filters are not modal: no recurrent state
         "kv_cache": 0,  # no attention layer
     }
     got = session.memory_breakdown()

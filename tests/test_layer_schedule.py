@@ -34,7 +34,17 @@ def optimize(model, inputs, **kw):
 
 @pytest.fixture(scope="module")
 def striped():
-    return optimize(*get("striped_hyena").build())
+    return optimize(*get("striped_hyena").build(), strategy="tile")  # its modal filters would take the recurrence
+
+
+def test_recurrent_convolutions_join_no_tile_group():
+    """StripedHyena's modal filters decode by their recurrence (the default strategy): the schedule
+    says so per site and has no tile work left."""
+    decoder = optimize(*get("striped_hyena").build())
+    sched = decoder.schedule
+    longs = [i for i, s in enumerate(decoder.sites) if s.kind == "long"]
+    assert list(sched.recurrent) == longs and decoder.bank is None and sched.tile_groups == []
+    assert sched.table().count("long, recurrent: 4 modes") == 2 and sched.to_json()["recurrent"] == longs
 
 
 def test_sequential_layers_form_one_chain(striped):
@@ -95,7 +105,7 @@ def test_tile_call_before_a_layer_is_refused(striped):
     session, outputs = advance.args
     advance.args = (session, outputs[:-1])  # the last layer's convolution no longer precedes the tiles
     with pytest.raises(layer_schedule.ScheduleError, match="does not depend on"):
-        layer_schedule.run(gm, striped.sites, max_len=striped.max_len, crossover=16, bank_width=striped.bank.channels)
+        layer_schedule.run(gm, striped.sites, max_len=striped.max_len, crossover=16)
 
 
 def test_reading_the_tile_result_is_refused(striped):
@@ -106,4 +116,4 @@ def test_reading_the_tile_result_is_refused(striped):
     with graph.inserting_before(out):
         graph.call_function(torch.ops.aten.clone.default, (advance,))
     with pytest.raises(layer_schedule.ScheduleError, match="read the result"):
-        layer_schedule.run(gm, striped.sites, max_len=striped.max_len, crossover=16, bank_width=striped.bank.channels)
+        layer_schedule.run(gm, striped.sites, max_len=striped.max_len, crossover=16)

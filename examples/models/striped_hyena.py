@@ -89,12 +89,12 @@ class ParallelHyenaFilter(nn.Module):
 
 
 class ParallelGatedConvBlock(nn.Module):
-    def __init__(self, d_model, max_len):
+    def __init__(self, d_model, max_len, state_size=4):
         super().__init__()
         self.pre_norm = RMSNorm(d_model)
         self.post_norm = RMSNorm(d_model)
         self.projections = nn.Linear(d_model, 3 * d_model)
-        self.filter = ParallelHyenaFilter(d_model, max_len)
+        self.filter = ParallelHyenaFilter(d_model, max_len, state_size)
         self.out_filter_dense = nn.Linear(d_model, d_model)
         self.mlp = ParallelGatedMLP(d_model)
 
@@ -105,9 +105,11 @@ class ParallelGatedConvBlock(nn.Module):
         return self.mlp(self.post_norm(z)) + z
 
 
+def striped_hyena_lm(layers=2, d_model=32, state_size=4, max_len=MAX_LEN, vocab=64, seed=0):
+    with seeded(seed):
+        blocks = [ParallelGatedConvBlock(d_model, max_len, state_size) for _ in range(layers)]
+        return LM(vocab, d_model, blocks, max_len, norm_cls=RMSNorm).eval()
+
+
 def build():
-    d_model, max_len, vocab = 32, MAX_LEN, 64
-    with seeded(0):
-        blocks = [ParallelGatedConvBlock(d_model, max_len) for _ in range(2)]
-        model = LM(vocab, d_model, blocks, max_len, norm_cls=RMSNorm)
-    return model.eval(), token_inputs(vocab, 64)
+    return striped_hyena_lm(), token_inputs(64, 64)

@@ -1,0 +1,89 @@
+"""Recurrent decoding of a modal long convolution: h[t] = Re sum_n r_n p_n^t (passes/modal.py).
+
+y_t = sum_{s<=t} h[t-s] x_s + D x_t = Re sum_n r_n S_{n,t} + D x_t, with S_t = p S_{t-1} + x_t:
+N complex states per channel and row, whatever the length, where the tiling holds max_len.
+
+The state is complex128 for every model dtype: a pole near the unit circle sums ~1/(1-|p|) inputs,
+and in complex64 its rounding drifts over a long decode; the update is a few multiply-adds per
+mode, so the wider state costs little. A prompt is consumed in chunks of CHUNK positions (within
+a chunk a direct causal product, across chunks the state), so no buffer grows with the prompt
+beyond its own inputs and outputs.
+"""
+
+import math
+
+import torch
+
+CHUNK = 64
+
+
+def choose(conv, max_len, strategy="auto"):
+    """"recurrent" or "tile" for a long convolution (report.ConvStructure). The recurrence needs a
+    proved modal form (conv.modal, passes/modal.py); "auto" then compares work per position and
+    channel: the recurrence's N complex128 multiply-adds and dot (~16 N flops) against the tiling's
+    amortised tiles (~3 log2(max_len)^2 flops: log2(max_len) tile sizes, each an FFT middle
+    product of ~3 log2(U) flops per position). A flop count, not yet tied to the tile calibration;
+    memory favours the recurrence at any length (N states against max_len)."""
+    form = conv.modal
+    if strategy == "tile" or form is None or not hasattr(form, "poles"):
+        return "tile"
+    if strategy == "recurrent":
+        return "recurrent"
+    return "recurrent" if 16 * form.poles.shape[1] <= 3 * math.log2(max(max_len, 2)) ** 2 else "tile"
+
+
+class Recurrence:
+    """One convolution's modal form, shared by every session of a decoder.
+
+    poles, residues: [W, N] complex; skip: [W] or None (the lag-0 term D).
+    A session's state for it is [rows, W, N] complex128 (see SessionState)."""
+
+    def __init__(self, poles, residues, skip, device):
+        self.p = poles.to(device=device, dtype=torch.complex128)
+        self.r = residues.to(device=device, dtype=torch.complex128)
+        self.width, self.modes = self.p.shape
+        self.skip = None if skip is None else skip.detach().reshape(-1).to(device=device, dtype=torch.float64)
+        # powers p^j for j < CHUNK (a cumulative product: exact at p = 0 and p = 1)
+        steps = torch.cat([torch.ones_like(self.p[:, :, None]), self.p[:, :, None].expand(-1, -1, CHUNK - 1)], -1)
+        self.powers = steps.cumprod(-1)  # [W, N, CHUNK]
+        self.h = (self.r[:, :, None] * self.powers).real.sum(1)  # [W, CHUNK]: the filter's first lags
+        self.r_real = torch.view_as_real(self.r.conj().resolve_conj()).reshape(self.width, 2 * self.modes)  # Re(r s) = s . conj(r)
+
+    def state_bytes(self, rows):
+        return rows * self.width * self.modes * 16
+
+    def prefill(self, x):
+        """x [n, W, P] -> (outputs [n, W, P] float64, state after the prompt [n, W, N] complex128).
+        Outputs at and after a non-finite input are NaN, as the convolution's are; earlier ones are not."""
+        n, W, P = x.shape
+        xs = x.to(torch.float64)
+        bad = ~torch.isfinite(xs)
+        if bool(bad.any()):  # the chunk's product would smear a NaN onto earlier outputs: restore it causally
+            y, S = self.prefill(xs.masked_fill(bad, 0.0))
+            first = torch.where(bad.any(-1), bad.int().argmax(-1), P)
+            y = y.masked_fill(torch.arange(P, device=x.device) >= first[..., None], float("nan"))
+            return y, S.masked_fill((first < P)[..., None], float("nan"))
+        S = torch.zeros(n, W, self.modes, dtype=torch.complex128, device=x.device)
+        y = torch.empty(n, W, P, dtype=torch.float64, device=x.device)
+        lags = torch.arange(min(P, CHUNK), device=x.device)
+        causal = lags[:, None] >= lags[None, :]
+        toeplitz = self.h[:, : len(lags)][:, (lags[:, None] - lags[None, :]).clamp(min=0)] * causal  # [W, out, in]
+        for start in range(0, P, CHUNK):
+            xc = xs[..., start : start + CHUNK]
+            k = xc.shape[-1]
+            carry = (S[..., None] * (self.r * self.p)[:, :, None] * self.powers[:, :, :k]).real.sum(-2)  # the past's part
+            y[..., start : start + k] = torch.einsum("wts,nws->nwt", toeplitz[:, :k, :k], xc) + carry
+            # S <- p^k S + sum_j p^(k-1-j) x_j
+            S = S * (self.powers[:, :, k - 1] * self.p) + torch.einsum("wmj,nwj->nwm", self.powers[:, :, :k].flip(-1),
+                                                                        xc.to(S.dtype))
+        if self.skip is not None:
+            y = y + self.skip[:, None] * xs
+        return y, S
+
+    def step(self, S, x):
+        """One position for every row: x [n, W] -> y [n, W] float64; S [n, W, N] is updated in place
+        (a captured step replays the same kernels on the same buffer)."""
+        xs = x.to(torch.float64)
+        torch.addcmul(xs[..., None].to(S.dtype), S, self.p, out=S)  # one op: S = p S + x
+        y = (torch.view_as_real(S).view(*S.shape[:-1], -1) * self.r_real).sum(-1)
+        return y if self.skip is None else torch.addcmul(y, self.skip, xs)
