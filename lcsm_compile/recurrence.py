@@ -18,7 +18,7 @@ CHUNK = 64
 
 
 def choose(conv, max_len, strategy="auto"):
-    """"recurrent" or "tile" for a long convolution (report.ConvStructure). The recurrence needs a
+    """How a long convolution (report.ConvStructure) decodes: "recurrent" or "tile". The recurrence needs a
     proved modal form (conv.modal, passes/modal.py); "auto" then compares work per position and
     channel: the recurrence's N complex128 multiply-adds and dot (~16 N flops) against the tiling's
     amortised tiles (~3 log2(max_len)^2 flops: log2(max_len) tile sizes, each an FFT middle
@@ -47,10 +47,8 @@ class Recurrence:
         steps = torch.cat([torch.ones_like(self.p[:, :, None]), self.p[:, :, None].expand(-1, -1, CHUNK - 1)], -1)
         self.powers = steps.cumprod(-1)  # [W, N, CHUNK]
         self.h = (self.r[:, :, None] * self.powers).real.sum(1)  # [W, CHUNK]: the filter's first lags
+        self.carry = (self.r * self.p)[:, :, None] * self.powers  # [W, N, CHUNK]: r p^(j+1), the state's part of y_j
         self.r_real = torch.view_as_real(self.r.conj().resolve_conj()).reshape(self.width, 2 * self.modes)  # Re(r s) = s . conj(r)
-
-    def state_bytes(self, rows):
-        return rows * self.width * self.modes * 16
 
     def prefill(self, x):
         """x [n, W, P] -> (outputs [n, W, P] float64, state after the prompt [n, W, N] complex128).
@@ -71,8 +69,8 @@ class Recurrence:
         for start in range(0, P, CHUNK):
             xc = xs[..., start : start + CHUNK]
             k = xc.shape[-1]
-            carry = (S[..., None] * (self.r * self.p)[:, :, None] * self.powers[:, :, :k]).real.sum(-2)  # the past's part
-            y[..., start : start + k] = torch.einsum("wts,nws->nwt", toeplitz[:, :k, :k], xc) + carry
+            past = torch.einsum("nwm,wmj->nwj", S, self.carry[:, :, :k]).real
+            y[..., start : start + k] = torch.einsum("wts,nws->nwt", toeplitz[:, :k, :k], xc) + past
             # S <- p^k S + sum_j p^(k-1-j) x_j
             S = S * (self.powers[:, :, k - 1] * self.p) + torch.einsum("wmj,nwj->nwm", self.powers[:, :, :k].flip(-1),
                                                                         xc.to(S.dtype))
