@@ -532,14 +532,15 @@ def normalized_args(node):
     return kwargs
 
 
-# Ops whose output takes only the shape (not the values) of a tensor argument.
+# Ops whose output takes only the shape or dtype (not the values) of a tensor argument.
 _SHAPE_ONLY_ARG = {"copy": ("self",), "fill": ("self",), "new_zeros": ("self",), "new_ones": ("self",),
-                   "new_full": ("self",), "new_empty": ("self",), "new_empty_strided": ("self",)}
+                   "new_full": ("self",), "new_empty": ("self",), "new_empty_strided": ("self",),
+                   "type_as": ("other",), "to": ("other",)}
 
 
 def value_inputs(node):
-    """The tensor inputs whose values flow into the output (not those read for their shape only:
-    zeros_like(x), x.new_zeros(...), the destination of a functional copy)."""
+    """The tensor inputs whose values flow into the output (not those read for their shape or dtype
+    only: zeros_like(x), x.new_zeros(...), the destination of a functional copy, y.type_as(x))."""
     t = node.target
     name = t._overloadpacket.__name__ if isinstance(t, torch._ops.OpOverload) else ""
     if name.endswith("_like") or name.startswith("sym_") or name in ("size", "stride", "numel", "dim"):

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import lcsm_compile
 from helpers import rel_err
@@ -446,3 +447,30 @@ def test_a_window_that_leaves_the_filter_reading_ahead_is_declined(how, reason):
     report = lcsm_compile.analyze(CrossCorrelation(how), (torch.randn(2, 16, C),), max_len=128)
     assert not report.decodable
     assert reason in {c.reason for c in report.rejected if c.spelling == "fft_conv"}
+
+
+class TypedTokenShift(nn.Module):
+    """llama's cast-up, `silu(x.double()).type_as(x)`, then RWKV's token shift by nn.ZeroPad2d: type_as
+    reads only x's dtype (kept in the graph when the dtypes already agree), so the delay's region
+    needs no other activation's values."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad = nn.ZeroPad2d((0, 0, 1, -1))
+        self.mix = nn.Parameter(torch.rand(C))
+        self.h = nn.Parameter(torch.randn(C, 64) * torch.exp(-torch.arange(64) / 8.0))
+
+    def forward(self, x):
+        u = F.silu(x.to(torch.float64)).type_as(x)
+        u = u * self.mix + self.pad(u) * (1 - self.mix)
+        L, n = x.shape[1], 2 * x.shape[1]
+        y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=n) * torch.fft.rfft(self.h[:, :L], n=n), n=n)[..., :L]
+        return y.transpose(1, 2)
+
+
+def test_a_dtype_read_by_type_as_is_not_a_dependency_on_values():
+    model = TypedTokenShift().double()
+    decoder = lcsm_compile.optimize(model, (torch.randn(1, 21, C, dtype=torch.float64),), max_len=64, validate=False)
+    x = torch.randn(2, 64, C, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(decode(decoder, x, 9), model(x)) < 1e-12
