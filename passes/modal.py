@@ -21,6 +21,7 @@ import torch
 
 from lcsm_compile.passes.canonicalize import canonical
 from lcsm_compile.passes.capture import Runner, meta_value
+from lcsm_compile.passes.properties import rel_err
 from lcsm_compile.report import Verdict
 
 TOL = 1e-9  # float64 check of the form against conv.h
@@ -494,11 +495,6 @@ def _merge(p, r):
     return p[keep], torch.zeros_like(r).index_add_(0, rep, r)[keep]
 
 
-def _rel_err(V, r, h):
-    d = (V @ r).real - h
-    return float(d.norm() / h.norm()) if h.norm() > 0 else float(d.norm())
-
-
 def _fit(conv, elems):
     """Per channel, the modes of the filter element it reads: the proof's coefficients up to a
     scale (the spectral walk may scale by 1/n), else least squares on its poles; checked in float64
@@ -525,10 +521,10 @@ def _fit(conv, elems):
             V[0] = 1  # p**0 = 1, also for p = 0
             f = (V @ r).real
             r = r * (f @ hc / (f @ f) if f.norm() > 0 else 0)
-            err = _rel_err(V, r, hc)
+            err = rel_err((V @ r).real, hc)
             if not err <= TOL and len(p):
                 r = torch.linalg.lstsq(V, hc.to(CPLX)[:, None]).solution[:, 0]
-                err = _rel_err(V, r, hc)
+                err = rel_err((V @ r).real, hc)
             if err <= TOL:
                 fit = (p[r != 0], r[r != 0])
                 break

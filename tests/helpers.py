@@ -1,5 +1,5 @@
 """Shared by several test files: the error measure, fresh random inputs shaped like a zoo model's
-example input, and an independent statement of the tuned crossover."""
+example input, a teacher-forced decode, and an independent statement of the tuned crossover."""
 
 import torch
 
@@ -14,6 +14,13 @@ def random_inputs(example, length, batch=2):
     if example.is_floating_point():
         return torch.randn(batch, length, *example.shape[2:])
     return torch.randint(0, int(example.max()) + 1, (batch, length))
+
+
+def teacher_forced(decoder, x, P):
+    """A fresh session's outputs over x [B, T, ...]: the prefill of x[:, :P], then one step per position."""
+    session = decoder.session()
+    with torch.no_grad():
+        return torch.cat([session.prefill(x[:, :P])] + [session.step(x[:, t : t + 1]) for t in range(P, x.shape[1])], 1)
 
 
 def reference_crossover(rows):

@@ -10,18 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lcsm_compile
-from helpers import rel_err
+from helpers import rel_err, teacher_forced
 from lcsm_compile import NotDecodable, Reason
 from lcsm_compile.passes import capture as capture_pass
 from lcsm_compile.models import demo_lm
 
 C = 6
-
-
-def decode(decoder, x, P):
-    session = decoder.session()
-    with torch.no_grad():
-        return torch.cat([session.prefill(x[:, :P])] + [session.step(x[:, t : t + 1]) for t in range(P, x.shape[1])], 1)
 
 
 class ShortOnly(nn.Module):
@@ -42,7 +36,7 @@ def test_a_model_with_only_short_convolutions_decodes():
     assert decoder.bank is None and [s.kind for s in decoder.sites] == ["short"]
     x = torch.randn(2, 80, C)
     with torch.no_grad():
-        assert rel_err(decode(decoder, x, 3), model(x)) < 1e-5
+        assert rel_err(teacher_forced(decoder, x, 3), model(x)) < 1e-5
     assert decoder.session().memory_breakdown()["rings"] == 0  # nothing held before a prefill
 
 
@@ -81,7 +75,7 @@ def test_float64_model_matches_to_1e12():
     decoder = lcsm_compile.optimize(model, (torch.randint(0, 32, (2, 16)),))
     x = torch.randint(0, 32, (2, 96))
     with torch.no_grad():
-        assert rel_err(decode(decoder, x, 7), model(x)) < 1e-12
+        assert rel_err(teacher_forced(decoder, x, 7), model(x)) < 1e-12
 
 
 def test_optimize_is_quiet():
@@ -113,7 +107,7 @@ def test_wrap_around_names_how_far_the_filters_reach():
     decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=65)  # what the hint says works
     x = torch.randn(2, 65, C)
     with torch.no_grad():
-        assert rel_err(decode(decoder, x, 1), model(x)) < 1e-5
+        assert rel_err(teacher_forced(decoder, x, 1), model(x)) < 1e-5
 
 
 # ---- issue 19: third-party code as it is written ---------------------------------------------------
@@ -144,7 +138,7 @@ def test_dilated_convolutions_reach_what_the_op_says_without_the_safety_net(dila
     assert site.kind == kind and decoder.report.accepted[0].filter_length == ("9" if kind == "short" else "65")
     x = torch.randn(2, 160, C)
     with torch.no_grad():
-        assert rel_err(decode(decoder, x, 5), model(x)) < 1e-5
+        assert rel_err(teacher_forced(decoder, x, 5), model(x)) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["wavenet_dilated", "hyena_table_example_at_max_len", "hyena_min_cut_heads"])
@@ -160,7 +154,7 @@ def test_third_party_styles_decode_without_the_safety_net(name):
     assert (kinds.count("long"), kinds.count("short")) == (entry.n_long, entry.n_short)
     x = torch.randint(0, 64, (2, 200))
     with torch.no_grad():
-        assert rel_err(decode(decoder, x, 9), model(x)) < 1e-5
+        assert rel_err(teacher_forced(decoder, x, 9), model(x)) < 1e-5
 
 
 class BoundedByACache(nn.Module):
@@ -207,7 +201,7 @@ def test_cumsum_over_positions_is_the_all_ones_convolution():
     assert torch.equal(decoder.report.accepted[0].conv.h, torch.ones(C, 96, dtype=torch.float64))
     x = torch.randn(2, 96, C, dtype=torch.float64)
     with torch.no_grad():
-        assert rel_err(decode(decoder, x, 3), model(x)) < 1e-12
+        assert rel_err(teacher_forced(decoder, x, 3), model(x)) < 1e-12
 
 
 class CachedKernel(nn.Module):
@@ -268,7 +262,7 @@ def test_the_verdict_does_not_depend_on_what_the_model_did_before():
     assert [c.spelling for c in first.report.accepted] == [c.spelling for c in second.report.accepted] == ["fft_conv"]
     x = torch.randn(2, 96, C)
     with torch.no_grad():
-        assert rel_err(decode(second, x, 4), used(x)) < 1e-5
+        assert rel_err(teacher_forced(second, x, 4), used(x)) < 1e-5
 
 
 def test_a_branch_on_a_buffer_set_on_first_use_is_taken_as_it_stands():
@@ -279,7 +273,7 @@ def test_a_branch_on_a_buffer_set_on_first_use_is_taken_as_it_stands():
     assert "FirstUseFlag.initialized = True taken as they stand now" in decoder.report.capture.note
     x = torch.randn(2, 96, C)
     with torch.no_grad():
-        assert rel_err(decode(decoder, x, 4), model(x)) < 1e-5
+        assert rel_err(teacher_forced(decoder, x, 4), model(x)) < 1e-5
     assert bool(model.initialized) and model.scale.ne(1).any()  # the capture left the model as it was
 
 
@@ -312,7 +306,7 @@ def test_a_lower_triangular_toeplitz_matrix_is_a_convolution(how):
     assert cand.spelling == "position_matrix" and rel_err(cand.conv.h[0], model.h.detach()) < 1e-12
     x = torch.randn(2, 128, C, dtype=torch.float64)
     with torch.no_grad():
-        assert rel_err(decode(decoder, x, 3), model(x)) < 1e-12
+        assert rel_err(teacher_forced(decoder, x, 3), model(x)) < 1e-12
 
 
 @pytest.mark.parametrize("how", ["two_sided", "scaled"])
@@ -345,8 +339,8 @@ def test_a_model_that_plans_on_the_length_in_python_decodes_from_two_captures(na
     with torch.no_grad():
         y = model(x)
         for prompt in (1, 37, model.max_len - 3):
-            assert rel_err(decode(decoder, x, prompt), y) < 1e-5, f"prompt {prompt}"
-        assert rel_err(decode(decoder, x[:1, :100], 50), model(x[:1, :100])) < 1e-5  # shorter, batch 1 of 2
+            assert rel_err(teacher_forced(decoder, x, prompt), y) < 1e-5, f"prompt {prompt}"
+        assert rel_err(teacher_forced(decoder, x[:1, :100], 50), model(x[:1, :100])) < 1e-5  # shorter, batch 1 of 2
 
 
 class GlueByLength(nn.Module):
@@ -378,7 +372,7 @@ def test_glue_that_changes_with_the_length_decodes_with_the_glue_of_max_len():
     x = torch.randn(2, 200, C)
     with torch.no_grad():
         for prompt in (1, 7, 99, 150):
-            assert rel_err(decode(decoder, x, prompt), model(x)) < 1e-5, f"prompt {prompt}"
+            assert rel_err(teacher_forced(decoder, x, prompt), model(x)) < 1e-5, f"prompt {prompt}"
 
 
 def test_glue_that_changes_between_the_two_captures_is_refused_naming_the_op():
@@ -390,7 +384,7 @@ def test_glue_that_changes_between_the_two_captures_is_refused_naming_the_op():
     decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C),), max_len=180)  # one side of it: served
     x = torch.randn(2, 180, C)
     with torch.no_grad():
-        assert rel_err(decode(decoder, x, 7), model(x)) < 1e-5
+        assert rel_err(teacher_forced(decoder, x, 7), model(x)) < 1e-5
 
 
 class CrossCorrelation(nn.Module):
@@ -439,7 +433,7 @@ def test_a_cross_correlation_with_a_reversed_kernel_is_a_causal_convolution(fft_
     assert rel_err(cand.conv.h, model.filter(t).detach()) < 1e-12  # the net filter, forward in time
     x = torch.randn(2, 128, C, dtype=torch.float64)
     with torch.no_grad():
-        assert rel_err(decode(decoder, x, 5), model(x)) < 1e-12
+        assert rel_err(teacher_forced(decoder, x, 5), model(x)) < 1e-12
 
 
 @pytest.mark.parametrize("how, reason", [("front", Reason.BIDIRECTIONAL_FILTER), ("rolled_ahead", Reason.NOT_CAUSAL_SLICE)])
@@ -473,4 +467,4 @@ def test_a_dtype_read_by_type_as_is_not_a_dependency_on_values():
     decoder = lcsm_compile.optimize(model, (torch.randn(1, 21, C, dtype=torch.float64),), max_len=64, validate=False)
     x = torch.randn(2, 64, C, dtype=torch.float64)
     with torch.no_grad():
-        assert rel_err(decode(decoder, x, 9), model(x)) < 1e-12
+        assert rel_err(teacher_forced(decoder, x, 9), model(x)) < 1e-12

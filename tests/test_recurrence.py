@@ -9,7 +9,7 @@ import torch
 
 import lcsm_compile
 from examples.models import get
-from helpers import rel_err
+from helpers import rel_err, teacher_forced
 from lcsm_compile import verify
 from lcsm_compile.kernels.reference import fft_conv
 from lcsm_compile.recurrence import Recurrence
@@ -91,12 +91,6 @@ def _decoder(model, strategy="recurrent", validate=False, max_len=MAX_LEN):
         return lcsm_compile.optimize(model, (ids,), max_len=max_len, strategy=strategy, validate=validate, compile=False)
 
 
-def _teacher_forced(decoder, x, P):
-    session = decoder.session()
-    with torch.no_grad():
-        return torch.cat([session.prefill(x[:, :P])] + [session.step(x[:, t : t + 1]) for t in range(P, x.shape[1])], 1)
-
-
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_modal_models_decode_by_their_recurrence_exactly(name):
     """float64, validate=False: the proof alone makes the recurrence exact; every long conv runs it."""
@@ -109,7 +103,7 @@ def test_modal_models_decode_by_their_recurrence_exactly(name):
     with torch.no_grad():
         want = model(x)
     for P in (1, 37, MAX_LEN // 2):
-        assert rel_err(_teacher_forced(decoder, x, P), want) < TOL64, P
+        assert rel_err(teacher_forced(decoder, x, P), want) < TOL64, P
 
 
 @pytest.mark.parametrize("cuda_graph", [False, "emulate"])
@@ -124,7 +118,7 @@ def test_striped_hyena_float32_within_the_models_precision_and_validated(cuda_gr
     with torch.no_grad():
         want = model.double()(x)
         model.float()
-        assert rel_err(_teacher_forced(decoder, x, 37), want) < 1e-4
+        assert rel_err(teacher_forced(decoder, x, 37), want) < 1e-4
 
 
 def test_ragged_rows_join_and_leave_on_the_recurrence():
