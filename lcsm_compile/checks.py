@@ -36,12 +36,25 @@ def _positive_int(name, value):
         raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
 
 
+STRATEGIES = ("auto", "tile", "recurrent")
+
+
+def _strategy(name, value):
+    """One strategy for every long convolution, or a dict {site name or module path: strategy}."""
+    if not isinstance(value, dict):
+        return check_choice(name, value, STRATEGIES)
+    for key, v in value.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{name}: expected site names or module paths (str) as keys, got {key!r}")
+        check_choice(f"{name}[{key!r}]", v, STRATEGIES)
+
+
 CHECKS = {
     "conv": lambda name, v: check_choice(name, v, _convs()),
     "compile": lambda name, v: check_choice(name, v, (True, False, "auto")),
     "cuda_graph": lambda name, v: check_choice(name, v, (False, True, "emulate")),
     "validate": lambda name, v: check_choice(name, v, (True, False)),
-    "strategy": lambda name, v: check_choice(name, v, ("auto", "tile", "recurrent")),
+    "strategy": lambda name, v: _strategy(name, v),
     "crossover": _positive_int,
     "max_len": _positive_int,
 }

@@ -10,6 +10,7 @@ from lcsm_compile.checks import check_options, vocab_size
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.errors import NotDecodable, StaleDecoder
 from lcsm_compile.logs import get_logger
+from lcsm_compile.passes.layer_schedule import unknown_strategy_keys
 from lcsm_compile.recurrence import Recurrence
 from lcsm_compile.runtime import Program, Session
 from lcsm_compile.staleness import Fingerprint, module_state
@@ -134,7 +135,9 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     by generate); True compiles on the first step, False never.
     strategy: how each long convolution decodes (conv="flash"): "auto" (its recurrence where the filter
     is proved modal and recurrence.choose's cost model prefers it, else the tiling), "tile" (always
-    the tiling) or "recurrent" (the recurrence wherever the filter is proved modal).
+    the tiling) or "recurrent" (the recurrence wherever the filter is proved modal); or per site, a
+    dict {site name or module path, as the layer schedule prints them: one of those} ("auto" for
+    the others; a key that names no long convolution is a ValueError).
     validate: run the translation validation (passes/validate.py; its time is in report.passes)."""
     from lcsm_compile import pipeline
 
@@ -153,6 +156,10 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
         ctx = pipeline.run(pipeline.Context(model, example_inputs, max_len, "export", options))
     if ctx.decoder is None:
         raise NotDecodable(ctx.report)
+    unknown = unknown_strategy_keys(strategy, ctx.decoder.schedule)
+    if unknown:
+        sites = [f"{s['name']} ({s['module']})" for s in ctx.decoder.schedule.sites if s["kind"] == "long"]
+        raise ValueError(f"strategy: {unknown} name no long convolution of this model; its long convolutions are {sites}")
     return ctx.decoder
 
 

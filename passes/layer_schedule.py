@@ -90,7 +90,7 @@ def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto") ->
     AttentionSites; `crossover` is the flash bank's largest direct tile (None for banks that run no
     tiles, which decode every long convolution themselves); `strategy` as optimize() takes it."""
     recurrent = tuple(i for i, s in enumerate(sites) if s.kind == "long" and crossover is not None
-                      and choose(s.conv, max_len, strategy) == "recurrent")
+                      and choose(s.conv, max_len, site_strategy(strategy, s.name, _module(s.conv.output))) == "recurrent")
     g = dataflow_graph(step_gm)
     calls = {n.name: n for n in step_gm.graph.nodes if n.op == "call_function" and n.target in _SITE_OPS}
     advances = [n for n in step_gm.graph.nodes if n.op == "call_function" and n.target is lcsm.advance.default]
@@ -106,10 +106,8 @@ def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto") ->
         else:
             site = sites[node.args[2]]
             out = site.conv.output
-        stack = out.meta.get("nn_module_stack") or {}
-        module = list(stack.values())[-1][0] if stack else ""
         by_call[name] = site.name
-        entry = {"name": site.name, "kind": site.kind, "width": site.width, "module": module, "node": name}
+        entry = {"name": site.name, "kind": site.kind, "width": site.width, "module": _module(out), "node": name}
         if site.kind == "long" and node.args[2] in recurrent:
             entry["modes"] = int(site.conv.modal.poles.shape[1])
         if site.kind == "attention":
@@ -139,6 +137,28 @@ def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto") ->
     ] if long_sites and crossover is not None else []  # lazy/floor banks run no tiles
     return LayerSchedule(info, levels, nx.dag_longest_path(deps), groups, sorted(deps.edges, key=lambda e: (order[e[0]], order[e[1]])),
                          recurrent)
+
+
+def site_strategy(strategy, name, module):
+    """One long convolution's strategy from optimize()'s `strategy`: a str for every site, or a dict
+    keyed by site name or module path (the site's own entry first; "auto" for sites it omits)."""
+    if not isinstance(strategy, dict):
+        return strategy
+    return strategy.get(name, strategy.get(module, "auto"))
+
+
+def unknown_strategy_keys(strategy, schedule):
+    """The keys of a per-site `strategy` dict that name no long convolution of the schedule."""
+    if not isinstance(strategy, dict):
+        return []
+    known = {s[k] for s in schedule.sites if s["kind"] == "long" for k in ("name", "module")}
+    return sorted(set(strategy) - known)
+
+
+def _module(node):
+    """The module path that computes `node` ("" at the top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
 
 
 def _check_tiles_read_history(g, advance, calls):

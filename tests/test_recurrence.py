@@ -157,3 +157,25 @@ def test_the_strategy_is_chosen_per_convolution_and_can_be_forced():
     assert not decoder.recurrent and "form: not modal" in decoder.report.table()  # an implicit MLP filter keeps the tiling
     with pytest.raises(ValueError, match="strategy"):
         lcsm_compile.optimize(model, (torch.randint(0, VOCAB, (2, 8)),), max_len=64, strategy="fast")
+
+
+def test_the_strategy_can_be_set_per_site_by_name_or_module():
+    """A dict picks each long convolution's strategy by its site name or its module path (the site's
+    own entry first); the others take "auto". Both mixes decode exactly; an unknown key is refused."""
+    model, example = get("striped_hyena").build()
+    model = model.double()
+    longs = lambda d: [s for s in d.schedule.sites if s["kind"] == "long"]  # noqa: E731
+    first, second = longs(lcsm_compile.optimize(model, example, max_len=128, validate=False, compile=False))
+    x = torch.randint(0, int(example[0].max()) + 1, (2, 128))
+    with torch.no_grad():
+        want = model(x)
+    for strategy, recurrent in (({first["name"]: "tile"}, [second["name"]]),
+                                ({second["module"]: "tile", first["name"]: "recurrent"}, [first["name"]]),
+                                ({second["module"]: "tile", second["name"]: "recurrent"}, [first["name"], second["name"]])):
+        decoder = lcsm_compile.optimize(model, example, max_len=128, validate=False, compile=False, strategy=strategy)
+        assert [decoder.sites[i].name for i in decoder.recurrent] == recurrent, strategy
+        assert rel_err(teacher_forced(decoder, x, 9), want) < TOL64, strategy
+    with pytest.raises(ValueError, match=r"\['blocks.7'\] name no long convolution.*" + first["name"]):
+        lcsm_compile.optimize(model, example, max_len=128, validate=False, strategy={"blocks.7": "tile"})
+    with pytest.raises(ValueError, match=r"strategy\['blocks.0'\]: expected one of"):
+        lcsm_compile.optimize(model, example, max_len=128, validate=False, strategy={"blocks.0": "fast"})
