@@ -6,8 +6,8 @@
 
 What a call does. The backend keeps one decode session per compiled graph. When a call's input
 extends the previous call's input along the sequence dim (dim 1) with the same prefix, only the new
-positions go through the decode programs (`Decoder`: prefill for the first call, then one step per
-new position); otherwise (first call, a changed prefix, a shorter input, another batch size, dtype
+positions go through the decode programs (`Decoder`: prefill for the first call, then a step for
+one new position, an extend (Session.extend) for several); otherwise (first call, a changed prefix, a shorter input, another batch size, dtype
 or device, or many more new positions than old ones) it starts again with a prefill of the whole
 input. The result is exact either way: equal to `model(x)` up to floating-point rounding.
 
@@ -382,7 +382,7 @@ class DecodedGraph:
         self._build(list(example_inputs), record)
         self.in_buf = self.out_bufs = None
         self.key = None  # (batch, trailing dims, dtype, device) of the session's input
-        self.stats = collections.Counter()  # prefill / step / reuse / restart counts
+        self.stats = collections.Counter()  # prefill / step / extend / restart counts
 
     def _build(self, inputs, record=None):
         """Every pass once on this graph (lcsm_compile.pipeline): analysis, rewrite, validation."""
@@ -438,11 +438,16 @@ class DecodedGraph:
         try:
             if fresh:
                 self._prefill(x, key)
-            else:
-                for i in range(self.n, t):
-                    self._write(self.session.step(x[:, i : i + 1]), i, 1)
-                    self.in_buf[:, i] = x[:, i]
-                self.stats["step"] += t - self.n
+            elif t > self.n:
+                new = x[:, self.n : t]
+                if t - self.n > 1 and self.decoder.extends:
+                    self._write(self.session.extend(new), self.n, t - self.n)
+                    self.stats["extend"] += 1
+                else:
+                    for i in range(self.n, t):
+                        self._write(self.session.step(x[:, i : i + 1]), i, 1)
+                    self.stats["step"] += t - self.n
+                self.in_buf[:, self.n : t] = new
                 self.n = t
         except BaseException:
             # the session, the buffers and the count of positions done may be out of step: the

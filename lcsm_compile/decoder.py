@@ -52,6 +52,7 @@ class Decoder:
         self.sites = self.programs.sites
         self.attention = getattr(self.programs, "attention", [])  # causal attentions, each on a KV cache
         self.prefill_program = Program(self.programs.prefill, self.programs.out_spec)
+        self.extend_program = Program(self.programs.extend, self.programs.out_spec)  # Session.extend, prefill(chunk=)
         self.step_fn = Program(self.programs.step, self.programs.out_spec, compile=compile)
 
         # The long convolutions the layer schedule gave a recurrence (modal filters) step their own
@@ -82,6 +83,12 @@ class Decoder:
                                   len(self.recurrent), len(self.attention), conv, self.max_len)
         get_logger("schedule").info("layer schedule:\n%s", self.schedule.table())
 
+    @property
+    def extends(self) -> bool:
+        """Whether sessions take several positions at once (Session.extend, prefill(chunk=)): the
+        flash bank does; the lazy and floor baselines only step."""
+        return self.bank is None or hasattr(self.bank, "extend")
+
     def _short_filter(self, conv):
         """(conv1d weight [W, 1, K], step taps [K, 1, W], bias [W] or None) in the convolution's
         dtype, oldest input first."""
@@ -105,17 +112,18 @@ class Decoder:
         self.check_fresh()
         return Session(self, rows)
 
-    def generate(self, prompt_ids, max_new_tokens, attention_mask=None, **options):
+    def generate(self, prompt_ids, max_new_tokens, attention_mask=None, prefill_chunk=None, **options):
         """Hugging Face generate() semantics on a fresh session; see lcsm_compile.generation.generate.
         attention_mask [B, P]: left-padded prompts (1 on real tokens); each row decodes from its
-        first real token exactly as it would alone."""
+        first real token exactly as it would alone. prefill_chunk=K: the prompt goes in K positions
+        at a time (Session.prefill(chunk=K)), for prompts whose whole activations do not fit."""
         session = self.session()
         options.setdefault("max_len", self.max_len)
         self.step_fn.expect(max_new_tokens - 1)  # compile="auto" compiles up front for a long generation
         try:
             with torch.no_grad():
-                return generation.generate(lambda ids: session.prefill(ids, attention_mask=attention_mask), session.step,
-                                           prompt_ids, max_new_tokens, **options)
+                return generation.generate(lambda ids: session.prefill(ids, attention_mask=attention_mask, chunk=prefill_chunk),
+                                           session.step, prompt_ids, max_new_tokens, **options)
         finally:
             self.step_fn.expect(0)
 

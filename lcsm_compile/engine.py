@@ -247,20 +247,124 @@ class OnlineConv:
             xs = x.reshape(-1, width, P).to(self.dtype)
         return xs, full
 
-    # -- rows at their own positions ----------------------------------------------------------
-    def _rows_mode(self):
-        """Leave the shared-position mode: put the time-major block back into S (its inputs over
-        the consumed accumulators, its accumulators over the stale ones), then give every row the
-        shared position. From here on every row steps on S at its own position."""
+    # -- continuing with known inputs ----------------------------------------------------------
+    def extend(self, x, channels=None, rows=None, start=None):
+        """Continue with k known inputs x [..., C, k] at the next k positions; returns their outputs
+        [..., C, k], those of k red cells and advances (up to rounding), and leaves the state those
+        steps would leave. The k steps' tiles read only known inputs, so they run batched: one
+        call per tile size (O(k log^2 k) work plus the tiles that reach back into the past), with
+        the outputs read once every tile landed.
+
+        A fresh state extends from position 0 (a prompt fed in pieces: its tiles, not one FFT of
+        max_len). With `channels` (a slice) x holds those channels: a bank shared by several
+        convolutions extends each one's slice from the same `start` (default: the current
+        position), and the position is start + k from the first slice on. With `rows` (int64
+        indices of live rows at their own positions) x [n, C, k] continues those rows only."""
+        sl = slice(None) if channels is None else channels
+        width = len(range(self.channels)[sl])
+        self._check_input(x, "x", time_axis=True, width=width)
+        k = x.shape[-1]
+        if rows is not None:
+            return self._extend_rows(x, sl, width, rows, start)
+        t0 = self.position if start is None else int(start)
         if self.row_position is not None:
-            return
-        if self.S is None:
-            raise LcsmError("rows: the state is not allocated; call bind(rows) or prefill first")
+            raise LcsmError("extend: the rows are at their own positions; pass rows=")
+        if self.position not in (t0, t0 + k) or t0 < self.prefill_len:
+            raise LcsmError(f"extend: start {t0} is not the position {self.position} of this state")
+        if t0 + k > self.max_len:
+            raise MaxLenExceeded(f"extend: positions {t0} .. {t0 + k - 1} exceed max_len = {self.max_len}")
+        self._bind(x.shape[:-2], x.dtype)
+        self._flush_block()
+        self.row = None  # graph-safe red cells load their block again (graph_safe)
+        xs = x.reshape(-1, width, k).to(self.dtype)
+        y = self._extend_on(self.S[:, sl], xs, t0, self.prefill_len, sl)
+        self.position = t0 + k
+        return y.to(x.dtype).reshape(x.shape)
+
+    def _extend_rows(self, x, sl, width, rows, start):
+        self._rows_mode()
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
+        k = x.shape[-1]
+        xs = x.reshape(-1, width, k).to(self.dtype)
+        if xs.shape[0] != rows.numel():
+            raise ShapeError(f"x: expected {rows.numel()} rows (one per index in rows), got shape {tuple(x.shape)}")
+        if x.dtype != self.io_dtype:
+            raise DTypeError(f"x: expected dtype {self.io_dtype} (fixed by the first call), got {x.dtype}")
+        if not bool(self.live[rows].all()):
+            raise LcsmError(f"extend: rows {rows[~self.live[rows]].tolist()} hold no sequence; prefill them first")
+        self._filling = None
+        y = torch.empty_like(xs)
+        for j, r in enumerate(rows.tolist()):
+            t0 = int(self.row_position[r]) if start is None else int(start)
+            if t0 + k > self.max_len:
+                raise MaxLenExceeded(f"extend: row {r}'s positions {t0} .. {t0 + k - 1} exceed max_len = {self.max_len}")
+            y[j] = self._extend_on(self.S[r : r + 1, sl], xs[j : j + 1], t0, int(self.row_prefill[r]), sl)[0]
+            self.row_position[r] = t0 + k
+        self._find_row_over()
+        return y.to(x.dtype).reshape(x.shape)
+
+    def _extend_on(self, S, xs, t0, prefill_len, sl):
+        """The k steps from t0 on S [n, w, max_len] (inputs before t0, accumulators from t0): inputs
+        written, the tiles of steps i = t0 - prefill_len + 1 ... grouped by size, outputs returned.
+        Tile outputs go straight into S past the window and into its accumulators inside it; the
+        transforms run in channel chunks (kernels.reference.channel_chunks), so the temporaries stay
+        small whatever the tile size."""
+        k, L = xs.shape[-1], self.max_len
+        acc = S[..., t0 : t0 + k].clone()  # what earlier tiles (and the prefill) left for these positions
+        S[..., t0 : t0 + k] = xs
+        first = t0 - prefill_len + 1  # steps first .. first + k - 1; step i runs the tile of size i & -i
+        last_t = min(t0 + k - 1, L - 2)  # the last position whose tile has an output
+        for U in (1 << b for b in range((first + k - 1).bit_length())):
+            i0 = _multiple_in(U, first, first + k)
+            if i0 is None:
+                continue
+            ends = prefill_len - 1 + torch.arange(i0, first + k, 2 * U, device=self.device)  # the tiles' last inputs
+            ends = ends[ends <= last_t]
+            if ends.numel() == 0:
+                continue
+            lag = torch.arange(U, device=self.device)
+            reads, at = ends[:, None] - U + 1 + lag, ends[:, None] + 1 + lag  # [tiles, U]
+            inside, beyond = at < t0 + k, (at >= t0 + k) & (at < L)
+            tiles = S[:, None, :, :1].expand(-1, ends.numel(), -1, -1)  # the shape of a batch of tiles, no copy
+            for c in torch_kernels.channel_chunks(tiles, 2 * U):
+                X = S[:, c][..., reads].transpose(-3, -2)  # [n, tiles, wc, U]
+                out = self._tile_product(X, U, sl, c).transpose(-3, -2)  # [n, wc, tiles, U]: outputs at `at`
+                acc[:, c].index_add_(-1, (at - t0)[inside], out[..., inside])
+                S[:, c].index_add_(-1, at[beyond], out[..., beyond])
+        return acc + self.h0[sl, None] * xs
+
+    def _tile_product(self, X, U, sl, c):
+        """A batch of gray tiles: inputs X [..., wc, U] of the channels c of the slice sl -> their U outputs."""
+        if kernel_for(U, self.crossover) == "fft_tile":
+            return torch_kernels.fft_middle(X, self.spectra[U][sl][c], U)
+        return torch.einsum("oiw,...wi->...wo", self._toeplitz(U)[..., sl][..., c], X)
+
+    def _toeplitz(self, U):
+        """The direct tile's Toeplitz block [U(out), U(in), C]; the Triton path keeps none: built once, on first use."""
+        T = self.toeplitz.get(U)
+        if T is None:
+            T = self.toeplitz[U] = torch_kernels.toeplitz(self.h, U).contiguous()
+        return T
+
+    def _flush_block(self):
+        """Put the time-major block back into S (its inputs over the consumed accumulators, its
+        accumulators over the stale ones): S alone holds the state until the next block load."""
         t, b0 = self.position, self._block_start
         if b0 >= 0 and b0 <= t < b0 + self.block:  # mid-block: the block holds the live values
             nb = min(self.block, self.max_len - b0)
             self.S[..., b0:t] = self.Xb[: t - b0].permute(1, 2, 0)
             self.S[..., t : b0 + nb] = self.Ab[t - b0 : nb].permute(1, 2, 0)
+        self._block_start = -1
+
+    # -- rows at their own positions ----------------------------------------------------------
+    def _rows_mode(self):
+        """Leave the shared-position mode: the block back into S (_flush_block), then every row
+        gets the shared position. From here on every row steps on S at its own position."""
+        if self.row_position is not None:
+            return
+        if self.S is None:
+            raise LcsmError("rows: the state is not allocated; call bind(rows) or prefill first")
+        self._flush_block()
         self.row = None  # rows are graph-safe by their device positions
         n = self.S.shape[0]
         started = self.position > 0 or self.prefill_len > 0
@@ -343,12 +447,9 @@ class OnlineConv:
         if kernel_for(U, self.crossover) == "fft_tile":
             out = torch_kernels.fft_middle(X, self.spectra[U], U)
         else:
-            T = self.toeplitz.get(U)
-            if T is None:  # the Triton path keeps none: built once, on first use by rows
-                T = self.toeplitz[U] = torch_kernels.toeplitz(self.h, U).contiguous()  # [U(out), U(in), C]
             # products then a sum over inputs, not a batched matmul: a row's arithmetic must not
             # depend on which other rows share the call (a matmul's blocking follows the batch)
-            out = (T.permute(2, 0, 1) * X[:, :, None, :]).sum(-1)
+            out = (self._toeplitz(U).permute(2, 0, 1) * X[:, :, None, :]).sum(-1)
         at = (t + 1)[:, None, None] + lag  # [n, 1, U]
         out = out * (at < self.max_len)  # positions past max_len get nothing: their index is clamped
         self.S.index_put_((r, c, at.clamp(max=self.max_len - 1)), out, accumulate=True)
@@ -419,11 +520,14 @@ class OnlineConv:
             self._next_row()
 
     def _load_block(self, b0):
-        """Bring into Ab what the prefill and the FFT tiles accumulated for the block starting at b0."""
+        """Bring into Ab what the prefill and the FFT tiles accumulated for the block starting at b0
+        (and into Xb the inputs of its positions already taken: an extend may end mid-block)."""
         nb = min(self.block, self.max_len - b0)
         # its rows first (nb contiguous positions per channel), then the transpose within the cache:
         # a transposing copy straight from S strides across every channel's row, which is much slower
         self.Ab[:nb].copy_(self.S[..., b0 : b0 + nb].contiguous().permute(2, 0, 1))
+        if self.position > b0:
+            self.Xb[: self.position - b0].copy_(self.S[..., b0 : self.position].contiguous().permute(2, 0, 1))
         self._block_start = b0
 
     # -- graph-safe red cells (lcsm_compile.graphs) -------------------------------------------------
@@ -442,6 +546,13 @@ class OnlineConv:
         if t < self.max_len and self._block_start != t - r:
             self._load_block(t - r)
         self.row.fill_(r)
+
+
+def _multiple_in(U, lo, hi):
+    """The first step i in [lo, hi) whose tile has size U (i an odd multiple of U), or None."""
+    i = (lo + U - 1) // U * U
+    i += U if (i // U) % 2 == 0 else 0
+    return i if i < hi else None
 
 
 def _describe(x):

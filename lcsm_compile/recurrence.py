@@ -50,18 +50,19 @@ class Recurrence:
         self.carry = (self.r * self.p)[:, :, None] * self.powers  # [W, N, CHUNK]: r p^(j+1), the state's part of y_j
         self.r_real = torch.view_as_real(self.r.conj().resolve_conj()).reshape(self.width, 2 * self.modes)  # Re(r s) = s . conj(r)
 
-    def prefill(self, x):
+    def prefill(self, x, state=None):
         """x [n, W, P] -> (outputs [n, W, P] float64, state after the prompt [n, W, N] complex128).
+        state: the state before x (a session continued by an extend; default zeros), not modified.
         Outputs at and after a non-finite input are NaN, as the convolution's are; earlier ones are not."""
         n, W, P = x.shape
         xs = x.to(torch.float64)
         bad = ~torch.isfinite(xs)
         if bool(bad.any()):  # the chunk's product would smear a NaN onto earlier outputs: restore it causally
-            y, S = self.prefill(xs.masked_fill(bad, 0.0))
+            y, S = self.prefill(xs.masked_fill(bad, 0.0), state)
             first = torch.where(bad.any(-1), bad.int().argmax(-1), P)
             y = y.masked_fill(torch.arange(P, device=x.device) >= first[..., None], float("nan"))
             return y, S.masked_fill((first < P)[..., None], float("nan"))
-        S = torch.zeros(n, W, self.modes, dtype=torch.complex128, device=x.device)
+        S = torch.zeros(n, W, self.modes, dtype=torch.complex128, device=x.device) if state is None else state
         y = torch.empty(n, W, P, dtype=torch.float64, device=x.device)
         lags = torch.arange(min(P, CHUNK), device=x.device)
         causal = lags[:, None] >= lags[None, :]

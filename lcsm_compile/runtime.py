@@ -26,7 +26,9 @@ class SessionState:
 
     capacity: the session's rows N (fixed by its first prefill, or by Decoder.session(rows=N)).
     rows: None while a program runs on every row; during a row prefill (Session.add, a ragged
-    prefill) the int64 indices of the rows the prefill program's batch stands for.
+    prefill) or a row extend the int64 indices of the rows the program's batch stands for.
+    start: None during a prefill from position 0; during an extend (Session.extend) the position of
+    its first input, from which the prefill ops continue the state.
     positions: int64 [N], each row's own position (where its next step's input goes); live: bool
     [N], the rows holding a sequence. A step runs every row; free rows compute and are ignored.
     """
@@ -42,7 +44,7 @@ class SessionState:
         self.attention = getattr(decoder, "attention", [])  # AttentionSites
         self.max_len = decoder.max_len
         self.kv = {}  # attention site index -> (k cache, v cache) [N, G, max_len, D], allocated on first prefill
-        self.capacity, self.rows, self.positions, self.live = None, None, None, None
+        self.capacity, self.rows, self.positions, self.live, self.start = None, None, None, None, None
         self.device, self.graph, self.positions_device = decoder.device, False, None
 
     def reset(self, capacity):
@@ -63,7 +65,11 @@ class SessionState:
     def conv_prefill(self, index, u):
         if index in self.recurrent:
             return self._recurrent_prefill(index, u)
-        if self.rows is None:
+        if self.start is not None:
+            if self.rows is not None and self.bank.S is None:
+                self.bank.bind(self.capacity)
+            y = self.bank.extend(u.to(self.bank.dtype), channels=self.slices[index], rows=self.rows, start=self.start)
+        elif self.rows is None:
             y = self.bank.prefill(u.to(self.bank.dtype), channels=self.slices[index])
         else:
             if self.bank.S is None:
@@ -81,7 +87,10 @@ class SessionState:
 
     def _recurrent_prefill(self, index, u):
         rec = self.recurrent[index]
-        y, state = rec.prefill(u.reshape(-1, rec.width, u.shape[-1]))
+        before = self.modes.get(index) if self.start is not None else None  # an extend continues the state
+        if before is not None and self.rows is not None:
+            before = before[self.rows.to(before.device)]
+        y, state = rec.prefill(u.reshape(-1, rec.width, u.shape[-1]), before)
         if self.rows is None:
             self.modes[index] = state
         else:
@@ -114,8 +123,13 @@ class SessionState:
     def short_prefill(self, index, u):
         weight, _, bias = self.short_filters[index]  # weight [W, 1, K], oldest input first
         K = weight.shape[-1]
-        y = F.conv1d(F.pad(u, (K - 1, 0)), weight.to(u.dtype), bias, groups=weight.shape[0])
-        past = F.pad(u, (K - 1, 0))[..., u.shape[-1] :].permute(2, 0, 1)  # the last K-1 inputs, zeros before the prompt
+        ring = self.rings.get(index) if self.start is not None else None  # an extend continues after its inputs
+        if ring is None:
+            window = F.pad(u, (K - 1, 0))  # zeros before the prompt
+        else:
+            window = torch.cat([(ring if self.rows is None else ring[:, self.rows]).permute(1, 2, 0).to(u.dtype), u], -1)
+        y = F.conv1d(window, weight.to(u.dtype), bias, groups=weight.shape[0])
+        past = window[..., u.shape[-1] :].permute(2, 0, 1)  # the last K-1 inputs
         if self.rows is None:
             self.rings[index] = past.clone(memory_format=torch.contiguous_format)  # [K-1, N, W], oldest first
         else:
@@ -136,6 +150,8 @@ class SessionState:
 
     # causal attention: a KV cache of max_len positions per site and row
     def attn_prefill(self, index, q, k, v):
+        if self.start:
+            return self._attn_extend(index, q, k, v)
         N, G, P = self.capacity or q.shape[0], k.shape[1], k.shape[2]
         cache = self.kv.get(index)
         want = ((N, G, self.max_len, k.shape[3]), (N, G, self.max_len, v.shape[3]))
@@ -150,6 +166,21 @@ class SessionState:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=_sdpa_scale(site))
         causal = torch.ones(P, P, dtype=torch.bool, device=q.device).tril()
         return _softmax_attention(site, q, k, v, causal)
+
+    def _attn_extend(self, index, q, k, v):
+        """k positions from `start` on: their keys and values appended, each query attends over the
+        row's prefix up to its own position."""
+        kc, vc = self.kv[index]
+        t, P = self.start, k.shape[2]
+        rows = slice(None) if self.rows is None else self.rows.to(kc.device)
+        kc[rows, :, t : t + P] = k
+        vc[rows, :, t : t + P] = v
+        keys, values = kc[rows, :, : t + P], vc[rows, :, : t + P]
+        allowed = torch.arange(t + P, device=kc.device) <= torch.arange(t, t + P, device=kc.device)[:, None]  # [P, t + P]
+        site = self.attention[index].attn
+        if site.spelling == "sdpa":
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=_sdpa_scale(site))
+        return _softmax_attention(site, q, keys, values, allowed)
 
     def attn_step(self, index, q, k, v):
         kc, vc = self.kv[index]
@@ -450,47 +481,124 @@ class Session:
                                 f"batch row, which this table does not allow: {const.rows_why}")
 
     @_inference
-    def prefill(self, prompt, attention_mask=None):
+    def prefill(self, prompt, attention_mask=None, chunk=None):
         """Run the prompt [B, P, ...] at once; returns the model's outputs for every prompt position.
 
         attention_mask [B, P] (Hugging Face convention, left padding): 1 on real tokens, 0 on the
         padding before them. Each row then starts from its first real token at its own position 0,
         padding never enters its state, and its outputs at real positions are those of the row
-        decoded alone; outputs at padding positions are 0."""
+        decoded alone; outputs at padding positions are 0.
+        chunk=K: run the prompt K positions at a time (each piece an extend), so the activations
+        held at once are those of K positions, not of the whole prompt; the outputs are the same."""
         P = self._check_prompt(prompt)
         B = prompt.shape[0]
         lengths = _real_lengths(attention_mask, B, P)
         if lengths is not None:
             self._rows_supported("prefill(attention_mask=...)")
+        if chunk is not None:
+            if not (isinstance(chunk, int) and chunk >= 1):
+                raise ValueError(f"chunk: expected an int >= 1 (positions per piece), got {chunk!r}")
+            if lengths is not None:
+                raise ValueError("prefill: chunk= and attention_mask= together are not supported; prefill the rows "
+                                 "with add() and feed the rest with extend(x, rows=...)")
+            self._extendable("prefill(chunk=...)")
         self.decoder.check_fresh()
         with self._changing("prefill"):
             self._recapture()
             self.state.reset(B)
-            if lengths is None:  # every row real from position 0: one program call, one shared position
-                self._own_positions = False
+            self._own_positions = lengths is not None
+            if lengths is not None:
+                return self._prefill_ragged(prompt, lengths)
+            if chunk is not None and chunk < P:
+                outputs = _Placed(B, P, "prefill(chunk=...)")
+                for start in range(0, P, chunk):
+                    outputs.put(self._extend_window(prompt[:, start : start + chunk], None, start), slice(None),
+                                slice(start, start + chunk))
+                out = outputs.result()
+            else:  # every row real from position 0: one program call, one shared position
                 out = self.decoder.prefill_program(self.handle, inputs=(prompt,))
-                self.handle[1] = P
-                self.state.positions[:], self.state.live[:] = P, True
-                return out
-            return self._prefill_ragged(prompt, lengths)
+            self.handle[1] = P
+            self.state.positions[:], self.state.live[:] = P, True
+            return out
 
     def _prefill_ragged(self, prompt, lengths):
         """Left-padded prompts: one row prefill per distinct prompt length, outputs placed per row."""
         B, P = prompt.shape[:2]
-        self._own_positions = True
-        leaves, spec = None, None
+        outputs = _Placed(B, P, "prefill(attention_mask=...)")
         for n in sorted(set(lengths.tolist())):  # one prefill call per distinct prompt length
             rows = (lengths == n).nonzero().squeeze(1)
-            flat, spec = pytree.tree_flatten(self._prefill_rows(prompt[rows, P - n :], rows))
-            if leaves is None:
-                leaves = [_padded_like(leaf, B, P) for leaf in flat]
-            for full, leaf in zip(leaves, flat):
-                if isinstance(leaf, torch.Tensor):
-                    if tuple(leaf.shape[:2]) != (rows.numel(), n):
-                        raise ShapeError(f"prefill(attention_mask=...): an output of shape {tuple(leaf.shape)} is not "
-                                         f"[rows, positions, ...]; each row's outputs cannot be placed")
-                    full[rows, P - n :] = leaf
-        return pytree.tree_unflatten(leaves, spec)
+            outputs.put(self._prefill_rows(prompt[rows, P - n :], rows), rows, slice(P - n, P))
+        return outputs.result()
+
+    def _extendable(self, what):
+        d = self.decoder
+        if not d.extends:
+            raise LcsmError(f"{what}: continuing a session with several positions at once needs conv='flash'; this "
+                            f"decoder's bank is {type(d.bank).__name__}, which only steps")
+
+    @_inference
+    def extend(self, x, rows=None):
+        """Append k positions at once to live sequences and return the model's outputs for them:
+        x [B, k, ...] continues every row (B = the session's rows), or with `rows` (a list of live
+        rows) x [len(rows), k, ...] continues those rows only, each from its own position, while the
+        others keep theirs (a server's chunked prefill for one row while the others step). Any mix
+        of prefill, add, extend and step decodes what one prefill of each whole sequence gives.
+
+        Each convolution continues with the tiles its k steps would run, batched by size, so the
+        work is about that of one prefill of k positions plus what those tiles read from the past;
+        the model's other ops run once over the k positions (the extend program)."""
+        state = self.state
+        if state.capacity is None:
+            raise SessionNotStarted("extend: call prefill(prompt) first")
+        self._check_not_broken("extend")
+        self._extendable("extend")
+        self._check(x, None)
+        k = x.shape[1]
+        if k < 1:
+            raise ShapeError("extend: expected at least one position")
+        if rows is None:
+            if x.shape[0] != state.capacity:
+                raise ShapeError(f"extend: expected batch {state.capacity} (the session's rows), got {x.shape[0]}; "
+                                 f"pass rows= to continue some rows only")
+            if not bool(state.live.all()):
+                free = (~state.live).nonzero().squeeze(1).tolist()
+                raise LcsmError(f"extend: rows {free} hold no sequence; pass rows= with the live rows to continue")
+            index = torch.arange(state.capacity)
+        else:
+            self._rows_supported("extend(rows=...)")
+            index = _live_rows(rows, state, "extend")
+            if x.shape[0] != index.numel():
+                raise ShapeError(f"extend: expected batch {index.numel()} (one per row in rows), got {x.shape[0]}")
+        over = state.positions[index] + k > self.decoder.max_len
+        if bool(over.any()):
+            r = int(index[over][0])
+            raise MaxLenExceeded(f"extend: row {r} at position {int(state.positions[r])} + {k} positions exceeds "
+                                 f"max_len = {self.decoder.max_len}")
+        with self._changing("extend"):
+            self._recapture()
+            state.graph = False  # a captured step makes its positions and block graph-safe again
+            if rows is None and not self._own_positions:  # one shared position: one program call
+                out = self._extend_window(x, None, self.position)
+                self.handle[1] += k
+                state.positions += k
+                return out
+            self._own_positions = True
+            outputs, at = _Placed(index.numel(), k, "extend(rows=...)"), state.positions[index]
+            for p in sorted(set(at.tolist())):  # one program call per distinct position (the position tables)
+                part = (at == p).nonzero().squeeze(1)
+                outputs.put(self._extend_window(x[part], index[part], p), part, slice(None))
+                state.positions[index[part]] += k
+            return outputs.result()
+
+    def _extend_window(self, x, rows, start):
+        """The extend program on x [n, k, ...] at positions start .. start + k - 1 of `rows` (None: all)."""
+        state = self.state
+        state.rows, state.start = rows, start
+        try:
+            positions = torch.arange(start, start + x.shape[1], device=self.decoder.device)
+            return self.decoder.extend_program(self.handle, positions, inputs=(x,))
+        finally:
+            state.rows = state.start = None
 
     def _prefill_rows(self, prompt, rows):
         """Prefill `rows` (free) with their prompts [len(rows), P, ...]; the other rows are untouched."""
@@ -629,11 +737,41 @@ def _real_lengths(mask, B, P):
     return None if bool((lengths == P).all()) else lengths
 
 
-def _padded_like(leaf, B, P):
-    """A zero [B, P, ...] output for a row-prefill's output leaf [rows, n, ...] (left padding)."""
-    if not isinstance(leaf, torch.Tensor):
-        return leaf
-    if leaf.dim() < 2:
-        raise ShapeError(f"prefill(attention_mask=...): an output of shape {tuple(leaf.shape)} has no [batch, "
-                         f"positions] dims to place each row's outputs in")
-    return leaf.new_zeros(B, P, *leaf.shape[2:])
+def _live_rows(rows, state, what):
+    """rows (a list of distinct live row indices) -> int64 tensor, or a typed error naming them."""
+    live = state.live.nonzero().squeeze(1).tolist()
+    if not isinstance(rows, (list, tuple)) or not rows or len(set(rows)) != len(rows) \
+            or not all(isinstance(r, int) and r in live for r in rows):
+        raise LcsmError(f"{what}: expected rows as a list of distinct rows holding a sequence (of {live}), got {rows!r}")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class _Placed:
+    """The outputs of B rows and T positions, assembled from program calls on parts of them: each
+    part's leaves [rows, n, ...] go to their rows and positions of zero leaves [B, T, ...]."""
+
+    def __init__(self, B, T, what):
+        self.B, self.T, self.what, self.leaves, self.spec = B, T, what, None, None
+
+    def put(self, out, rows, positions):
+        flat, self.spec = pytree.tree_flatten(out)
+        if self.leaves is None:
+            self.leaves = [self._zeros_like(leaf) for leaf in flat]
+        want = (len(range(self.B)[rows]) if isinstance(rows, slice) else rows.numel(), len(range(self.T)[positions]))
+        for full, leaf in zip(self.leaves, flat):
+            if isinstance(leaf, torch.Tensor):
+                if tuple(leaf.shape[:2]) != want:
+                    raise ShapeError(f"{self.what}: an output of shape {tuple(leaf.shape)} is not [rows, positions, ...] "
+                                     f"= {want}; its parts cannot be placed")
+                full[rows, positions] = leaf
+
+    def _zeros_like(self, leaf):
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        if leaf.dim() < 2:
+            raise ShapeError(f"{self.what}: an output of shape {tuple(leaf.shape)} has no [batch, positions] dims to "
+                             f"place each part's outputs in")
+        return leaf.new_zeros(self.B, self.T, *leaf.shape[2:])
+
+    def result(self):
+        return pytree.tree_unflatten(self.leaves, self.spec)

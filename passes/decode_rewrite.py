@@ -1,9 +1,10 @@
 """Decode rewrite: the captured sequence graph becomes a prefill program and a step program.
 
-Both are copies of the exported graph. In each, every accepted convolution's output is replaced
+Each is a copy of the exported graph. In each, every accepted convolution's output is replaced
 by a call on the session's state (custom ops in lcsm_compile.ops): the prefill program runs the
 convolution over the whole prompt (and records what future positions need); the step program runs
-one position. Causal delays (a token shift) are short convolutions: ring buffers. The filter
+one position; the extend program runs k known positions of a live session (Session.extend) with
+the prefill's ops, which the session state points at its current position. Causal delays (a token shift) are short convolutions: ring buffers. The filter
 subgraphs become dead and are removed: filters were evaluated once at max_len by the analysis.
 Everything else is time-local and runs unchanged on one position, except position constants
 (passes/position_constants.py), which the step program reads from their max_len table at the
@@ -62,10 +63,12 @@ class DecodePrograms:
     out_spec: object  # pytree spec to rebuild the model's output structure
     position_constants: list = field(default_factory=list)  # names of the nodes the step reads from tables
     attention: list = field(default_factory=list)  # the AttentionSites, in call order
+    extend: fx.GraphModule = None  # (session, positions [k], *user_inputs at those positions) -> flat outputs
 
     def dump(self):
         return "\n".join(f"# {name} program\n{gm.print_readable(print_output=False).rstrip()}"
-                         for name, gm in (("prefill", self.prefill), ("step", self.step)))
+                         for name, gm in (("prefill", self.prefill), ("step", self.step), ("extend", self.extend))
+                         if gm is not None)
 
 
 def run(captured, candidates, position_constants=(), attention=()) -> DecodePrograms:
@@ -77,19 +80,25 @@ def run(captured, candidates, position_constants=(), attention=()) -> DecodeProg
     out_spec = captured.gm.graph._codegen.pytree_info.out_spec
     # a concrete capture's prefill reads its position constants from their tables too: how the graph
     # computes them may be baked at the captured length (linspace, a sliced cache)
-    prefill = _rewrite(captured.gm, sites, attn, step=False, tables=() if captured.symbolic else position_constants)
-    step = _rewrite(captured.gm, sites, attn, step=True, tables=position_constants)
-    return DecodePrograms(prefill, step, sites, out_spec, [c.name for c in position_constants], attn)
+    prefill = _rewrite(captured.gm, sites, attn, "prefill", tables=() if captured.symbolic else position_constants)
+    step = _rewrite(captured.gm, sites, attn, "step", tables=position_constants)
+    # the extend program reads every position constant from its table: computed in the graph, it
+    # would be that of positions 0 .. k-1
+    extend = _rewrite(captured.gm, sites, attn, "extend", tables=position_constants)
+    return DecodePrograms(prefill, step, sites, out_spec, [c.name for c in position_constants], attn, extend)
 
 
-def _rewrite(source, sites, attention=(), *, step, tables=()):
+def _rewrite(source, sites, attention=(), mode="prefill", *, tables=()):
+    """mode: "prefill", "step" (one position at lcsm_pos: [1], or [B] for rows at their own positions,
+    then lcsm::advance) or "extend" (the prefill's ops; lcsm_pos [k] the window's positions)."""
     gm = copy.deepcopy(source)
     graph = gm.graph
+    step = mode == "step"
     names = {n.name: n for n in graph.nodes}
     user_inputs = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_before(user_inputs[0]):
         session = graph.placeholder("lcsm_session")
-        pos = graph.placeholder("lcsm_pos") if step else None
+        pos = graph.placeholder("lcsm_pos") if mode != "prefill" else None
 
     outputs = []
     for index, site in enumerate(sites):
@@ -116,7 +125,7 @@ def _rewrite(source, sites, attention=(), *, step, tables=()):
         y.replace_all_uses_with(new_y)
         outputs.append(result)
 
-    _read_tables(gm, tables, names, user_inputs[0], pos)
+    _read_tables(gm, tables, names, user_inputs[0], pos, step)
     if step:
         out = next(n for n in graph.nodes if n.op == "output")
         with graph.inserting_before(out):
@@ -188,12 +197,12 @@ def _attn_output(graph, result, q, v, a, y):
     return graph.call_function(aten.to.dtype, (x, dtype)) if dtype is not None else x
 
 
-def _read_tables(gm, tables, names, x, pos):
+def _read_tables(gm, tables, names, x, pos, step):
     """Each position constant becomes its max_len table (a buffer of the program) read at the
-    step's position, or (prefill: pos None) its first L positions; a table of batch 1 is expanded
-    to the input's batch. `pos` is [1] when every row shares the position and [B] when each row
-    has its own: the B rows read on the positions axis then move to the batch dim (a no-op swap of
-    two size-1 dims for [1])."""
+    step's position, at the extend's positions, or (prefill: pos None) its first L positions; a
+    table of batch 1 is expanded to the input's batch. A step's `pos` is [1] when every row shares
+    the position and [B] when each row has its own: the B rows read on the positions axis then move
+    to the batch dim (a no-op swap of two size-1 dims for [1])."""
     graph = gm.graph
     for i, const in enumerate(tables):
         node = names[const.node.name]
@@ -208,12 +217,12 @@ def _read_tables(gm, tables, names, x, pos):
             else:
                 row = graph.call_function(aten.index_select.default, (graph.get_attr(name), const.axis, pos))
             if const.batch_dims:
-                if pos is not None:
+                if step:
                     row = graph.call_function(aten.transpose.int, (row, const.axis, const.batch_dims[0]))
                 batch = graph.call_function(aten.sym_size.int, (x, 0))
                 shape = [batch if d in const.batch_dims else -1 for d in range(val.dim())]
                 row = graph.call_function(aten.expand.default, (row, shape))
-            elif const.rows_rank is not None and pos is not None:  # rows into a leading dim that lines up with the users' batch
+            elif const.rows_rank is not None and step:  # rows into a leading dim that lines up with the users' batch
                 extra = const.rows_rank - val.dim()
                 for _ in range(extra):
                     row = graph.call_function(aten.unsqueeze.default, (row, 0))

@@ -58,6 +58,7 @@ def run(programs, cap, site_pairs):
     ours = {n.name: n for n in cap.gm.graph.nodes}
     programs.prefill = _generalize(programs.prefill, ours, points, step=False)
     programs.step = _generalize(programs.step, ours, points, step=True)
+    programs.extend = _generalize(programs.extend, ours, points, step=False)
     return programs
 
 

@@ -1551,10 +1551,24 @@ def _refusal(report):
     return detail, signature
 
 
+def _mixed(session, x, total):
+    """A chunked prefill of 3 positions, then extends of 1 to 7 positions, each followed by a step."""
+    outs, t = [session.prefill(x[:, :3], chunk=2)], 3
+    while t < total:
+        k = min(total - t, 1 + t % 7)
+        outs.append(session.extend(x[:, t : t + k]))
+        t += k
+        if t < total:
+            outs.append(session.step(x[:, t : t + 1]))
+            t += 1
+    return outs
+
+
 def teacher_forced(case, decoder, total=None):
-    """Relative error of prefill(P) + steps against the reference, worst over P in {1, total/2},
-    and (P, the first position whose error exceeds the tolerance), None when exact. Outputs of the
-    wrong shape are a wrong answer too: (P, -1) and an infinite error."""
+    """Relative error of prefill(P) + steps against the reference, worst over P in {1, total/2}
+    and over a mix of chunked prefill, extends and steps (P "mixed"), and (P, the first position
+    whose error exceeds the tolerance), None when exact. Outputs of the wrong shape are a wrong
+    answer too: (P, -1) and an infinite error."""
     total = total or case.max_len
     g = torch.Generator().manual_seed(10_000 + case.index)
     # a decoder whose capture fixed the batch serves the example's batch only (a typed ShapeError otherwise)
@@ -1563,9 +1577,12 @@ def teacher_forced(case, decoder, total=None):
     with torch.no_grad():
         ref = ref_model(x if case.tokens else x.to(REF_DTYPE[case.dtype])).double()
         worst, first_bad = 0.0, None
-        for P in (1, total // 2):
+        for P in (1, total // 2, "mixed"):
             session = decoder.session()
-            outs = [session.prefill(x[:, :P])] + [session.step(x[:, t:t + 1]) for t in range(P, total)]
+            if P == "mixed":
+                outs = _mixed(session, x, total)
+            else:
+                outs = [session.prefill(x[:, :P])] + [session.step(x[:, t:t + 1]) for t in range(P, total)]
             y = torch.cat(outs, dim=1).double()
             if y.shape != ref.shape:
                 return math.inf, (P, -1, f"decoded shape {tuple(y.shape)} != model output {tuple(ref.shape)}")

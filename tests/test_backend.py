@@ -267,15 +267,16 @@ def test_verify_none_trusts_the_caller():
         assert rel_err(out, model(held)) < 1e-5 and rel_err(out, model(x2[:, :21])) > 1e-3
 
 
-def test_a_call_adding_several_positions_steps_through_each_and_past_max_len_is_an_error():
+def test_a_call_adding_several_positions_extends_once_and_past_max_len_is_an_error():
     model, inputs = get("hyena_order2").build()
     x = random_inputs(inputs[0], 50)
     c = compiled(model, max_len=40, compile_step=False)
     with torch.no_grad():
         c(x[:, :20])
-        out = c(x[:, :27])  # seven new positions: seven steps, no restart
+        out = c(x[:, :27])  # seven new positions: one extend, no restart
         runner = backend.records[-1].runner
-        assert runner.stats["step"] == 7 and runner.stats["restart"] == 0 and runner.stats["prefill"] == 1
+        assert runner.stats["extend"] == 1 and runner.stats["step"] == 0 and runner.stats["restart"] == 0
+        assert runner.stats["prefill"] == 1
         assert rel_err(out, model(x[:, :27])) < 1e-5
         assert rel_err(c(x[:, :40]), model(x[:, :40])) < 1e-5  # up to max_len exactly
         with pytest.raises(MaxLenExceeded, match="max_len=40"):
