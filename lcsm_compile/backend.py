@@ -440,7 +440,7 @@ class DecodedGraph:
                 self._prefill(x, key)
             elif t > self.n:
                 new = x[:, self.n : t]
-                if t - self.n > 1 and self.decoder.extends:
+                if t - self.n > 1 and self.decoder.can("extend"):
                     self._write(self.session.extend(new), self.n, t - self.n)
                     self.stats["extend"] += 1
                 else:

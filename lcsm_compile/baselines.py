@@ -25,6 +25,8 @@ class _Bank:
     """What every baseline bank shares: filters [C, max_len] in the state dtype (skip folded into
     lag 0), a position, state allocated by the first call for its batch rows, prefill by one FFT."""
 
+    capabilities = frozenset()  # one shared position, one step at a time (see OnlineConv.capabilities)
+
     def __init__(self, h, skip=None, *, max_len=None):
         C, Lh = h.shape
         self.channels, self.max_len = C, Lh if max_len is None else int(max_len)

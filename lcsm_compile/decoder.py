@@ -83,11 +83,11 @@ class Decoder:
                                   len(self.recurrent), len(self.attention), conv, self.max_len)
         get_logger("schedule").info("layer schedule:\n%s", self.schedule.table())
 
-    @property
-    def extends(self) -> bool:
-        """Whether sessions take several positions at once (Session.extend, prefill(chunk=)): the
-        flash bank does; the lazy and floor baselines only step."""
-        return self.bank is None or hasattr(self.bank, "extend")
+    def can(self, capability) -> bool:
+        """Whether sessions may use `capability` ("rows", "extend", "graph_safe"; see
+        OnlineConv.capabilities): every long convolution's bank declares it (ring buffers,
+        recurrences and KV caches support all three)."""
+        return self.bank is None or capability in self.bank.capabilities
 
     def _short_filter(self, conv):
         """(conv1d weight [W, 1, K], step taps [K, 1, W], bias [W] or None) in the convolution's

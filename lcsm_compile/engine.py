@@ -59,6 +59,10 @@ class OnlineConv:
     every batch row, never copied per row.
     """
 
+    # what sessions may ask of this bank (Decoder.can): rows at their own positions (prefill(rows=),
+    # release), several positions at once (extend), red cells a captured graph replays (graph_safe)
+    capabilities = frozenset({"rows", "extend", "graph_safe"})
+
     def __init__(self, h, skip=None, *, max_len=None, crossover=None, kernels="auto"):
         if not isinstance(h, torch.Tensor) or h.dim() != 2:
             raise ShapeError(f"h: expected a filter tensor of shape [C, Lh], got {_describe(h)}")

@@ -44,7 +44,7 @@ def check_device(cuda_graph, device):
 def check_capturable(decoder, cuda_graph):
     """Raise before any work if `decoder` cannot run its steps as captured graphs."""
     check_device(cuda_graph, decoder.device)
-    if decoder.bank is not None and not hasattr(decoder.bank, "graph_safe"):
+    if not decoder.can("graph_safe"):
         raise GraphCaptureError(f"cuda_graph: the {type(decoder.bank).__name__} bank's red cells are not graph-safe; "
                                 "use conv='flash'")
 

@@ -112,7 +112,7 @@ class SessionState:
         lcsm_compile.graphs, which captures the step without advance."""
         self.graph = True
         self.positions_device = self.positions.to(self.device)
-        if self.bank is not None and hasattr(self.bank, "graph_safe"):
+        if self.bank is not None and "graph_safe" in self.bank.capabilities:
             self.bank.graph_safe()
 
     def _plus_bias(self, index, y):
@@ -469,7 +469,7 @@ class Session:
         d = self.decoder
         if getattr(d, "rows_why", None):
             raise LcsmError(f"{what}: {d.rows_why}")
-        if d.bank is not None and not hasattr(d.bank, "release"):
+        if not d.can("rows"):
             raise LcsmError(f"{what}: rows at their own positions need conv='flash'; this decoder's bank is "
                             f"{type(d.bank).__name__}, which decodes every row at one position")
         if not d.batch_dynamic:
@@ -532,7 +532,7 @@ class Session:
 
     def _extendable(self, what):
         d = self.decoder
-        if not d.extends:
+        if not d.can("extend"):
             raise LcsmError(f"{what}: continuing a session with several positions at once needs conv='flash'; this "
                             f"decoder's bank is {type(d.bank).__name__}, which only steps")
 
