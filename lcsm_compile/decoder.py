@@ -37,6 +37,7 @@ class Decoder:
         self.source = source
         self.fingerprint = Fingerprint(module_state(source)) if source is not None else None
         self.rows_why = None  # set when the validation of rows at their own positions failed
+        self.extend_why = None  # set when the validation of extends failed
         self.max_len = int(max_len)
         example = example_inputs[0]
         self.input_ndim, self.example_shape = example.dim(), tuple(example.shape)
@@ -86,8 +87,10 @@ class Decoder:
     def can(self, capability) -> bool:
         """Whether sessions may use `capability` ("rows", "extend", "graph_safe"; see
         OnlineConv.capabilities): every long convolution's bank declares it (ring buffers,
-        recurrences and KV caches support all three)."""
-        return self.bank is None or capability in self.bank.capabilities
+        recurrences and KV caches support all three), and the translation validation did not
+        withhold it (rows_why, extend_why)."""
+        withheld = {"rows": self.rows_why, "extend": self.extend_why}.get(capability)
+        return withheld is None and (self.bank is None or capability in self.bank.capabilities)
 
     def _short_filter(self, conv):
         """(conv1d weight [W, 1, K], step taps [K, 1, W], bias [W] or None) in the convolution's

@@ -532,6 +532,8 @@ class Session:
 
     def _extendable(self, what):
         d = self.decoder
+        if d.extend_why:
+            raise LcsmError(f"{what}: {d.extend_why}")
         if not d.can("extend"):
             raise LcsmError(f"{what}: continuing a session with several positions at once needs conv='flash'; this "
                             f"decoder's bank is {type(d.bank).__name__}, which only steps")

@@ -72,7 +72,8 @@ def teacher_forced(model, decoder, inputs, prompt_lens=(1,), *, tol=None, progre
     """Decode `inputs` (the sequence on dim 1 of the first) teacher-forced with `decoder`, once per
     prompt length P: prefill(inputs[:, :P]) then one step per position up to the end, and compare
     every position with the model on the whole sequence: `reference` (its outputs, when given),
-    else the model in float64.
+    else the model in float64. An entry (P, k1, k2, ...) of prompt_lens extends the session by k1,
+    k2, ... positions (Session.extend) after the prefill, then steps.
 
     tol: the largest error allowed; default: TOL, or NO_WORSE times the model's own error against the
     reference (in the model's dtype) when that is larger, so that a bfloat16 model is held to what
@@ -96,23 +97,28 @@ def teacher_forced(model, decoder, inputs, prompt_lens=(1,), *, tol=None, progre
             own = float(position_errors(model(*inputs), ref, dims, scale).max())
         tol = max(TOL, NO_WORSE * own)
     runs = []
-    for P in prompt_lens:
-        P = int(P)
-        if not 1 <= P <= L:
-            raise ValueError(f"prompt length {P}: expected in [1, {L}] (the input length)")
+    for spec in prompt_lens:
+        P, extends = (int(spec[0]), [int(k) for k in spec[1:]]) if isinstance(spec, (tuple, list)) else (int(spec), [])
+        if not 1 <= P <= L or P + sum(extends) > L:
+            raise ValueError(f"prompt length {P} and extends {extends}: expected P in [1, {L}] (the input length), "
+                             f"the extends within it")
         start = time.perf_counter()
         session = decoder.session()
-        steps = range(P, L)
+        first_step = P + sum(extends)
+        steps = range(first_step, L)
         if progress is not None:
             steps = progress(steps, f"verify P={P}")
         outs, t = [], P
         try:
             with torch.no_grad():
                 outs.append(session.prefill(x[:, :P]))
+                for k in extends:
+                    outs.append(session.extend(x[:, t : t + k]))
+                    t += k
                 for t in steps:
                     outs.append(session.step(x[:, t : t + 1]))
         except Exception as exc:  # noqa: BLE001 - a decoder that fails is a failed check, with its error
-            runs.append({"prompt_len": P, "max_rel_err": float("inf"), "first_bad_position": t if outs else 0,
+            runs.append({"prompt_len": P, "extends": extends, "max_rel_err": float("inf"), "first_bad_position": t if outs else 0,
                          "error": f"{type(exc).__name__}: {exc}"[:300], "seconds": round(time.perf_counter() - start, 4)})
             continue
         seconds = time.perf_counter() - start
@@ -121,12 +127,13 @@ def teacher_forced(model, decoder, inputs, prompt_lens=(1,), *, tol=None, progre
         bad = (err > tol).nonzero().flatten()
         runs.append({
             "prompt_len": P,
+            "extends": extends,
             "max_rel_err": float(err.max()),
             "worst_position": int(err.argmax()),
             "first_bad_position": int(bad[0]) if len(bad) else None,
             "prefill_max_rel_err": float(err[:P].max()),
-            "step_max_rel_err": float(err[P:].max()) if P < L else None,
-            "steps": L - P,
+            "step_max_rel_err": float(err[first_step:].max()) if first_step < L else None,
+            "steps": L - first_step,
             "seconds": round(seconds, 4),
         })
     worst = max(r["max_rel_err"] for r in runs)

@@ -9,7 +9,10 @@ position is relative to the root-mean-square norm of a reference position, so a 
 (O(1) errors) stands out from rounding; the bound follows the lowest precision the model computes
 in anywhere. A mismatch, or a program that raises, is a DECODE_MISMATCH refusal naming the first
 bad position: a wrong Decoder is never returned. The check runs the eager programs (the compiled
-step is inductor's faithful copy).
+step is inductor's faithful copy). Rows at their own positions and extends (Session.extend: the
+extend program, a one-position prefill continued by two extends, then steps) are checked the same
+way; a decoder that gets one of them wrong keeps the rest, and that operation raises with the
+finding (`decoder.rows_why`, `decoder.extend_why`).
 """
 
 import copy
@@ -51,6 +54,7 @@ def run(decoder, model, ctx, *, seed=0):
         check = verify.teacher_forced(model, decoder, inputs[:1], prompts, tol=tol, reference=reference, out_dims=dims,
                                       scale="rms")
         rows = _rows_check(decoder, inputs[0], reference, tol, dims)
+        extend = _extend_check(model, decoder, inputs, reference, tol, dims)
         if not cap.symbolic and cap.batch_dynamic:  # generalized over the batch: check another one
             other = _one_row(inputs)
             with torch.no_grad(), preserved_state(model):
@@ -66,7 +70,8 @@ def run(decoder, model, ctx, *, seed=0):
         elif r["first_bad_position"] is not None and first_bad is None:
             first_bad = {"prompt_len": r["prompt_len"], "position": r["first_bad_position"], "err": r["max_rel_err"]}
     return {"passed": check["passed"], "tol": tol, "length": length, "prompts": prompts, "max_err": check["max_rel_err"],
-            "first_bad": first_bad, "error": error, "rows": rows, "seconds": round(time.perf_counter() - start, 4)}
+            "first_bad": first_bad, "error": error, "rows": rows, "extend": extend,
+            "seconds": round(time.perf_counter() - start, 4)}
 
 
 def _one_row(inputs):
@@ -90,6 +95,31 @@ def _rows_check(decoder, x, reference, tol, dims):
         decoder.rows_why = f"the translation validation of rows at their own positions failed: {what}"
         get_logger("passes").warning("validate: %s; sessions keep one shared position", decoder.rows_why)
     return result
+
+
+EXTEND_STEPS = 8  # steps after the extends: a step must go on from the state an extend leaves
+
+
+def _extend_check(model, decoder, inputs, reference, tol, dims):
+    """A one-position prefill, extends of 6 and of most of the rest, then EXTEND_STEPS steps
+    (verify.teacher_forced). A decoder that fails it keeps prefill and step: `decoder.extend_why`
+    says why, and Session.extend / prefill(chunk=) raise with it."""
+    if not decoder.can("extend"):
+        return {"passed": None, "why": "the bank only steps"}
+    length = int(inputs[0].shape[1])
+    rest = length - 1 - 6 - EXTEND_STEPS
+    if rest < 1:
+        return {"passed": None, "why": f"{length} positions are too few to check extends"}
+    result = verify.teacher_forced(model, decoder, inputs[:1], [(1, 6, rest)], tol=tol, reference=reference,
+                                   out_dims=dims, scale="rms")
+    (run,) = result["runs"]
+    out = {"passed": result["passed"], "max_rel_err": result["max_rel_err"], "error": run.get("error")}
+    if not result["passed"]:
+        what = run.get("error") or (f"error {run['max_rel_err']:.2e} > {tol:.0e} from position "
+                                    f"{run['first_bad_position']} (prefill 1, extends 6 and {rest})")
+        decoder.extend_why = f"the translation validation of extends failed: {what}"
+        get_logger("passes").warning("validate: %s; sessions keep prefill and step", decoder.extend_why)
+    return out
 
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -145,6 +175,9 @@ def dump(result):
     rows = result.get("rows") or {}
     rows_text = ("not supported: " + rows["why"] if rows.get("passed") is None and "why" in rows
                  else f"{'passed' if rows.get('passed') else 'FAILED'}, max error {rows.get('max_rel_err', float('nan')):.2e}")
+    ext = result.get("extend") or {}
+    ext_text = ("not checked: " + ext["why"] if ext.get("passed") is None and "why" in ext
+                else f"{'passed' if ext.get('passed') else 'FAILED'}, max error {ext.get('max_rel_err', float('nan')):.2e}")
     return (f"validate: {state}: {result['length']} positions, prompts {result['prompts']}, max error "
             f"{result['max_err']:.2e} (tol {result['tol']:.0e}), {result['seconds']:.2f} s; rows at own positions: "
-            f"{rows_text}")
+            f"{rows_text}; extend: {ext_text}")

@@ -6,7 +6,8 @@ is LEGAL: every op that mixes positions is a causal, query-independent, prefix-s
 convolution or a causal delay. An illegal model holds exactly one illegal construct, named in its
 description. The runner calls `lcsm_compile.optimize` and classifies each model:
 
-    ok               legal, accepted, teacher-forced decode exact
+    ok               legal, accepted, teacher-forced decode exact (prefill + steps at two prompt
+                     lengths, and a chunked prefill continued by extends and steps)
     legal_refused    legal, NotDecodable (the report's rejected candidates are recorded)
     illegal_refused  illegal, NotDecodable (what should happen)
     illegal_accepted illegal, accepted, and its decode is exact anyway

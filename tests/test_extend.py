@@ -296,3 +296,25 @@ def test_extend_needs_the_flash_bank(small):
     session.prefill(x[:, :10])
     with pytest.raises(LcsmError, match="conv='flash'"):
         session.extend(x[:, 10:12])
+
+
+def test_the_validation_withholds_a_wrong_extend_and_keeps_the_rest(monkeypatch):
+    """The translation validation decodes extends too: a decoder whose extends are wrong (here an
+    engine made to miscount) keeps prefill and step, and extend raises with the finding."""
+    from lcsm_compile.engine import OnlineConv as Engine
+
+    right = Engine._extend_on
+    monkeypatch.setattr(Engine, "_extend_on", lambda self, *a: right(self, *a) * 1.01)
+    model, example = get("hyena_order2").build()
+    decoder = lcsm_compile.optimize(model, example, max_len=96)  # validated
+    assert "translation validation of extends failed" in decoder.extend_why
+    assert not decoder.can("extend") and decoder.can("rows")
+    x = random_inputs(example[0], 96)
+    session = decoder.session()
+    with torch.no_grad():
+        session.prefill(x[:, :10])
+        with pytest.raises(LcsmError, match="translation validation of extends"):
+            session.extend(x[:, 10:20])
+        assert rel_err(session.step(x[:, 10:11]), model(x[:, :11])[:, 10:]) < 1e-5
+    monkeypatch.setattr(Engine, "_extend_on", right)
+    assert lcsm_compile.optimize(model, example, max_len=96).extend_why is None

@@ -140,12 +140,12 @@ def test_the_fuzzer_catches_a_wrong_decoder(monkeypatch):
         def __init__(self):
             self.seen = []
 
-        def _run(self, x):
+        def _run(self, x, chunk=None):
             self.seen.append(x)
             xs = torch.cat(self.seen, 1)
             return case.model(xs)[:, -x.shape[1]:] * (1 + 1e-3 * (xs.shape[1] > 10))
 
-        prefill = step = _run
+        prefill = step = extend = _run
 
     class WrongDecoder:
         batch_dynamic = True

@@ -109,8 +109,28 @@ def test_an_interrupted_add_or_remove_breaks_the_session(monkeypatch):
                 call()
 
 
-@pytest.mark.parametrize("first", [20, 30])  # the interrupted call prefills (20 -> 50) or steps (30 -> 50)
-def test_an_interrupted_backend_call_is_followed_by_exact_calls(monkeypatch, first):
+def test_an_interrupted_extend_breaks_the_session_until_a_prefill(monkeypatch):
+    model = tiny()
+    decoder = build(model)
+    x = ids(2, 30)
+    session = decoder.session()
+    with torch.no_grad():
+        session.prefill(x[:, :10])
+        inject(monkeypatch, "conv_prefill", 2)  # the second long convolution of the extend program
+        with pytest.raises(KeyboardInterrupt):
+            session.extend(x[:, 10:20])
+        for call in (lambda: session.step(x[:, 10:11]), lambda: session.extend(x[:, 10:12])):
+            with pytest.raises(SessionBroken, match="extend"):
+                call()
+        monkeypatch.undo()
+        assert rel_err(session.prefill(x[:, :12]), model(x[:, :12])) < 1e-5
+        assert rel_err(session.extend(x[:, 12:30]), model(x)[:, 12:]) < 1e-5
+
+
+# the interrupted call prefills (20 -> 50), extends (31 -> 50) or steps (31 -> 32)
+@pytest.mark.parametrize("first, method, k, upto", [(20, "conv_prefill", 2, 50), (30, "conv_prefill", 2, 50),
+                                                    (30, "advance", 1, 32)])
+def test_an_interrupted_backend_call_is_followed_by_exact_calls(monkeypatch, first, method, k, upto):
     torch._dynamo.reset()
     model = tiny()
     x = ids(2, 60)
@@ -119,9 +139,9 @@ def test_an_interrupted_backend_call_is_followed_by_exact_calls(monkeypatch, fir
         with torch.no_grad():
             c(x[:, :first])
             c(x[:, : first + 1])
-            calls = inject(monkeypatch, "advance" if first == 30 else "conv_prefill", 5 if first == 30 else 2)
+            calls = inject(monkeypatch, method, k)
             with pytest.raises(KeyboardInterrupt):
-                c(x[:, :50])
+                c(x[:, :upto])
             assert calls[0] > 0
             monkeypatch.undo()
             for t in (first + 2, 50, 50, 51):
