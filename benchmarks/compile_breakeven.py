@@ -18,7 +18,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lcsm_b
 
 import torch  # noqa: E402
 
-from lcsm_compile import runtime  # noqa: E402
+from lcsm_compile.runtime import program as runtime  # noqa: E402
 from lcsm_compile.bench import common  # noqa: E402
 
 

@@ -5,7 +5,7 @@ minutes on one H200 (baselines estimated from sampled steps, one repeat).
 (a) checks: each Triton specialisation a decode of the timed sizes launches (cli.kernel_plan, fp32
     and bf16 inputs) against its torch reference (verify.check_kernels_here); a Hyena LM decoder in
     fp32 and bf16, teacher-forced (verify.teacher_forced) against the same model in float64; the
-    step as a captured CUDA graph (lcsm_compile.graphs, cuda_graph=True), teacher-forced and its
+    step as a captured CUDA graph (lcsm_compile.runtime.graphs, cuda_graph=True), teacher-forced and its
     step time against the eager step's;
 (b) mixer (bench.mixer): flash vs lazy vs offline FFT at L in {16K, 64K}, C in {2048, 8192};
 (c) generation (bench.generate): 8x256 and 18x864 Hyena LMs to 8192 tokens, flash in full, lazy and
@@ -153,7 +153,7 @@ def check_decoder(device, size, dtype_name, log):
 
 
 def check_graph(device, size, dry_run, log):
-    """The step as a captured CUDA graph (lcsm_compile.graphs; emulated in a dry run): the float32
+    """The step as a captured CUDA graph (lcsm_compile.runtime.graphs; emulated in a dry run): the float32
     check LM teacher-forced through it, and its step time against the eager step's, both measured
     over the same positions after a warm-up."""
     import torch

@@ -28,7 +28,7 @@ class Decoder:
     def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None, compile="auto",
                  cuda_graph=False, strategy="auto", programs=None, schedule=None, source=None):
         check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, strategy=strategy)
-        # cuda_graph: each session captures its step without advance (lcsm_compile.graphs) and
+        # cuda_graph: each session captures its step without advance (lcsm_compile.runtime.graphs) and
         # replays it, the tile call launched eagerly after; "emulate" replays recorded ops on any device
         self.cuda_graph = cuda_graph
         self.report = report
@@ -76,7 +76,7 @@ class Decoder:
                                 **kwargs) if filters else None  # only short convolutions: ring buffers alone
         self.short_filters = {i: self._short_filter(s.conv) for i, s in enumerate(self.sites) if s.kind == "short"}
         if cuda_graph:
-            from lcsm_compile.graphs import check_capturable
+            from lcsm_compile.runtime.graphs import check_capturable
 
             check_capturable(self, cuda_graph)
         get_logger("passes").info("decoder: %d sites (%d long in one bank of %d channels, %d recurrent), %d attention "
@@ -142,7 +142,7 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     every lag > 0, so it is never validated).
     compile: "auto" (default) runs the step program eagerly and compiles it with inductor (once
     per batch size, a few seconds on CPU, so a step is not dominated by Python dispatch) when a
-    generation is long enough to pay for it (runtime.AUTO_COMPILE_CALLS steps, taken or announced
+    generation is long enough to pay for it (runtime.program.AUTO_COMPILE_CALLS steps, taken or announced
     by generate); True compiles on the first step, False never.
     strategy: how each long convolution decodes (conv="flash"): "auto" (its recurrence where the filter
     is proved modal and recurrence.choose's cost model prefers it, else the tiling), "tile" (always
@@ -158,7 +158,7 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     get_logger("passes").info("optimize: %s at max_len %d, %d passes (seconds: capture, analysis, rewrite, validation)",
                               type(model).__name__, max_len, len(pipeline.PASSES))
     if cuda_graph:  # an argument error, not the model's: raised, not a refusal in the Report
-        from lcsm_compile.graphs import check_device
+        from lcsm_compile.runtime.graphs import check_device
 
         check_device(cuda_graph, example_inputs[0].device)
     options = {"conv": conv, "crossover": crossover, "compile": compile, "cuda_graph": cuda_graph, "strategy": strategy,

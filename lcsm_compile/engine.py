@@ -534,7 +534,7 @@ class OnlineConv:
             self.Xb[: self.position - b0].copy_(self.S[..., b0 : self.position].contiguous().permute(2, 0, 1))
         self._block_start = b0
 
-    # -- graph-safe red cells (lcsm_compile.graphs) -------------------------------------------------
+    # -- graph-safe red cells (lcsm_compile.runtime.graphs) -------------------------------------------------
     def graph_safe(self):
         """From now on a red cell issues the same kernels at every position: its block row is a
         device tensor and advance() (host side) loads each block before its first red cell. A

@@ -36,7 +36,7 @@ class Recurrence:
     """One convolution's modal form, shared by every session of a decoder.
 
     poles, residues: [W, N] complex; skip: [W] or None (the lag-0 term D).
-    A session's state for it is [rows, W, N] complex128 (see SessionState)."""
+    A session's state for it is [rows, W, N] complex128 (see runtime.recurrent.RecurrentConvs)."""
 
     def __init__(self, poles, residues, skip, device):
         self.p = poles.to(device=device, dtype=torch.complex128)

@@ -1,7 +1,7 @@
 """Decode rewrite: the captured sequence graph becomes a prefill program and a step program.
 
 Each is a copy of the exported graph. In each, every accepted convolution's output is replaced
-by a call on the session's state (custom ops in lcsm_compile.ops): the prefill program runs the
+by a call on the session's state (custom ops in lcsm_compile.runtime.ops): the prefill program runs the
 convolution over the whole prompt (and records what future positions need); the step program runs
 one position; the extend program runs k known positions of a live session (Session.extend) with
 the prefill's ops, which the session state points at its current position. Causal delays (a token shift) are short convolutions: ring buffers. The filter
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from lcsm_compile import ops  # noqa: F401  (registers torch.ops.lcsm)
+from lcsm_compile.runtime import ops  # noqa: F401  (registers torch.ops.lcsm)
 
 aten = torch.ops.aten
 lcsm = torch.ops.lcsm

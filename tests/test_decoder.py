@@ -102,10 +102,10 @@ def test_memory_bytes_counts_bank_and_rings(decoders):
     _, inputs, decoder = decoders("hyena_order2")
     session = decoder.session()
     session.prefill(random_inputs(inputs[0], 10))
-    bank = session.state.bank
+    bank = session.state.tiled.bank
     state = sum(t.numel() * t.element_size() for t in (bank.S, bank.Xb, bank.Ab))
     spectra = sum(t.numel() * t.element_size() for t in bank.spectra.values())
-    rings = sum(r.numel() * r.element_size() for r in session.state.rings.values())
+    rings = sum(r.numel() * r.element_size() for r in session.state.ring.rings.values())
     assert state > 0 and spectra > 0 and rings > 0
     expected = state + spectra + rings
     assert expected <= session.memory_bytes() <= 1.1 * expected + bank.h.numel() * bank.h.element_size() + sum(
@@ -177,7 +177,7 @@ def test_compiled_step_is_exact_and_compiles_once_per_batch_size(decoders):
 def test_auto_compile_switches_after_enough_steps_and_stays_exact(decoders, monkeypatch, caplog):
     """compile="auto" (the default): eager until a batch size has taken AUTO_COMPILE_CALLS steps,
     then compiled and timed against the eager steps, logged, with the decode exact throughout."""
-    from lcsm_compile import runtime
+    from lcsm_compile.runtime import program as runtime
 
     monkeypatch.setattr(runtime, "AUTO_COMPILE_CALLS", 30)
     model, inputs, _ = decoders("hyena_order2")
@@ -198,7 +198,7 @@ def test_auto_compile_switches_after_enough_steps_and_stays_exact(decoders, monk
 
 
 def test_auto_compile_keeps_the_eager_program_when_the_compiled_one_is_slower(decoders, monkeypatch, caplog):
-    from lcsm_compile import runtime
+    from lcsm_compile.runtime import program as runtime
 
     monkeypatch.setattr(runtime, "AUTO_COMPILE_CALLS", 20)
     model, inputs, _ = decoders("hyena_order2")
@@ -228,7 +228,7 @@ def test_auto_compile_compiles_a_long_generation_early(decoders, monkeypatch):
     """generate announces its length: a generation of AUTO_COMPILE_CALLS steps or more is compiled
     once AUTO_TRIAL_CALLS eager steps were timed, a shorter one never; tokens equal the naive
     loop's either way."""
-    from lcsm_compile import runtime
+    from lcsm_compile.runtime import program as runtime
 
     monkeypatch.setattr(runtime, "AUTO_COMPILE_CALLS", 40)
     model, inputs, _ = decoders("hyena_order2")
@@ -249,7 +249,7 @@ def test_auto_compile_compiles_a_long_generation_early(decoders, monkeypatch):
 
 
 def test_auto_compile_that_fails_stays_eager_with_a_warning(decoders, monkeypatch, caplog):
-    from lcsm_compile import runtime
+    from lcsm_compile.runtime import program as runtime
 
     monkeypatch.setattr(runtime, "AUTO_COMPILE_CALLS", 3)
     model, inputs, _ = decoders("hyena_order2")

@@ -1,4 +1,4 @@
-"""The step as a captured graph (lcsm_compile.graphs): the part without advance replayed, the tile
+"""The step as a captured graph (lcsm_compile.runtime.graphs): the part without advance replayed, the tile
 call launched eagerly. On CPU the "emulate" backend records the aten ops one call issues and
 replays them without running Python, which is what a CUDA graph does: decoding through it must be
 exact, and a step that is not graph-safe must visibly fail it."""
@@ -14,7 +14,7 @@ from lcsm_compile import verify
 from helpers import rel_err
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.errors import DeviceError
-from lcsm_compile.graphs import GraphCaptureError, core_program
+from lcsm_compile.runtime.graphs import GraphCaptureError, core_program
 from lcsm_compile.runtime import SessionState
 
 TOL64 = 1e-12

@@ -49,7 +49,8 @@ def test_wheel_layout(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert top == {"lcsm_compile", f"lcsm_compile-{wheel.name.split('-')[1]}.dist-info"}
-    for module in ("lcsm_compile/passes/__init__.py", "lcsm_compile/kernels/__init__.py", "lcsm_compile/kernels/reference.py"):
+    for module in ("lcsm_compile/passes/__init__.py", "lcsm_compile/kernels/__init__.py", "lcsm_compile/kernels/reference.py",
+                   "lcsm_compile/runtime/__init__.py", "lcsm_compile/runtime/session.py"):
         assert module in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "lcsm-compile = lcsm_compile.cli:main" in entry_points

@@ -207,9 +207,9 @@ def test_rows_that_stay_are_untouched_bit_for_bit(decoders64):
             a = churn.step(c)
             b = steady.step(x[:2, t : t + 1])
             assert torch.equal(a[0], b[0]), t
-    assert torch.equal(churn.state.bank.S[0], steady.state.bank.S[0])
-    for i in churn.state.rings:
-        assert torch.equal(churn.state.rings[i][:, 0], steady.state.rings[i][:, 0])
+    assert torch.equal(churn.state.tiled.bank.S[0], steady.state.tiled.bank.S[0])
+    for i in churn.state.ring.rings:
+        assert torch.equal(churn.state.ring.rings[i][:, 0], steady.state.ring.rings[i][:, 0])
 
 
 def test_row_errors_name_what_was_expected(decoders64):

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lcsm_compile import ops
+from lcsm_compile.runtime import ops
 from lcsm_compile.errors import DeviceError, LcsmError
 
 

@@ -1,355 +1,20 @@
-"""Decoder and sessions: run the prefill and step programs on a session's convolution state.
+"""Session: one decode of N rows on a Decoder's programs (prefill, extend, step, rows joining and leaving).
 
 A Decoder holds what every session shares (the programs, the filters and their tile operators);
-a Session holds one decode's state (one bank with every long convolution of every layer, ring
-buffers for short convolutions, a KV cache per causal attention) and its position. Sessions are
-independent and can be interleaved.
+a Session holds one decode's state (SessionState: one state per decoding strategy) and its
+position. Sessions are independent and can be interleaved.
 """
 
 import contextlib
-import copy
 import functools
-import time
 
 import torch
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from lcsm_compile import ops
 from lcsm_compile.checks import check_ids
 from lcsm_compile.errors import DeviceError, DTypeError, LcsmError, MaxLenExceeded, SessionBroken, SessionNotStarted, ShapeError
-from lcsm_compile.logs import get_logger
-
-
-class SessionState:
-    """What the custom ops of one session act on.
-
-    capacity: the session's rows N (fixed by its first prefill, or by Decoder.session(rows=N)).
-    rows: None while a program runs on every row; during a row prefill (Session.add, a ragged
-    prefill) or a row extend the int64 indices of the rows the program's batch stands for.
-    start: None during a prefill from position 0; during an extend (Session.extend) the position of
-    its first input, from which the prefill ops continue the state.
-    positions: int64 [N], each row's own position (where its next step's input goes); live: bool
-    [N], the rows holding a sequence. A step runs every row; free rows compute and are ignored.
-    """
-
-    def __init__(self, decoder):
-        self.bank = decoder.bank.fork() if decoder.bank is not None else None  # None: short convolutions only
-        self.slices = decoder.bank_slices  # site index -> channel slice of the bank (long convs)
-        self.sites = decoder.sites
-        self.rings = {}  # site index -> [K-1, N, W] last inputs of a short convolution
-        self.recurrent = decoder.recurrent  # site index -> recurrence.Recurrence (modal long convolutions)
-        self.modes = {}  # site index -> [N, W, modes] complex128 state of a recurrent convolution
-        self.short_filters = decoder.short_filters  # site index -> (taps [W, K] causal, bias or None)
-        self.attention = getattr(decoder, "attention", [])  # AttentionSites
-        self.max_len = decoder.max_len
-        self.kv = {}  # attention site index -> (k cache, v cache) [N, G, max_len, D], allocated on first prefill
-        self.capacity, self.rows, self.positions, self.live, self.start = None, None, None, None, None
-        self.device, self.graph, self.positions_device = decoder.device, False, None
-
-    def reset(self, capacity):
-        """Forget every sequence; `capacity` rows from now on, all free."""
-        if self.bank is not None:
-            if self.capacity is not None and capacity != self.capacity:
-                self.bank = self.bank.fork()  # another batch size: fresh state
-            self.bank.reset()
-        self.rings.clear()  # KV caches stay allocated: a row reads only the positions it wrote
-        self.modes.clear()
-        self.capacity, self.rows, self.graph = capacity, None, False
-        self.positions = torch.zeros(capacity, dtype=torch.long)
-        self.live = torch.zeros(capacity, dtype=torch.bool)
-
-    # long convolutions: one bank, red cells per site, one tile call per position
-    # every site's input is brought to the bank's dtype (convolutions of one model can run in
-    # different dtypes, e.g. a bfloat16 model with one FFT in float32): exact widening, one rounding back
-    def conv_prefill(self, index, u):
-        if index in self.recurrent:
-            return self._recurrent_prefill(index, u)
-        if self.start is not None:
-            if self.rows is not None and self.bank.S is None:
-                self.bank.bind(self.capacity)
-            y = self.bank.extend(u.to(self.bank.dtype), channels=self.slices[index], rows=self.rows, start=self.start)
-        elif self.rows is None:
-            y = self.bank.prefill(u.to(self.bank.dtype), channels=self.slices[index])
-        else:
-            if self.bank.S is None:
-                self.bank.bind(self.capacity)
-            y = self.bank.prefill(u.to(self.bank.dtype), channels=self.slices[index], rows=self.rows)
-        return self._plus_bias(index, y).to(u.dtype)
-
-    def conv_step(self, index, u):
-        if index in self.recurrent:
-            x = u[..., 0]
-            y = self.recurrent[index].step(self.modes[index], x.reshape(self.modes[index].shape[:2]))
-            return self._plus_bias(index, y.reshape(x.shape).unsqueeze(-1)).to(u.dtype)
-        y = self.bank.red_cell(u[..., 0].to(self.bank.dtype), channels=self.slices[index]).unsqueeze(-1)
-        return self._plus_bias(index, y).to(u.dtype)
-
-    def _recurrent_prefill(self, index, u):
-        rec = self.recurrent[index]
-        before = self.modes.get(index) if self.start is not None else None  # an extend continues the state
-        if before is not None and self.rows is not None:
-            before = before[self.rows.to(before.device)]
-        y, state = rec.prefill(u.reshape(-1, rec.width, u.shape[-1]), before)
-        if self.rows is None:
-            self.modes[index] = state
-        else:
-            if index not in self.modes:
-                self.modes[index] = state.new_zeros(self.capacity, rec.width, rec.modes)
-            self.modes[index][self.rows.to(state.device)] = state
-        return self._plus_bias(index, y.reshape(u.shape)).to(u.dtype)
-
-    def advance(self):
-        if self.bank is not None:
-            self.bank.advance()
-        self.positions += self.live
-        if self.graph:
-            self.positions_device.copy_(self.positions)
-
-    def graph_safe(self):
-        """Every op of a step issues the same kernels at every position from now on (until the next
-        reset): positions on the device for the KV caches, the bank's red cells graph-safe. For
-        lcsm_compile.graphs, which captures the step without advance."""
-        self.graph = True
-        self.positions_device = self.positions.to(self.device)
-        if self.bank is not None and "graph_safe" in self.bank.capabilities:
-            self.bank.graph_safe()
-
-    def _plus_bias(self, index, y):
-        bias = self.sites[index].conv.bias
-        return y if bias is None else y + bias.reshape(-1, 1).to(y.dtype)
-
-    # short convolutions: a ring buffer of the last K-1 inputs
-    def short_prefill(self, index, u):
-        weight, _, bias = self.short_filters[index]  # weight [W, 1, K], oldest input first
-        K = weight.shape[-1]
-        ring = self.rings.get(index) if self.start is not None else None  # an extend continues after its inputs
-        if ring is None:
-            window = F.pad(u, (K - 1, 0))  # zeros before the prompt
-        else:
-            window = torch.cat([(ring if self.rows is None else ring[:, self.rows]).permute(1, 2, 0).to(u.dtype), u], -1)
-        y = F.conv1d(window, weight.to(u.dtype), bias, groups=weight.shape[0])
-        past = window[..., u.shape[-1] :].permute(2, 0, 1)  # the last K-1 inputs
-        if self.rows is None:
-            self.rings[index] = past.clone(memory_format=torch.contiguous_format)  # [K-1, N, W], oldest first
-        else:
-            if index not in self.rings:
-                self.rings[index] = past.new_zeros(K - 1, self.capacity, past.shape[-1])
-            self.rings[index][:, self.rows] = past
-        return y
-
-    def short_step(self, index, u):
-        _, taps, bias = self.short_filters[index]  # taps [K, 1, W], oldest input first
-        ring = self.rings[index]
-        window = torch.cat([ring, u.permute(2, 0, 1)])  # [K, B, W]
-        y = (window * taps.to(u.dtype)).sum(0)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        ring.copy_(window[1:])  # in place: a captured step (lcsm_compile.graphs) keeps reading this ring
-        return y.unsqueeze(-1)
-
-    # causal attention: a KV cache of max_len positions per site and row
-    def attn_prefill(self, index, q, k, v):
-        if self.start:
-            return self._attn_extend(index, q, k, v)
-        N, G, P = self.capacity or q.shape[0], k.shape[1], k.shape[2]
-        cache = self.kv.get(index)
-        want = ((N, G, self.max_len, k.shape[3]), (N, G, self.max_len, v.shape[3]))
-        if cache is None or tuple(cache[0].shape) != want[0] or tuple(cache[1].shape) != want[1] \
-                or cache[0].dtype != k.dtype or cache[0].device != k.device:
-            cache = self.kv[index] = (k.new_zeros(want[0]), v.new_zeros(want[1], dtype=v.dtype))
-        rows = slice(None) if self.rows is None else self.rows.to(k.device)
-        cache[0][rows, :, :P] = k
-        cache[1][rows, :, :P] = v
-        site = self.attention[index].attn
-        if site.spelling == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=_sdpa_scale(site))
-        causal = torch.ones(P, P, dtype=torch.bool, device=q.device).tril()
-        return _softmax_attention(site, q, k, v, causal)
-
-    def _attn_extend(self, index, q, k, v):
-        """k positions from `start` on: their keys and values appended, each query attends over the
-        row's prefix up to its own position."""
-        kc, vc = self.kv[index]
-        t, P = self.start, k.shape[2]
-        rows = slice(None) if self.rows is None else self.rows.to(kc.device)
-        kc[rows, :, t : t + P] = k
-        vc[rows, :, t : t + P] = v
-        keys, values = kc[rows, :, : t + P], vc[rows, :, : t + P]
-        allowed = torch.arange(t + P, device=kc.device) <= torch.arange(t, t + P, device=kc.device)[:, None]  # [P, t + P]
-        site = self.attention[index].attn
-        if site.spelling == "sdpa":
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=_sdpa_scale(site))
-        return _softmax_attention(site, q, keys, values, allowed)
-
-    def attn_step(self, index, q, k, v):
-        kc, vc = self.kv[index]
-        N = kc.shape[0]
-        if self.graph:  # a captured step reads nothing on the host: positions on the device, every key masked
-            pos, m = self.positions_device, self.max_len
-        else:
-            pos, m = self.positions.to(kc.device), int(self.positions.max()) + 1  # keys any row can see
-        r = torch.arange(N, device=kc.device)
-        kc[r, :, pos] = k[:, :, 0]  # each row writes its own position
-        vc[r, :, pos] = v[:, :, 0]
-        allowed = (torch.arange(m, device=kc.device) <= pos[:, None])[:, None, None, :]  # [N, 1, 1, m]
-        site = self.attention[index].attn
-        if site.spelling == "sdpa":
-            return F.scaled_dot_product_attention(q, kc[:, :, :m], vc[:, :, :m], attn_mask=allowed, scale=_sdpa_scale(site))
-        return _softmax_attention(site, q, kc[:, :, :m], vc[:, :, :m], allowed)
-
-    def memory_breakdown(self):
-        rings = sum(r.numel() * r.element_size() for r in self.rings.values())
-        kv = sum(t.untyped_storage().nbytes() for pair in self.kv.values() for t in pair)
-        modes = sum(m.numel() * m.element_size() for m in self.modes.values())
-        return {**(self.bank.memory_breakdown() if self.bank is not None else {}), "rings": rings, "recurrent": modes,
-                "kv_cache": kv}
-
-
-def _sdpa_scale(site):
-    (_, scale), = site.scale_ops
-    return scale
-
-
-def _softmax_attention(site, q, k, v, allowed):
-    """The explicit spelling as the model computes it: q k^T, its scalings in order, -inf where a
-    key is not allowed, softmax over keys, then the weights (in v's dtype) times v."""
-    s = q @ k.transpose(-2, -1)
-    for op, c in site.scale_ops:
-        s = s * c if op == "mul" else s / c
-    s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(s, dim=-1, dtype=site.softmax_dtype)
-    return (p.to(v.dtype) @ v).to(v.dtype)
-
-
-# compile="auto": a batch size is compiled once its calls so far, or those a generation announced,
-# reach AUTO_COMPILE_CALLS (about the steps a compile costs: README, "Compiling the step program"); so
-# compiling never costs more than twice the best choice made knowing the length up front. The
-# last AUTO_TRIAL_CALLS eager calls are then timed against as many compiled ones, and the compiled
-# program is kept only if it is faster (for a small model on CPU it can be slower).
-AUTO_COMPILE_CALLS = 4096
-AUTO_TRIAL_CALLS = 16
-
-
-class Program:
-    """A rewritten graph; calls rebuild the model's output structure from its flat outputs.
-
-    compile=True compiles it with inductor directly (compile_fx, what torch.compile's default
-    backend runs), not through dynamo: the program is already an FX graph with static shapes, so
-    there is nothing to trace and no guards to evaluate on every call. Inductor fuses the
-    time-local ops; the lcsm custom ops stay opaque calls. One compilation per input signature
-    (shapes, strides, dtypes, devices): the session and position are tensor inputs, so one serves
-    every position and session of a batch size; `compilations` counts them.
-    compile="auto": see AUTO_COMPILE_CALLS; `expect(n)` announces n calls (a generation of known
-    length). A failed automatic compile (e.g. no C++ compiler) is logged and the program stays eager.
-    """
-
-    def __init__(self, gm, out_spec, compile=False):
-        self.gm = gm
-        self.out_spec = out_spec
-        self.compile = compile
-        self.compiled = {}  # input signature -> inductor-compiled callable
-        self.auto = {}  # input signature -> _AutoTrial (compile="auto")
-        self.expected = 0  # calls announced by expect()
-
-    @property
-    def compilations(self) -> int:
-        return len(self.compiled)
-
-    def expect(self, calls):
-        """Announce `calls` upcoming calls (0: none known), for compile="auto"."""
-        self.expected = max(0, int(calls))
-
-    def __call__(self, *prefix, inputs):
-        args = (*prefix, *inputs)
-        if self.compile is False:
-            return self._eager(args)
-        key = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in args)
-        if self.compile == "auto":
-            return self._auto(key, args)
-        fn = self.compiled.get(key) or self._compile(key, args)
-        return self._run(fn, args)
-
-    def _eager(self, args):
-        return pytree.tree_unflatten(list(self.gm(*args)), self.out_spec)
-
-    def _run(self, fn, args):
-        with torch.no_grad():  # decoding never needs autograd; an inference graph is the fast one
-            return pytree.tree_unflatten(list(fn(*args)), self.out_spec)
-
-    def _compile(self, key, args):
-        from torch._inductor.compile_fx import compile_fx
-
-        get_logger("runtime").info("compiling the step program with inductor for inputs %s (seconds, once)",
-                                   [tuple(a.shape) for a in args[-1:]])
-        with torch.no_grad():
-            # a fresh graph over the same module: inductor's passes may rewrite the graph in place
-            gm = torch.fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
-            fn = self.compiled[key] = compile_fx(gm, list(args))
-        return fn
-
-    def _auto(self, key, args):
-        trial = self.auto.get(key)
-        if trial is None:
-            trial = self.auto[key] = _AutoTrial()
-        if trial.verdict == "compiled":  # the steady state of a long decode: straight to the compiled program
-            return self._run(self.compiled[key], args)
-        if trial.verdict == "eager":
-            return self._eager(args)
-        fn = self.compiled.get(key)
-        if fn is None and not trial.due(self.expected):
-            trial.calls += 1
-            return trial.timed(lambda: self._eager(args), trial.eager)
-        if fn is None:
-            fn = self._auto_compile(key, args, trial)
-            if fn is None:
-                return self._eager(args)
-            return self._run(fn, args)  # its first call may still pay for lazy set-up: not timed
-        out = trial.timed(lambda: self._run(fn, args), trial.compiled)
-        if len(trial.compiled) == AUTO_TRIAL_CALLS:
-            trial.decide(tuple(args[-1].shape)[:1])
-        return out
-
-    def _auto_compile(self, key, args, trial):
-        log = get_logger("runtime")
-        why = f"{self.expected} steps announced" if self.expected else f"{trial.calls} steps taken"
-        start = time.perf_counter()
-        try:
-            fn = self._compile(key, args)
-        except Exception as exc:  # noqa: BLE001 - any inductor failure: the eager program is exact too
-            log.warning("compile='auto': compiling the step program failed (%s: %s); it stays eager",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            self.compile = False
-            return None
-        log.info("compile='auto': compiled the step program for batch %s (%s; %.1f s)",
-                 tuple(args[-1].shape)[:1], why, time.perf_counter() - start)
-        return fn
-
-
-class _AutoTrial:
-    """compile="auto" for one input signature: eager calls counted and the last ones timed, then
-    the compiled program timed and kept (verdict "compiled") or dropped ("eager")."""
-
-    def __init__(self):
-        self.calls, self.eager, self.compiled, self.verdict = 0, [], [], None
-
-    def due(self, expected):
-        """Compile now? Once enough eager calls were timed, if the calls made or those announced pay for it."""
-        return self.calls >= AUTO_TRIAL_CALLS and max(self.calls, expected) >= AUTO_COMPILE_CALLS
-
-    def timed(self, call, times):
-        """call(), its time appended to `times` (the last AUTO_TRIAL_CALLS kept)."""
-        start = time.perf_counter()
-        out = call()
-        times.append(time.perf_counter() - start)
-        del times[:-AUTO_TRIAL_CALLS]
-        return out
-
-    def decide(self, batch):
-        eager, compiled = sorted(self.eager)[len(self.eager) // 2], sorted(self.compiled)[len(self.compiled) // 2]
-        self.verdict = "compiled" if compiled < eager else "eager"
-        get_logger("runtime").info("compile='auto': batch %s step %.3f ms compiled vs %.3f ms eager: keeping %s",
-                                   batch, 1e3 * compiled, 1e3 * eager, self.verdict)
+from lcsm_compile.runtime import ops
+from lcsm_compile.runtime.state import SessionState
 
 
 def _contiguous_strides(shape):
@@ -396,7 +61,7 @@ class Session:
         self.state = SessionState(decoder)
         self.handle = ops.register(self.state)  # [session id, position]; lcsm::advance moves the position
         self._own_positions = False  # rows at their own positions (after a ragged prefill, add or remove)
-        self._captured = None  # lcsm_compile.graphs.CapturedStep, with Decoder(cuda_graph=...)
+        self._captured = None  # runtime.graphs.CapturedStep, with Decoder(cuda_graph=...)
         self._broken = None  # the state change that did not finish, until a prefill restarts the session
         if rows is not None:
             if not (isinstance(rows, int) and rows >= 1):
@@ -647,8 +312,7 @@ class Session:
         with self._changing("remove"):
             self._own_positions = True
             self._recapture()
-            if state.bank is not None:
-                state.bank.release([row])
+            state.release([row])
             state.live[row], state.positions[row] = False, 0
 
     @_inference
@@ -678,7 +342,7 @@ class Session:
         with self._changing("step"):
             if self.decoder.cuda_graph:
                 if self._captured is None:
-                    from lcsm_compile.graphs import CapturedStep
+                    from lcsm_compile.runtime.graphs import CapturedStep
 
                     self._captured = CapturedStep(self, "emulate" if self.decoder.cuda_graph == "emulate" else "cuda")
                 out = self._captured(pos, x)
@@ -704,10 +368,11 @@ class Session:
         if per_channel_position:
             if self.state.capacity is None:
                 raise SessionNotStarted("memory_breakdown(per_channel_position=True): call prefill(prompt) first")
-            if self.state.bank is None:
+            bank = self.state.tiled.bank
+            if bank is None:
                 raise ValueError("memory_breakdown(per_channel_position=True): this model has no long convolution on the "
                                  "tiling (none, or each decodes by its recurrence, whose state does not grow with positions)")
-            cells = self.state.capacity * self.state.bank.channels * self.decoder.max_len
+            cells = self.state.capacity * bank.channels * self.decoder.max_len
             parts = {k: v / cells for k, v in parts.items()}
         return parts
 

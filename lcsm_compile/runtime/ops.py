@@ -13,7 +13,7 @@ import torch
 
 _sessions: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
 _ids = itertools.count(1)
-IMPLS = {}  # op name -> its Python implementation (lcsm_compile.graphs records the kernels it issues)
+IMPLS = {}  # op name -> its Python implementation (lcsm_compile.runtime.graphs records the kernels it issues)
 
 
 def register(state) -> torch.Tensor:
