@@ -1,3 +1,3 @@
-from lcsm_compile.bench.loop import main
+from lcsm_compile.tools.bench.loop import main
 
 raise SystemExit(main())

@@ -19,7 +19,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lcsm_b
 import torch  # noqa: E402
 
 from lcsm_compile.runtime import program as runtime  # noqa: E402
-from lcsm_compile.bench import common  # noqa: E402
+from lcsm_compile.tools.bench import common  # noqa: E402
 
 
 def parse_args(argv):

@@ -1,9 +1,9 @@
-"""The generation benchmark (lcsm_compile.bench.generate) judged against the project's targets (issue 13).
+"""The generation benchmark (lcsm_compile.tools.bench.generate) judged against the project's targets (issue 13).
 
 Run: python benchmarks/generate.py [--quick] [--out bench_out/]   (every option of `lcsm-compile bench generate`)
 """
 
-from lcsm_compile.bench import common, generate
+from lcsm_compile.tools.bench import common, generate
 
 NAIVE_OVER_FLASH = 150.0  # 8x256 to 8192 tokens
 LAZY_OVER_FLASH = 8.0  # 8x256 at L=32768

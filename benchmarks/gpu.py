@@ -59,7 +59,7 @@ def main(argv=None):
     if not args.dry_run and not torch.cuda.is_available():
         raise DeviceError("benchmarks/gpu.py needs a CUDA device and found none; use --dry-run for the same "
                           "checks and timings on the CPU at tiny sizes")
-    from lcsm_compile.bench import common
+    from lcsm_compile.tools.bench import common
 
     device = "cpu" if args.dry_run else "cuda"
     size = SIZES["dry-run" if args.dry_run else "cuda"]
@@ -72,7 +72,7 @@ def main(argv=None):
 def run(args, device, size):
     import warnings
 
-    from lcsm_compile.bench import common, generate, mixer
+    from lcsm_compile.tools.bench import common, generate, mixer
 
     started = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - started:6.1f} s] {s}", file=sys.stderr, flush=True)  # noqa: E731
@@ -118,7 +118,7 @@ def check_kernels(device, size, log):
     """Every Triton specialisation the timed decodes launch (the red cell per IO dtype, the direct
     tile per size up to the device's crossover), once each against its torch reference."""
     from lcsm_compile import verify
-    from lcsm_compile.cli import kernel_plan
+    from lcsm_compile.tools.cli import kernel_plan
     from lcsm_compile.tuning import crossover_for
 
     crossover = crossover_for(device)
@@ -160,7 +160,7 @@ def check_graph(device, size, dry_run, log):
 
     import lcsm_compile
     from lcsm_compile import verify
-    from lcsm_compile.bench import common
+    from lcsm_compile.tools.bench import common
     from lcsm_compile.models.hyena import demo_lm
 
     layers, d = size["check_lm"]
@@ -222,7 +222,7 @@ def table_rows(kernels, decoders, graph, mixer_results, gen_results, mixer_tol, 
 
 
 def table(rows):
-    from lcsm_compile.bench import common
+    from lcsm_compile.tools.bench import common
 
     headers = ["part", "case", "rel_err", "tol", "ok", "flash_s", "lazy_s", "other_s", "lazy/fl", "ratio", "est"]
     cells = []

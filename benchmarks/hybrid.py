@@ -23,9 +23,9 @@ import warnings
 
 import torch
 
-from lcsm_compile.bench import common
+from lcsm_compile.tools.bench import common
 from lcsm_compile.generation import NaiveSession
-from lcsm_compile.bench.generate import generate_session, int_list, teacher_forced_stepper, token_agreement, warm
+from lcsm_compile.tools.bench.generate import generate_session, int_list, teacher_forced_stepper, token_agreement, warm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # examples/ from a checkout
 

@@ -1,9 +1,9 @@
-"""The mixer benchmark (lcsm_compile.bench.mixer) judged against the project's targets (issue 13).
+"""The mixer benchmark (lcsm_compile.tools.bench.mixer) judged against the project's targets (issue 13).
 
 Run: python benchmarks/mixer.py [--quick] [--out bench_out/]   (every option of `lcsm-compile bench mixer`)
 """
 
-from lcsm_compile.bench import common, mixer
+from lcsm_compile.tools.bench import common, mixer
 
 LAZY_OVER_FLASH = 80.0  # at C=2048, L=32768
 FLASH_OVER_OFFLINE = 2.0  # at C=2048, L=16384 and 32768

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lcsm_compile  # noqa: E402
-from lcsm_compile.bench import common  # noqa: E402
+from lcsm_compile.tools.bench import common  # noqa: E402
 from lcsm_compile.models.hyena import demo_lm  # noqa: E402
 
 VOCAB = 16

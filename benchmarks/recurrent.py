@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lcsm_compile  # noqa: E402
 from examples.models.striped_hyena import striped_hyena_lm  # noqa: E402
-from lcsm_compile.bench import common  # noqa: E402
+from lcsm_compile.tools.bench import common  # noqa: E402
 
 
 class EagerRecurrentLM:

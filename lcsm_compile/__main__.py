@@ -2,6 +2,6 @@
 
 import sys
 
-from lcsm_compile.cli import main
+from lcsm_compile.tools.cli import main
 
 sys.exit(main())

@@ -297,7 +297,7 @@ def test_conv_lazy_runs_the_baseline_bank_exactly():
 
 
 def test_loop_benchmark_smoke():
-    from lcsm_compile.bench import loop
+    from lcsm_compile.tools.bench import loop
     from lcsm_compile.models.hyena import demo_lm
 
     model = demo_lm(n_layer=1, d_model=16, vocab=32, max_len=64)

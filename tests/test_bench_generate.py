@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from lcsm_compile.bench import common, generate
+from lcsm_compile.tools.bench import common, generate
 from test_bench_mixer import load_script
 
 

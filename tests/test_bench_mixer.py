@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lcsm_compile import baselines
-from lcsm_compile.bench import common, mixer
+from lcsm_compile.tools.bench import common, mixer
 
 
 def load_script(name):

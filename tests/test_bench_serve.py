@@ -3,7 +3,7 @@ one request at a time, and the outputs are consistent. No timing assertions (noi
 
 import json
 
-from lcsm_compile.bench import serve
+from lcsm_compile.tools.bench import serve
 
 
 def test_requests_follow_their_ranges():

@@ -149,7 +149,7 @@ def bf16_lm():
 
 
 def test_verify_holds_a_bfloat16_model_to_its_own_error_and_says_what_it_checked(capsys):
-    from lcsm_compile import cli
+    from lcsm_compile.tools import cli
 
     rc = cli.main(["verify", f"{__file__}:bf16_lm", "--no-progress", "--prompt-lens", "1,16"])
     out = capsys.readouterr().out
@@ -187,7 +187,7 @@ def test_generate_takes_the_logits_the_hugging_face_way():
 
 
 def test_ctrl_c_in_the_cli_exits_130_in_one_line(monkeypatch, capsys):
-    from lcsm_compile import cli
+    from lcsm_compile.tools import cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -212,7 +212,7 @@ def test_demo_takes_threads_and_says_when_a_busy_machine_makes_timings_unreliabl
     import json
     import os
 
-    from lcsm_compile import cli
+    from lcsm_compile.tools import cli
 
     threads = torch.get_num_threads()
     monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * (os.cpu_count() or 1), 0.0, 0.0))

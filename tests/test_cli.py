@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from helpers import reference_crossover
-from lcsm_compile import cli, loading, logs, tuning
+from lcsm_compile import logs, tuning
+from lcsm_compile.tools import cli, loading
 from lcsm_compile.pipeline import ANALYSIS_PASSES, PASS_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -537,7 +538,7 @@ def test_demo_is_exact_and_matches_the_naive_loop(runs):
 def test_demo_help_describes_every_option(capsys):
     import argparse
 
-    from lcsm_compile import demo
+    from lcsm_compile.tools import demo
 
     with pytest.raises(SystemExit):
         cli.main(["demo", "--help"])

@@ -53,7 +53,7 @@ def test_wheel_layout(wheel):
                    "lcsm_compile/runtime/__init__.py", "lcsm_compile/runtime/session.py"):
         assert module in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "lcsm-compile = lcsm_compile.cli:main" in entry_points
+    assert "lcsm-compile = lcsm_compile.tools.cli:main" in entry_points
 
 
 def test_triton_is_an_extra_not_a_dependency(wheel):

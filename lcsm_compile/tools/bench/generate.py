@@ -36,7 +36,7 @@ import warnings
 
 import torch
 
-from lcsm_compile.bench import common
+from lcsm_compile.tools.bench import common
 from lcsm_compile.generation import NaiveSession
 
 METHODS = ("naive", "lazy", "flash", "floor")

@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from lcsm_compile.bench import common
+from lcsm_compile.tools.bench import common
 from lcsm_compile.generation import NaiveSession
 
 METHODS = ("eager", "lcsm", "lcsm_eager_step", "inductor")

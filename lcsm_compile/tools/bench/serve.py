@@ -23,8 +23,8 @@ from collections import deque
 import numpy as np
 import torch
 
-from lcsm_compile.bench import common
-from lcsm_compile.bench.generate import parse_config
+from lcsm_compile.tools.bench import common
+from lcsm_compile.tools.bench.generate import parse_config
 
 METHODS = ("sequential", "static", "continuous")
 PERCENTILES = (50, 90, 99)

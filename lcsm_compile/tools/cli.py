@@ -14,7 +14,7 @@ unexpected failure, 130 when interrupted, 141 quietly when the reader of stdout 
     kernels [MODEL]         Triton specialisations chosen; --dump DIR, --check (TRITON_INTERPRET=1 on CPU)
     verify MODEL            teacher-forced exactness against the float64 model (exit 1 past --tol)
     bench MODEL             greedy generation: eager recompute loop vs the lcsm decoder (--plot)
-    bench mixer|generate|serve  the full benchmarks (lcsm_compile.bench.mixer / .generate / .serve), options forwarded
+    bench mixer|generate|serve  the full benchmarks (lcsm_compile.tools.bench.mixer / .generate / .serve), options forwarded
     tune, demo
 
 LCSM_LOGS=detect,passes,schedule,kernels,backend (or all, +debug) logs each area to stderr.
@@ -32,8 +32,8 @@ import sys
 import time
 import warnings
 
-from lcsm_compile import demo
-from lcsm_compile.bench.common import MATPLOTLIB_MISSING, have_matplotlib
+from lcsm_compile.tools import demo
+from lcsm_compile.tools.bench.common import MATPLOTLIB_MISSING, have_matplotlib
 from lcsm_compile.errors import LcsmError, NotDecodable
 from lcsm_compile.logs import get_logger
 
@@ -87,7 +87,7 @@ def _model_args(p, *, optional=False):
 
 
 def _load(args):
-    from lcsm_compile.loading import load
+    from lcsm_compile.tools.loading import load
 
     start = time.perf_counter()
     loaded = load(args.model, input_shape=args.input_shape, vocab=args.vocab, dtype=args.dtype,
@@ -488,7 +488,7 @@ def dump_kernels(specs, folder):
 
 def _kernels(args):
     from lcsm_compile.engine import state_dtype_for
-    from lcsm_compile.loading import DTYPES
+    from lcsm_compile.tools.loading import DTYPES
     from lcsm_compile import tuning
 
     import torch
@@ -578,7 +578,7 @@ def _ints(text, flag):
 
 def _verify(args):
     from lcsm_compile import verify
-    from lcsm_compile.loading import random_inputs
+    from lcsm_compile.tools.loading import random_inputs
 
     loaded = _load(args)
     decoder = _optimize(loaded)
@@ -612,8 +612,8 @@ def _verify(args):
 
 # -- bench --------------------------------------------------------------------------------------
 
-BENCHMARKS = {"mixer": "lcsm_compile.bench.mixer", "generate": "lcsm_compile.bench.generate",
-              "serve": "lcsm_compile.bench.serve"}
+BENCHMARKS = {"mixer": "lcsm_compile.tools.bench.mixer", "generate": "lcsm_compile.tools.bench.generate",
+              "serve": "lcsm_compile.tools.bench.serve"}
 
 
 def _bench_forward(which, rest):
@@ -657,7 +657,7 @@ def _bench(args):
     P = args.prompt
     if not 1 <= P < length <= decoder.max_len:
         raise CliError(f"expected 1 <= --prompt ({P}) < --length ({length}) <= max_len ({decoder.max_len})")
-    from lcsm_compile.loading import random_inputs
+    from lcsm_compile.tools.loading import random_inputs
 
     x = random_inputs(loaded, length, seed=args.seed + 1)[0]
     compile_s = None

@@ -25,7 +25,7 @@ import time
 import torch
 
 from lcsm_compile import baselines
-from lcsm_compile.bench import common
+from lcsm_compile.tools.bench import common
 from lcsm_compile.engine import OnlineConv
 
 METHODS = ("lazy", "eager", "naive", "offline", "flash")
