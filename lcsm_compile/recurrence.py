@@ -29,7 +29,13 @@ def choose(conv, max_len, strategy="auto"):
         return "tile"
     if strategy == "recurrent":
         return "recurrent"
-    return "recurrent" if 16 * form.poles.shape[1] <= 3 * math.log2(max(max_len, 2)) ** 2 else "tile"
+    return "recurrent" if max_len >= crossover(form.poles.shape[1]) else "tile"
+
+
+def crossover(modes):
+    """The smallest max_len from which "auto" takes the recurrence for a filter of `modes` modes per
+    channel: 16 N <= 3 log2(max_len)^2 (see choose)."""
+    return math.ceil(2 ** math.sqrt(16 * modes / 3))
 
 
 class Recurrence:

@@ -20,7 +20,8 @@ import torch
 
 from lcsm_compile.errors import LcsmError
 from lcsm_compile.kernels.registry import kernel_for
-from lcsm_compile.recurrence import choose
+from lcsm_compile.engine import state_dtype_for
+from lcsm_compile.recurrence import choose, crossover
 from lcsm_compile.schedule import tile_sizes
 
 lcsm = torch.ops.lcsm
@@ -33,7 +34,8 @@ class ScheduleError(LcsmError):
 
 @dataclass
 class LayerSchedule:
-    sites: list  # dicts: name, kind, width, module, node (the step program's call)
+    sites: list  # dicts: name, kind, width, module, node (the step program's call); long sites: strategy,
+    # state_bytes_per_row, crossover (max_len from which "auto" takes the recurrence; None: not modal), modes
     levels: list  # lists of site names: one level needs only sites of earlier levels
     critical_path: list  # site names: the longest chain of dependent convolutions
     tile_groups: list  # dicts: one batched tile call of one size over the whole bank
@@ -73,7 +75,11 @@ class LayerSchedule:
 
     def _kind(self, name):
         s = self._site(name)
-        return f"long, recurrent: {s['modes']} modes" if "modes" in s else s["kind"]
+        if s["kind"] != "long":
+            return s["kind"]
+        what = f"long, recurrent: {s['modes']} modes" if "modes" in s else "long, tile"
+        what += f", state {_mib(s['state_bytes_per_row'])}/row"
+        return what + (f", recurrence from max_len {s['crossover']}" if s["crossover"] is not None else "")
 
 
 def dataflow_graph(gm) -> nx.DiGraph:
@@ -108,8 +114,8 @@ def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto") ->
             out = site.conv.output
         by_call[name] = site.name
         entry = {"name": site.name, "kind": site.kind, "width": site.width, "module": _module(out), "node": name}
-        if site.kind == "long" and node.args[2] in recurrent:
-            entry["modes"] = int(site.conv.modal.poles.shape[1])
+        if site.kind == "long":
+            entry.update(_long_site(site, node.args[2] in recurrent, max_len))
         if site.kind == "attention":
             entry["cache"] = {"heads": site.attn.heads, "max_len": site.attn.max_len, "head_dim": site.attn.head_dim}
         info.append(entry)
@@ -139,6 +145,10 @@ def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto") ->
                          recurrent)
 
 
+def _mib(n):
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
 def site_strategy(strategy, name, module):
     """One long convolution's strategy from optimize()'s `strategy`: a str for every site, or a dict
     keyed by site name or module path (the site's own entry first; "auto" for sites it omits)."""
@@ -153,6 +163,20 @@ def unknown_strategy_keys(strategy, schedule):
         return []
     known = {s[k] for s in schedule.sites if s["kind"] == "long" for k in ("name", "module")}
     return sorted(set(strategy) - known)
+
+
+def _long_site(site, recurrent, max_len):
+    """A long convolution's strategy, its state per batch row, and (a proved modal filter) its modes
+    and the max_len from which "auto" takes the recurrence."""
+    modes = site.conv.modal.poles.shape[1] if hasattr(site.conv.modal, "poles") else None
+    out = {"strategy": "recurrent" if recurrent else "tile", "crossover": None if modes is None else crossover(modes)}
+    if recurrent:
+        out.update(modes=int(modes), state_bytes_per_row=site.width * int(modes) * 16)  # complex128 states
+    else:
+        val = site.conv.output.meta.get("val")
+        dtype = state_dtype_for(val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32)
+        out["state_bytes_per_row"] = site.width * max_len * dtype.itemsize  # one input or accumulator per position
+    return out
 
 
 def _module(node):

@@ -47,6 +47,27 @@ def test_recurrent_convolutions_join_no_tile_group():
     assert sched.table().count("long, recurrent: 4 modes") == 2 and sched.to_json()["recurrent"] == longs
 
 
+def test_each_long_site_shows_its_strategy_state_and_crossover(striped):
+    """Per long site: its strategy, its state per batch row (N complex128 modes per channel, or one
+    value per position and channel), and for a proved modal filter the max_len from which "auto"
+    takes the recurrence, that of recurrence.choose."""
+    from lcsm_compile.recurrence import choose, crossover
+
+    recurrent = optimize(*get("striped_hyena").build()).schedule
+    for sched, strategy in ((recurrent, "recurrent"), (striped.schedule, "tile")):
+        longs = [s for s in sched.sites if s["kind"] == "long"]
+        assert longs and all(s["strategy"] == strategy and s["crossover"] == crossover(4) for s in longs)
+        per_row = [s["width"] * (4 * 16 if strategy == "recurrent" else striped.max_len * 4) for s in longs]
+        assert [s["state_bytes_per_row"] for s in longs] == per_row
+        assert sched.table().count(f"long, {strategy}") == len(longs)
+        assert sched.table().count(f"recurrence from max_len {crossover(4)}") == len(longs)
+    for modes in (1, 4, 16, 64):  # the printed crossover is where choose switches
+        n = crossover(modes)
+        form = type("Form", (), {"poles": torch.zeros(1, modes)})()
+        probe = type("Conv", (), {"modal": form})()
+        assert choose(probe, n) == "recurrent" and choose(probe, n - 1) == "tile", modes
+
+
 def test_sequential_layers_form_one_chain(striped):
     sched = striped.schedule
     names = [s["name"] for s in sched.sites]
