@@ -119,14 +119,20 @@ class Decoder:
         """Hugging Face generate() semantics on a fresh session; see lcsm_compile.generation.generate.
         attention_mask [B, P]: left-padded prompts (1 on real tokens); each row decodes from its
         first real token exactly as it would alone. prefill_chunk=K: the prompt goes in K positions
-        at a time (Session.prefill(chunk=K)), for prompts whose whole activations do not fit."""
+        at a time (Session.prefill(chunk=K)), keeping only the last position's outputs, for prompts
+        whose whole activations (or logits) do not fit."""
         session = self.session()
         options.setdefault("max_len", self.max_len)
         self.step_fn.expect(max_new_tokens - 1)  # compile="auto" compiles up front for a long generation
+        last = 1 if prefill_chunk is not None else None
+
+        def prefill(ids):
+            return session.prefill(ids, attention_mask=attention_mask, chunk=prefill_chunk, keep_last=last)
+
         try:
             with torch.no_grad():
-                return generation.generate(lambda ids: session.prefill(ids, attention_mask=attention_mask, chunk=prefill_chunk),
-                                           session.step, prompt_ids, max_new_tokens, **options)
+                return generation.generate(prefill, session.step, prompt_ids, max_new_tokens, prefill_last_only=last == 1,
+                                           **options)
         finally:
             self.step_fn.expect(0)
 

@@ -202,6 +202,7 @@ def generate(
     max_len: Optional[int] = None,
     on_max_len: str = "error",
     logits: Optional[Callable] = None,
+    prefill_last_only: bool = False,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids [B, P]``; returns ``ids [B, P + n]`` (long).
 
@@ -223,6 +224,8 @@ def generate(
 
     * ``logits``: ``logits(output) -> [B, t, V]`` picks the logits out of what the model returns; by default
       they are taken the Hugging Face way (:func:`pick_logits`).
+    * ``prefill_last_only``: ``prefill`` returns the last prompt position's logits only (``[B, 1, V]``), as
+      ``Session.prefill(..., keep_last=1)`` does; the others are never needed.
 
     ``max_new_tokens=0`` returns a copy of the prompt without calling the decoder.
     """
@@ -287,7 +290,7 @@ def generate(
 
     bar = tqdm(total=n, file=sys.stderr, disable=not progress, unit="tok", desc=progress if isinstance(progress, str) else None)
     try:
-        scores = last_scores("prefill", prefill(ids), P)
+        scores = last_scores("prefill", prefill(ids), 1 if prefill_last_only else P)
         V = scores.shape[-1]
         for i in range(n):
             if do_sample:

@@ -180,6 +180,22 @@ def test_chunked_prefill_returns_what_prefill_returns(case):
         assert rel_err(session.step(x[:, 150:151]), model(x[:, :151])[:, 150:]) < TOL64, name
 
 
+def test_keep_last_returns_only_the_last_positions():
+    """prefill(..., keep_last=n), chunked or not, is the last n positions of prefill(...): a kept
+    span that starts inside one piece and ends in another, the last position alone, every position."""
+    model, example = get("hyena_order2").build()
+    decoder = _optimized(model.double(), example, 64)
+    x = random_inputs(example[0], 40)
+    with torch.no_grad():
+        whole = decoder.session().prefill(x)
+        for chunk in (None, 7, 40):
+            for n in (1, 5, 40):
+                got = decoder.session().prefill(x, chunk=chunk, keep_last=n)
+                assert got.shape[1] == n and rel_err(got, whole[:, 40 - n :]) < TOL64, (chunk, n)
+        with pytest.raises(ValueError, match="keep_last"):
+            decoder.session().prefill(x, keep_last=41)
+
+
 def test_extend_some_rows_while_the_others_step():
     """Continuous batching: row 1 extends (a chunked prefill of its own) while rows 0 and 2 step;
     every row is what it is decoded alone."""

@@ -146,7 +146,7 @@ class Session:
                                 f"batch row, which this table does not allow: {const.rows_why}")
 
     @_inference
-    def prefill(self, prompt, attention_mask=None, chunk=None):
+    def prefill(self, prompt, attention_mask=None, chunk=None, keep_last=None):
         """Run the prompt [B, P, ...] at once; returns the model's outputs for every prompt position.
 
         attention_mask [B, P] (Hugging Face convention, left padding): 1 on real tokens, 0 on the
@@ -154,7 +154,9 @@ class Session:
         padding never enters its state, and its outputs at real positions are those of the row
         decoded alone; outputs at padding positions are 0.
         chunk=K: run the prompt K positions at a time (each piece an extend), so the activations
-        held at once are those of K positions, not of the whole prompt; the outputs are the same."""
+        held at once are those of K positions, not of the whole prompt; the outputs are the same.
+        keep_last=n: return the outputs of the last n positions only ([B, n, ...]); with chunk, the
+        other pieces' outputs are dropped as they come (an LM's logits of a long prompt need not fit)."""
         P = self._check_prompt(prompt)
         B = prompt.shape[0]
         lengths = _real_lengths(attention_mask, B, P)
@@ -167,21 +169,27 @@ class Session:
                 raise ValueError("prefill: chunk= and attention_mask= together are not supported; prefill the rows "
                                  "with add() and feed the rest with extend(x, rows=...)")
             self._extendable("prefill(chunk=...)")
+        if keep_last is not None and not (isinstance(keep_last, int) and 1 <= keep_last <= P):
+            raise ValueError(f"keep_last: expected None or an int in [1, {P}] (the prompt's positions), got {keep_last!r}")
+        keep = P if keep_last is None else keep_last
         self.decoder.check_fresh()
         with self._changing("prefill"):
             self._recapture()
             self.state.reset(B)
             self._own_positions = lengths is not None
             if lengths is not None:
-                return self._prefill_ragged(prompt, lengths)
+                return _last_positions(self._prefill_ragged(prompt, lengths), keep)
             if chunk is not None and chunk < P:
-                outputs = _Placed(B, P, "prefill(chunk=...)")
+                outputs = _Placed(B, keep, "prefill(chunk=...)")
                 for start in range(0, P, chunk):
-                    outputs.put(self._extend_window(prompt[:, start : start + chunk], None, start), slice(None),
-                                slice(start, start + chunk))
+                    stop = min(start + chunk, P)
+                    out = self._extend_window(prompt[:, start:stop], None, start)
+                    first = max(start, P - keep)  # the piece's positions that are kept
+                    if first < stop:
+                        outputs.put(_last_positions(out, stop - first), slice(None), slice(first - (P - keep), stop - (P - keep)))
                 out = outputs.result()
             else:  # every row real from position 0: one program call, one shared position
-                out = self.decoder.prefill_program(self.handle, inputs=(prompt,))
+                out = _last_positions(self.decoder.prefill_program(self.handle, inputs=(prompt,)), keep)
             self.handle[1] = P
             self.state.positions[:], self.state.live[:] = P, True
             return out
@@ -402,6 +410,11 @@ def _real_lengths(mask, B, P):
         r = int((lengths == 0).nonzero()[0])
         raise ValueError(f"attention_mask: row {r} has no real token")
     return None if bool((lengths == P).all()) else lengths
+
+
+def _last_positions(out, n):
+    """The model's outputs cut to their last n positions (dim 1 of every tensor leaf)."""
+    return pytree.tree_map(lambda t: t[:, t.shape[1] - n :] if isinstance(t, torch.Tensor) and t.dim() >= 2 else t, out)
 
 
 def _live_rows(rows, state, what):
