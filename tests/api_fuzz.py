@@ -187,6 +187,21 @@ class DecodeMachine(RuleBasedStateMachine):
         if ok:
             self.rows[row] = None
 
+    @rule(k=st.integers(1, 9), data=st.data())
+    def extend(self, k, data):
+        """k positions at once: every row (all must be live), or some live rows at their own positions."""
+        live = [r for r, seq in enumerate(self.rows) if seq is not None]
+        rows = sorted(data.draw(st.sets(st.sampled_from(live), min_size=1))) if live and data.draw(st.booleans()) else None
+        picked = rows if rows is not None else list(range(len(self.rows)))
+        tokens = torch.randint(0, VOCAB, (len(picked), k))
+        expected = (SessionBroken if self.broken else LcsmError if rows is None and len(live) < len(self.rows)
+                    else MaxLenExceeded if any(len(self.rows[r]) + k > MAX_LEN for r in picked) else None)
+        ok, out = self.call("extend", lambda: self.session.extend(tokens, rows=rows), expected)
+        if ok:
+            for i, r in enumerate(picked):
+                self.rows[r] = self.rows[r] + tokens[i].tolist()
+                self.close(out[i], self.logits(self.rows[r])[-k:], "extend")
+
     @rule(length=st.integers(1, 8), new=st.integers(1, 6))
     def generate(self, length, new):
         prompt = torch.randint(0, VOCAB, (1, length))
@@ -211,13 +226,15 @@ class DecodeMachine(RuleBasedStateMachine):
     @rule(k=st.integers(1, 6), interrupt=st.booleans(), after=st.booleans(), data=st.data())
     def interrupted(self, k, interrupt, after, data):
         """A call whose k-th op raises KeyboardInterrupt or an error (after its work, or before)."""
-        calls = ["prefill", "step", "generate"] + (["add", "remove"] if len(self.rows) == ROWS else [])
+        calls = ["prefill", "step", "extend", "generate"] + (["add", "remove"] if len(self.rows) == ROWS else [])
         call = data.draw(st.sampled_from(calls))
         self.injector.arm(k, KeyboardInterrupt if interrupt else Fault, after)
         if call == "prefill":
             self.prefill(data.draw(st.integers(1, 2)), data.draw(st.integers(1, 12)))
         elif call in ("add", "generate"):
             getattr(self, call)(*([data.draw(st.integers(1, 8))] * (1 if call == "add" else 2)))
+        elif call == "extend":
+            self.extend(data.draw(st.integers(1, 9)), data)
         else:
             getattr(self, call)(data)
 
