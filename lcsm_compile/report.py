@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from lcsm_compile.recurrence import crossover
+
 
 class Verdict(str, Enum):
     ACCEPTED = "ACCEPTED"
@@ -144,6 +146,13 @@ class Candidate:
         }
 
 
+def _crossover_text(form):
+    """For a proved modal form: from which max_len strategy="auto" decodes it by its recurrence."""
+    if not hasattr(form, "poles"):
+        return ""
+    return f"; strategy='auto' takes its recurrence from max_len {crossover(form.poles.shape[1])}"
+
+
 @dataclass
 class CaptureInfo:
     level: str  # "export" or "dynamo"
@@ -221,7 +230,7 @@ class Report:
             if c.explanation:
                 out.append("    " + c.explanation)
             if c.conv is not None and c.conv.modal is not None:
-                out.append("    form: " + str(c.conv.modal))
+                out.append("    form: " + str(c.conv.modal) + _crossover_text(c.conv.modal))
         for name, res in self.safety.items():
             out.append(f"safety {name}: {'passed' if res['passed'] else 'FAILED'} (rel_err {res['rel_err']:.2e})")
         out.extend("note: " + n for n in self.notes)

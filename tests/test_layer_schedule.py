@@ -53,8 +53,9 @@ def test_each_long_site_shows_its_strategy_state_and_crossover(striped):
     takes the recurrence, that of recurrence.choose."""
     from lcsm_compile.recurrence import choose, crossover
 
-    recurrent = optimize(*get("striped_hyena").build()).schedule
-    for sched, strategy in ((recurrent, "recurrent"), (striped.schedule, "tile")):
+    decoder = optimize(*get("striped_hyena").build())
+    assert decoder.report.table().count(f"strategy='auto' takes its recurrence from max_len {crossover(4)}") == 2
+    for sched, strategy in ((decoder.schedule, "recurrent"), (striped.schedule, "tile")):
         longs = [s for s in sched.sites if s["kind"] == "long"]
         assert longs and all(s["strategy"] == strategy and s["crossover"] == crossover(4) for s in longs)
         per_row = [s["width"] * (4 * 16 if strategy == "recurrent" else striped.max_len * 4) for s in longs]
