@@ -7,6 +7,7 @@ power of two dividing i): inputs [t-U+1, t] -> outputs [t+1, t+U] (cut at max_le
 so steps plus the prefill's one FFT convolution compute every output exactly once.
 """
 
+import math
 from dataclasses import dataclass
 
 
@@ -37,6 +38,24 @@ def tile_after(t: int, prefill_len: int, max_len: int) -> Tile | None:
     if out_start >= max_len:
         return None
     return Tile(U, t - U + 1, out_start, min(out_start + U, max_len))
+
+
+def transform_work(max_len: int, crossover: int, prefill_len: int = 0) -> dict:
+    """The FFT work of a decode from prefill_len to max_len, per channel, in units of n log2 n per
+    transform of size n: each FFT tile (size U > crossover) runs two transforms of size 2U (its
+    inputs forward, the product back; the filter's spectrum is precomputed); the offline
+    convolution of the whole sequence runs three of size 2 max_len (input, filter, product).
+    -> {"tiles", "offline", "ratio"}: the figure a schedule that reuses transforms must lower."""
+    def cost(n):
+        return n * math.log2(n)
+
+    tiles = 0.0
+    for U in tile_sizes(prefill_len, max_len):
+        if U > crossover:
+            runs = (max_len - 1 - prefill_len + U) // (2 * U)  # steps i = U, 3U, 5U, ... with an output
+            tiles += runs * 2 * cost(2 * U)
+    offline = 3 * cost(2 * max_len)
+    return {"tiles": tiles, "offline": offline, "ratio": tiles / offline}
 
 
 def tile_sizes(prefill_len: int, max_len: int) -> list[int]:

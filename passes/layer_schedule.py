@@ -22,7 +22,7 @@ from lcsm_compile.errors import LcsmError
 from lcsm_compile.kernels.registry import kernel_for
 from lcsm_compile.engine import state_dtype_for
 from lcsm_compile.recurrence import choose, crossover
-from lcsm_compile.schedule import tile_sizes
+from lcsm_compile.schedule import tile_sizes, transform_work
 
 lcsm = torch.ops.lcsm
 _SITE_OPS = {lcsm.conv_step.default: "long", lcsm.short_conv_step.default: "short", lcsm.attn_step.default: "attention"}
@@ -41,10 +41,11 @@ class LayerSchedule:
     tile_groups: list  # dicts: one batched tile call of one size over the whole bank
     edges: list = field(default_factory=list)  # (site, site) direct dependencies
     recurrent: tuple = ()  # indices (into the programs' sites) of the long convolutions decoded by their recurrence
+    transforms: dict | None = None  # schedule.transform_work of the tile groups (None: no tile work)
 
     def to_json(self) -> dict:
         return {"sites": self.sites, "levels": self.levels, "critical_path": self.critical_path, "tile_groups": self.tile_groups,
-                "edges": self.edges, "recurrent": list(self.recurrent)}
+                "edges": self.edges, "recurrent": list(self.recurrent), "transforms": self.transforms}
 
     def table(self) -> str:
         n_attn = sum(1 for s in self.sites if s["kind"] == "attention")
@@ -57,6 +58,10 @@ class LayerSchedule:
         for g in self.tile_groups:
             steps = f"{g['first_step']} + k*{g['every']}"
             lines.append(f"{g['size']:>6} {g['kernel']:>7} {g['channels']:>9} {steps:>16}  {len(g['sites'])} long convs, one call")
+        if self.transforms is not None:
+            t = self.transforms
+            lines.append(f"FFT work per channel from position 0 (n log2 n per transform of size n): tiles {t['tiles']:.3g}, "
+                         f"offline convolution {t['offline']:.3g}: {t['ratio']:.2f}x the offline")
         return "\n".join(lines)
 
     def to_dot(self) -> str:
@@ -142,7 +147,7 @@ def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto") ->
         for U in tile_sizes(1, max_len)
     ] if long_sites and crossover is not None else []  # lazy/floor banks run no tiles
     return LayerSchedule(info, levels, nx.dag_longest_path(deps), groups, sorted(deps.edges, key=lambda e: (order[e[0]], order[e[1]])),
-                         recurrent)
+                         recurrent, transform_work(max_len, crossover) if groups else None)
 
 
 def _mib(n):

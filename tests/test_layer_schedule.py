@@ -62,6 +62,8 @@ def test_each_long_site_shows_its_strategy_state_and_crossover(striped):
         assert [s["state_bytes_per_row"] for s in longs] == per_row
         assert sched.table().count(f"long, {strategy}") == len(longs)
         assert sched.table().count(f"recurrence from max_len {crossover(4)}") == len(longs)
+    assert decoder.schedule.to_json()["transforms"] is None  # no tile work left: no FFT work to print
+    assert "FFT work per channel" in striped.schedule.table() and striped.schedule.to_json()["transforms"]["ratio"] > 0
     for modes in (1, 4, 16, 64):  # the printed crossover is where choose switches
         n = crossover(modes)
         form = type("Form", (), {"poles": torch.zeros(1, modes)})()

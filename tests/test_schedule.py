@@ -54,3 +54,28 @@ def test_tile_sizes_and_lags():
 def test_position_inside_prefill_is_an_error():
     with pytest.raises(ValueError, match="inside the prefill"):
         tile_after(3, 5, 10)
+
+
+@pytest.mark.parametrize("max_len, crossover, prefill_len", [(300, 4, 0), (1000, 16, 37), (4096, 1, 5)])
+def test_transform_work_counts_the_fft_tiles_a_decode_runs(max_len, crossover, prefill_len):
+    """Two transforms of size 2U per FFT tile (U > crossover) the decode runs, by brute force over
+    tile_after; three of size 2 max_len for the offline convolution."""
+    import math
+
+    from lcsm_compile.schedule import tile_after, transform_work
+
+    work = 0.0
+    for t in range(prefill_len, max_len):
+        tile = tile_after(t, prefill_len, max_len)
+        if tile is not None and tile.size > crossover:
+            work += 2 * 2 * tile.size * math.log2(2 * tile.size)
+    got = transform_work(max_len, crossover, prefill_len)
+    assert got["tiles"] == pytest.approx(work) and got["offline"] == pytest.approx(3 * 2 * max_len * math.log2(2 * max_len))
+
+
+def test_transform_work_of_the_paper_tiling_at_16k_and_32k():
+    """The figures the frequency-domain schedule issue starts from: 2.0x and 2.2x the offline FFT."""
+    from lcsm_compile.schedule import transform_work
+
+    assert transform_work(16384, 16)["ratio"] == pytest.approx(2.0)
+    assert transform_work(32768, 16)["ratio"] == pytest.approx(2.1875)
