@@ -29,10 +29,10 @@ def choose(conv, max_len, strategy="auto"):
         return "tile"
     if strategy == "recurrent":
         return "recurrent"
-    return "recurrent" if max_len >= crossover(form.poles.shape[1]) else "tile"
+    return "recurrent" if max_len >= recurrent_from(form.poles.shape[1]) else "tile"
 
 
-def crossover(modes):
+def recurrent_from(modes):
     """The smallest max_len from which "auto" takes the recurrence for a filter of `modes` modes per
     channel: 16 N <= 3 log2(max_len)^2 (see choose)."""
     return math.ceil(2 ** math.sqrt(16 * modes / 3))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from lcsm_compile.recurrence import crossover
+from lcsm_compile.recurrence import recurrent_from
 
 
 class Verdict(str, Enum):
@@ -150,7 +150,7 @@ def _crossover_text(form):
     """For a proved modal form: from which max_len strategy="auto" decodes it by its recurrence."""
     if not hasattr(form, "poles"):
         return ""
-    return f"; strategy='auto' takes its recurrence from max_len {crossover(form.poles.shape[1])}"
+    return f"; strategy='auto' takes its recurrence from max_len {recurrent_from(form.poles.shape[1])}"
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from lcsm_compile.errors import LcsmError
 from lcsm_compile.kernels.registry import kernel_for
 from lcsm_compile.engine import state_dtype_for
-from lcsm_compile.recurrence import choose, crossover
+from lcsm_compile.recurrence import choose, recurrent_from
 from lcsm_compile.schedule import tile_sizes, transform_work
 
 lcsm = torch.ops.lcsm
@@ -35,7 +35,7 @@ class ScheduleError(LcsmError):
 @dataclass
 class LayerSchedule:
     sites: list  # dicts: name, kind, width, module, node (the step program's call); long sites: strategy,
-    # state_bytes_per_row, crossover (max_len from which "auto" takes the recurrence; None: not modal), modes
+    # state_bytes_per_row, recurrent_from (max_len from which "auto" takes the recurrence; None: not modal), modes
     levels: list  # lists of site names: one level needs only sites of earlier levels
     critical_path: list  # site names: the longest chain of dependent convolutions
     tile_groups: list  # dicts: one batched tile call of one size over the whole bank
@@ -84,7 +84,7 @@ class LayerSchedule:
             return s["kind"]
         what = f"long, recurrent: {s['modes']} modes" if "modes" in s else "long, tile"
         what += f", state {_mib(s['state_bytes_per_row'])}/row"
-        return what + (f", recurrence from max_len {s['crossover']}" if s["crossover"] is not None else "")
+        return what + (f", recurrence from max_len {s['recurrent_from']}" if s["recurrent_from"] is not None else "")
 
 
 def dataflow_graph(gm) -> nx.DiGraph:
@@ -174,7 +174,7 @@ def _long_site(site, recurrent, max_len):
     """A long convolution's strategy, its state per batch row, and (a proved modal filter) its modes
     and the max_len from which "auto" takes the recurrence."""
     modes = site.conv.modal.poles.shape[1] if hasattr(site.conv.modal, "poles") else None
-    out = {"strategy": "recurrent" if recurrent else "tile", "crossover": None if modes is None else crossover(modes)}
+    out = {"strategy": "recurrent" if recurrent else "tile", "recurrent_from": None if modes is None else recurrent_from(modes)}
     if recurrent:
         out.update(modes=int(modes), state_bytes_per_row=site.width * int(modes) * 16)  # complex128 states
     else:

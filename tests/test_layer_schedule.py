@@ -51,21 +51,21 @@ def test_each_long_site_shows_its_strategy_state_and_crossover(striped):
     """Per long site: its strategy, its state per batch row (N complex128 modes per channel, or one
     value per position and channel), and for a proved modal filter the max_len from which "auto"
     takes the recurrence, that of recurrence.choose."""
-    from lcsm_compile.recurrence import choose, crossover
+    from lcsm_compile.recurrence import choose, recurrent_from
 
     decoder = optimize(*get("striped_hyena").build())
-    assert decoder.report.table().count(f"strategy='auto' takes its recurrence from max_len {crossover(4)}") == 2
+    assert decoder.report.table().count(f"strategy='auto' takes its recurrence from max_len {recurrent_from(4)}") == 2
     for sched, strategy in ((decoder.schedule, "recurrent"), (striped.schedule, "tile")):
         longs = [s for s in sched.sites if s["kind"] == "long"]
-        assert longs and all(s["strategy"] == strategy and s["crossover"] == crossover(4) for s in longs)
+        assert longs and all(s["strategy"] == strategy and s["recurrent_from"] == recurrent_from(4) for s in longs)
         per_row = [s["width"] * (4 * 16 if strategy == "recurrent" else striped.max_len * 4) for s in longs]
         assert [s["state_bytes_per_row"] for s in longs] == per_row
         assert sched.table().count(f"long, {strategy}") == len(longs)
-        assert sched.table().count(f"recurrence from max_len {crossover(4)}") == len(longs)
+        assert sched.table().count(f"recurrence from max_len {recurrent_from(4)}") == len(longs)
     assert decoder.schedule.to_json()["transforms"] is None  # no tile work left: no FFT work to print
     assert "FFT work per channel" in striped.schedule.table() and striped.schedule.to_json()["transforms"]["ratio"] > 0
     for modes in (1, 4, 16, 64):  # the printed crossover is where choose switches
-        n = crossover(modes)
+        n = recurrent_from(modes)
         form = type("Form", (), {"poles": torch.zeros(1, modes)})()
         probe = type("Conv", (), {"modal": form})()
         assert choose(probe, n) == "recurrent" and choose(probe, n - 1) == "tile", modes
