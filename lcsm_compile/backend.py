@@ -7,9 +7,9 @@
 What a call does. The backend keeps one decode session per compiled graph. When a call's input
 extends the previous call's input along the sequence dim (dim 1) with the same prefix, only the new
 positions go through the decode programs (`Decoder`: prefill for the first call, then a step for
-one new position, an extend (Session.extend) for several); otherwise (first call, a changed prefix, a shorter input, another batch size, dtype
-or device, or many more new positions than old ones) it starts again with a prefill of the whole
-input. The result is exact either way: equal to `model(x)` up to floating-point rounding.
+one new position, an extend (Session.extend) for several); otherwise (first call, a changed
+prefix, a shorter input, another batch size, dtype or device, or many more new positions than old
+ones) it starts again with a prefill of the whole input. The result is exact either way: equal to `model(x)` up to floating-point rounding.
 
     The returned tensors are VIEWS of buffers preallocated at [B, max_len, ...] (the sequence on
     the output's own sequence dim): positions [0, t) of a call's result stay valid while later calls

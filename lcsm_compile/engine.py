@@ -286,14 +286,9 @@ class OnlineConv:
         return y.to(x.dtype).reshape(x.shape)
 
     def _extend_rows(self, x, sl, width, rows, start):
-        self._rows_mode()
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
+        rows = self._row_input(x, width, rows)
         k = x.shape[-1]
         xs = x.reshape(-1, width, k).to(self.dtype)
-        if xs.shape[0] != rows.numel():
-            raise ShapeError(f"x: expected {rows.numel()} rows (one per index in rows), got shape {tuple(x.shape)}")
-        if x.dtype != self.io_dtype:
-            raise DTypeError(f"x: expected dtype {self.io_dtype} (fixed by the first call), got {x.dtype}")
         if not bool(self.live[rows].all()):
             raise LcsmError(f"extend: rows {rows[~self.live[rows]].tolist()} hold no sequence; prefill them first")
         self._filling = None
@@ -381,13 +376,8 @@ class OnlineConv:
         sl = slice(None) if channels is None else channels
         width = len(range(self.channels)[sl])
         self._check_input(x, "x", time_axis=True, width=width)
-        self._rows_mode()
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
+        rows = self._row_input(x, width, rows)
         P = x.shape[-1]
-        if x.reshape(-1, width, P).shape[0] != rows.numel():
-            raise ShapeError(f"x: expected {rows.numel()} rows (one per index in rows), got shape {tuple(x.shape)}")
-        if x.dtype != self.io_dtype:
-            raise DTypeError(f"x: expected dtype {self.io_dtype} (fixed by the first call), got {x.dtype}")
         if not 1 <= P <= self.max_len:
             raise MaxLenExceeded(f"prefill: prompt of {P} positions: expected 1 .. max_len = {self.max_len}")
         key = (tuple(rows.tolist()), P)
@@ -401,6 +391,17 @@ class OnlineConv:
         self._filling = key
         self._find_row_over()
         return full[..., :P].to(x.dtype).reshape(x.shape)
+
+    def _row_input(self, x, width, rows):
+        """A call on some rows (prefill or extend of x [n, width, T]): the state in rows mode, and
+        `rows` as int64 indices, one per row of x, in the dtype the state was bound to."""
+        self._rows_mode()
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
+        if x.reshape(-1, width, x.shape[-1]).shape[0] != rows.numel():
+            raise ShapeError(f"x: expected {rows.numel()} rows (one per index in rows), got shape {tuple(x.shape)}")
+        if x.dtype != self.io_dtype:
+            raise DTypeError(f"x: expected dtype {self.io_dtype} (fixed by the first call), got {x.dtype}")
+        return rows
 
     def release(self, rows):
         """Free rows (their sequences are done): they no longer step, and a row prefill may refill them."""

@@ -4,7 +4,8 @@ Each is a copy of the exported graph. In each, every accepted convolution's outp
 by a call on the session's state (custom ops in lcsm_compile.runtime.ops): the prefill program runs the
 convolution over the whole prompt (and records what future positions need); the step program runs
 one position; the extend program runs k known positions of a live session (Session.extend) with
-the prefill's ops, which the session state points at its current position. Causal delays (a token shift) are short convolutions: ring buffers. The filter
+the prefill's ops, which the session state points at its current position. Causal delays (a
+token shift) are short convolutions: ring buffers. The filter
 subgraphs become dead and are removed: filters were evaluated once at max_len by the analysis.
 Everything else is time-local and runs unchanged on one position, except position constants
 (passes/position_constants.py), which the step program reads from their max_len table at the
@@ -59,16 +60,15 @@ class AttentionSite:
 class DecodePrograms:
     prefill: fx.GraphModule  # (session, *user_inputs) -> flat outputs
     step: fx.GraphModule  # (session, pos, *user_inputs at one position) -> flat outputs
+    extend: fx.GraphModule  # (session, positions [k], *user_inputs at those positions) -> flat outputs
     sites: list  # the ConvSites, in call order
     out_spec: object  # pytree spec to rebuild the model's output structure
     position_constants: list = field(default_factory=list)  # names of the nodes the step reads from tables
     attention: list = field(default_factory=list)  # the AttentionSites, in call order
-    extend: fx.GraphModule = None  # (session, positions [k], *user_inputs at those positions) -> flat outputs
 
     def dump(self):
         return "\n".join(f"# {name} program\n{gm.print_readable(print_output=False).rstrip()}"
-                         for name, gm in (("prefill", self.prefill), ("step", self.step), ("extend", self.extend))
-                         if gm is not None)
+                         for name, gm in (("prefill", self.prefill), ("step", self.step), ("extend", self.extend)))
 
 
 def run(captured, candidates, position_constants=(), attention=()) -> DecodePrograms:
@@ -85,7 +85,7 @@ def run(captured, candidates, position_constants=(), attention=()) -> DecodeProg
     # the extend program reads every position constant from its table: computed in the graph, it
     # would be that of positions 0 .. k-1
     extend = _rewrite(captured.gm, sites, attn, "extend", tables=position_constants)
-    return DecodePrograms(prefill, step, sites, out_spec, [c.name for c in position_constants], attn, extend)
+    return DecodePrograms(prefill, step, extend, sites, out_spec, [c.name for c in position_constants], attn)
 
 
 def _rewrite(source, sites, attention=(), mode="prefill", *, tables=()):

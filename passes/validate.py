@@ -172,12 +172,15 @@ def candidate(result, cap):
 
 def dump(result):
     state = "passed" if result["passed"] else "FAILED"
-    rows = result.get("rows") or {}
-    rows_text = ("not supported: " + rows["why"] if rows.get("passed") is None and "why" in rows
-                 else f"{'passed' if rows.get('passed') else 'FAILED'}, max error {rows.get('max_rel_err', float('nan')):.2e}")
-    ext = result.get("extend") or {}
-    ext_text = ("not checked: " + ext["why"] if ext.get("passed") is None and "why" in ext
-                else f"{'passed' if ext.get('passed') else 'FAILED'}, max error {ext.get('max_rel_err', float('nan')):.2e}")
+    rows, extend = _operation_text(result.get("rows"), "not supported"), _operation_text(result.get("extend"), "not checked")
     return (f"validate: {state}: {result['length']} positions, prompts {result['prompts']}, max error "
             f"{result['max_err']:.2e} (tol {result['tol']:.0e}), {result['seconds']:.2f} s; rows at own positions: "
-            f"{rows_text}; extend: {ext_text}")
+            f"{rows}; extend: {extend}")
+
+
+def _operation_text(check, skipped):
+    """One withholdable operation's check (rows, extend): why it was skipped, or its verdict and error."""
+    check = check or {}
+    if check.get("passed") is None and "why" in check:
+        return f"{skipped}: {check['why']}"
+    return f"{'passed' if check.get('passed') else 'FAILED'}, max error {check.get('max_rel_err', float('nan')):.2e}"

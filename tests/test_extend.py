@@ -31,6 +31,14 @@ def _pieces(total, start, seed, steps=True):
 
 # -- the engine ---------------------------------------------------------------------------------
 
+def _bank(seed, C, L, batch=2):
+    """Fresh float64 filters h [C, L], inputs x [batch, C, L] and their convolution."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(C, L, dtype=torch.float64, generator=g) / 10
+    x = torch.randn(batch, C, L, dtype=torch.float64, generator=g)
+    return h, x, fft_conv(h, x)
+
+
 @pytest.mark.parametrize("crossover", [1, 4, 16])
 @pytest.mark.parametrize("prefill_len", [0, 5, 64])
 def test_engine_extend_mixed_with_steps_is_the_convolution(crossover, prefill_len):
@@ -62,12 +70,8 @@ def test_engine_extend_in_channel_chunks(monkeypatch):
     from lcsm_compile.kernels import reference as kernels
 
     monkeypatch.setattr(kernels, "FFT_CHUNK", 256)
-    g = torch.Generator().manual_seed(2)
-    C, L = 7, 300
-    h = torch.randn(C, L, dtype=torch.float64, generator=g) / 10
-    x = torch.randn(2, C, L, dtype=torch.float64, generator=g)
-    want = fft_conv(h, x)
-    eng = OnlineConv(h, max_len=L, crossover=2)
+    h, x, want = _bank(2, C=7, L=300)
+    eng = OnlineConv(h, crossover=2)
     sl = slice(2, 7)
     y = torch.cat([eng.extend(x[:, sl, :3], channels=sl), eng.extend(x[:, sl, 3:200], channels=sl),
                    eng.extend(x[:, sl, 200:], channels=sl)], -1)
@@ -77,12 +81,9 @@ def test_engine_extend_in_channel_chunks(monkeypatch):
 def test_engine_extend_by_channel_slices_from_one_start():
     """A bank shared by two convolutions extends each one's slice from the same start; the steps
     after see both."""
-    g = torch.Generator().manual_seed(3)
-    C, L = 8, 200
-    h = torch.randn(C, L, dtype=torch.float64, generator=g) / 10
-    x = torch.randn(1, C, L, dtype=torch.float64, generator=g)
-    want = fft_conv(h, x)
-    eng = OnlineConv(h, max_len=L, crossover=4)
+    L = 200
+    h, x, want = _bank(3, C=8, L=L, batch=1)
+    eng = OnlineConv(h, crossover=4)
     ys = [eng.prefill(x[..., :10])] + [eng.step(x[..., t])[..., None] for t in range(10, 21)]
     a, b = slice(0, 3), slice(3, 8)
     ya = eng.extend(x[:, a, 21:90], channels=a, start=21)
@@ -94,12 +95,9 @@ def test_engine_extend_by_channel_slices_from_one_start():
 
 def test_engine_extend_rows_while_others_step():
     """Rows at their own positions: row 1 extends while row 0 steps; each is its own convolution."""
-    g = torch.Generator().manual_seed(4)
-    C, L = 5, 256
-    h = torch.randn(C, L, dtype=torch.float64, generator=g) / 10
-    x = torch.randn(2, C, L, dtype=torch.float64, generator=g)
-    want = fft_conv(h, x)
-    eng = OnlineConv(h, max_len=L, crossover=4)
+    L = 256
+    h, x, want = _bank(4, C=5, L=L)
+    eng = OnlineConv(h, crossover=4)
     eng.bind(2)
     ys = {0: [eng.prefill(x[:1, :, :9], rows=[0])[0]], 1: [eng.prefill(x[1:, :, :30], rows=[1])[0]]}
     pos = {0: 9, 1: 30}
@@ -119,11 +117,9 @@ def test_engine_extend_rows_while_others_step():
 
 def test_engine_extend_keeps_a_nan_causal():
     """A non-finite input poisons its own output and the later ones, never an earlier one."""
-    C, L = 3, 128
-    h = torch.randn(C, L, dtype=torch.float64) / 10
-    x = torch.randn(1, C, L, dtype=torch.float64)
+    h, x, _ = _bank(5, C=3, L=128, batch=1)
     x[0, 1, 50] = float("nan")
-    eng = OnlineConv(h, max_len=L, crossover=4)
+    eng = OnlineConv(h, crossover=4)
     y = torch.cat([eng.prefill(x[..., :20]), eng.extend(x[..., 20:80]), eng.extend(x[..., 80:])], -1)
     assert torch.isfinite(y[0, :, :50]).all()
     assert torch.isnan(y[0, 1, 50:]).all()

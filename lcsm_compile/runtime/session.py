@@ -132,7 +132,7 @@ class Session:
         """Rows at their own positions need a bank that keeps per-row positions, a prefill program
         that runs on any batch (one row), and position tables with a batch dim to index per row."""
         d = self.decoder
-        if getattr(d, "rows_why", None):
+        if d.rows_why:
             raise LcsmError(f"{what}: {d.rows_why}")
         if not d.can("rows"):
             raise LcsmError(f"{what}: rows at their own positions need conv='flash'; this decoder's bank is "
