@@ -379,6 +379,7 @@ def match_fft(r, canon, info):
     if canon[x].op == "pad" and info[x].dep == "activation":  # explicit zero padding to the FFT size
         extra.add(x)
         x = strip(canon[x].inputs[0], canon)
+    extra.discard(x)  # the input is the layer before's value (rfft(x) reads it directly), not the convolution's
     spelling = "complex_fft_conv" if canon[leaf].op == "fft" else ("einsum_fft_conv" if einsums else "fft_conv")
     out, out_slice, window_statics = _output_window(_users_through(r_out, canon), dim, canon, info)
     extra |= set(window_statics)

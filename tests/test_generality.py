@@ -468,3 +468,35 @@ def test_a_dtype_read_by_type_as_is_not_a_dependency_on_values():
     x = torch.randn(2, 64, C, dtype=torch.float64)
     with torch.no_grad():
         assert rel_err(teacher_forced(decoder, x, 9), model(x)) < 1e-12
+
+
+class CodeThenFFTConv(nn.Module):
+    """A sinusoidal code built in forward added right before an FFT convolution that reads the sum
+    directly (no cast between): the sum is the convolution's input, not part of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.h = nn.Parameter(torch.randn(C, 96) / 10)
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x):
+        L = x.shape[1]
+        position = torch.arange(L, dtype=x.dtype)[:, None]
+        code = torch.zeros(L, C, dtype=x.dtype)
+        code[:, 0::2] = torch.sin(position * torch.exp(-torch.arange(0, C, 2, dtype=x.dtype)))
+        spectrum = torch.fft.rfft(x + code, n=2 * L, dim=1) * torch.fft.rfft(self.h[:, :L].t(), n=2 * L, dim=0)
+        return self.proj(torch.fft.irfft(spectrum, n=2 * L, dim=1)[:, :L])  # channels last, as the fuzzer's
+
+
+def test_a_position_code_added_right_before_an_fft_convolution_is_read_from_its_table():
+    """The add of the code used to be claimed by the convolution (the FFT's argument is its input),
+    so no position constant was found and every step saw position 0's code: found by the fuzzer
+    (seed 11 index 31), a silent error with validate=False."""
+    model = CodeThenFFTConv().double()
+    decoder = lcsm_compile.optimize(model, (torch.randn(2, 16, C, dtype=torch.float64),), max_len=96, validate=False)
+    assert len(decoder.report.position_constants) == 1
+    x = torch.randn(2, 96, C, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    for P in (1, 40):
+        assert rel_err(teacher_forced(decoder, x, P), want) < 1e-12, P
