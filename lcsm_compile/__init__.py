@@ -15,6 +15,7 @@ if "triton" not in _sys.modules and not _torch.cuda.is_available():
 from lcsm_compile.errors import (DeviceError, DTypeError, InputError, LcsmError, MaxLenExceeded, NotDecodable,
                                  SessionBroken, SessionNotStarted, ShapeError, StaleDecoder)
 from lcsm_compile.engine import OnlineConv
+from lcsm_compile.partitioned import PartitionedConv
 from lcsm_compile.analysis import analyze, register_mixer
 from lcsm_compile.report import Candidate, Reason, Report, Verdict
 from lcsm_compile.decoder import Decoder, optimize
@@ -25,6 +26,7 @@ _configure_logs()  # LCSM_LOGS=detect,passes,schedule,kernels,backend (lcsm_comp
 
 __all__ = [
     "OnlineConv",
+    "PartitionedConv",
     "LcsmError",
     "ShapeError",
     "DTypeError",

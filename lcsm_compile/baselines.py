@@ -21,9 +21,10 @@ from lcsm_compile.engine import prepare_filters, state_dtype_for
 from lcsm_compile.kernels.reference import fft_conv  # the offline convolution: every prefill, and a baseline
 
 
-class _Bank:
-    """What every baseline bank shares: filters [C, max_len] in the state dtype (skip folded into
-    lag 0), a position, state allocated by the first call for its batch rows, prefill by one FFT."""
+class StepBank:
+    """What every bank that steps one shared position at a time shares (the baselines, and
+    lcsm_compile.partitioned): filters [C, max_len] in the state dtype (skip folded into lag 0), a
+    position, state allocated by the first call for its batch rows, prefill by one FFT."""
 
     capabilities = frozenset()  # one shared position, one step at a time (see OnlineConv.capabilities)
 
@@ -96,7 +97,7 @@ def _nbytes(t):
     return 0 if t is None else t.numel() * t.element_size()
 
 
-class LazyConv(_Bank):
+class LazyConv(StepBank):
     """y_t = <history, reversed filter>: O(t) reads per position, batched over channels and rows.
 
     Time-major history [max_len, rows, C] and reversed filters [max_len, C], accumulated block by
@@ -139,7 +140,7 @@ class LazyConv(_Bank):
         return self.layout.element_size() * rows * self.channels * length * (length + 1)
 
 
-class EagerConv(_Bank):
+class EagerConv(StepBank):
     """At position t, acc[t:] += x_t * h[:max_len - t] in place; y_t = acc[t] is then complete.
 
     Time-major accumulators [max_len, rows, C] and filters [max_len, C]: one contiguous span per step.
@@ -168,7 +169,7 @@ class EagerConv(_Bank):
         return self.layout.element_size() * 3 * rows * self.channels * length * (length + 1) // 2
 
 
-class NaiveConv(_Bank):
+class NaiveConv(StepBank):
     """At position t, the FFT convolution of the whole prefix, the filter's spectrum included (a
     model's forward recomputes it each call); y_t is its last output. FFT size: the smallest
     5-smooth n >= 2(t+1), kinder than Hyena's n = 2(t+1), which hits slow prime sizes at many t."""
@@ -208,7 +209,7 @@ def fast_sizes(limit):
     return sorted(out)
 
 
-class FloorConv(_Bank):
+class FloorConv(StepBank):
     """Lag-0 term only: y_t = h0 * x_t. Not the model's output: a timing floor."""
 
     def red_cell(self, x, channels=None):

@@ -54,6 +54,7 @@ CHECKS = {
     "compile": lambda name, v: check_choice(name, v, (True, False, "auto")),
     "cuda_graph": lambda name, v: check_choice(name, v, (False, True, "emulate")),
     "validate": lambda name, v: check_choice(name, v, (True, False)),
+    "latency": lambda name, v: check_choice(name, v, (True, False)),
     "strategy": _strategy,
     "crossover": _positive_int,
     "max_len": _positive_int,

@@ -10,12 +10,13 @@ from lcsm_compile.checks import check_options, vocab_size
 from lcsm_compile.engine import OnlineConv
 from lcsm_compile.errors import NotDecodable, StaleDecoder
 from lcsm_compile.logs import get_logger
+from lcsm_compile.partitioned import PartitionedConv
 from lcsm_compile.passes.layer_schedule import unknown_strategy_keys
 from lcsm_compile.recurrence import Recurrence
 from lcsm_compile.runtime import Program, Session
 from lcsm_compile.staleness import Fingerprint, module_state
 
-BANKS = {"flash": OnlineConv, "lazy": LazyConv, "floor": FloorConv}
+BANKS = {"flash": OnlineConv, "partitioned": PartitionedConv, "lazy": LazyConv, "floor": FloorConv}
 
 
 class Decoder:
@@ -26,8 +27,10 @@ class Decoder:
     and buffers check_fresh() watches (None: nothing to watch)."""
 
     def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None, compile="auto",
-                 cuda_graph=False, strategy="auto", programs=None, schedule=None, source=None):
-        check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, strategy=strategy)
+                 cuda_graph=False, strategy="auto", latency=False, programs=None, schedule=None, source=None):
+        check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, strategy=strategy,
+                      latency=latency)
+        _check_latency(conv, latency)
         # cuda_graph: each session captures its step without advance (lcsm_compile.runtime.graphs) and
         # replays it, the tile call launched eagerly after; "emulate" replays recorded ops on any device
         self.cuda_graph = cuda_graph
@@ -47,7 +50,7 @@ class Decoder:
         if programs is None:
             from lcsm_compile import pipeline
 
-            options = {"conv": conv, "crossover": crossover, "strategy": strategy}
+            options = {"conv": conv, "crossover": crossover, "strategy": strategy, "latency": latency}
             programs, schedule, _ = pipeline.lower(report, options, example_inputs)
         self.programs, self.schedule = programs, schedule
         self.sites = self.programs.sites
@@ -71,7 +74,11 @@ class Decoder:
             skips.append(torch.zeros(site.width, dtype=dtype) if k.skip is None else k.skip.reshape(-1).to(dtype))
             self.bank_slices[i] = slice(start, start + site.width)
             start += site.width
-        kwargs = {"crossover": crossover} if conv == "flash" else {}
+        # the flash bank's crossover; the partitioned bank's plan, chosen by the layer schedule (by the
+        # same costs the bank would choose it by, for the schedule's max_len)
+        part = self.schedule.partition
+        part = part if part is not None and part.max_len == self.max_len else None
+        kwargs = {"flash": {"crossover": crossover}, "partitioned": {"partition": part, "latency": latency}}.get(conv, {})
         self.bank = BANKS[conv](torch.cat(filters).to(self.device), torch.cat(skips).to(self.device), max_len=self.max_len,
                                 **kwargs) if filters else None  # only short convolutions: ring buffers alone
         self.short_filters = {i: self._short_filter(s.conv) for i, s in enumerate(self.sites) if s.kind == "short"}
@@ -138,14 +145,19 @@ class Decoder:
 
 
 def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=None, compile="auto", cuda_graph=False,
-             strategy="auto", validate=True) -> Decoder:
+             strategy="auto", latency=False, validate=True) -> Decoder:
     """Analyze `model`, build its Decoder and check it (lcsm_compile.pipeline: every pass, in order).
 
     Raises NotDecodable (carrying the Report) when some op that mixes positions is not an accepted
     causal convolution, when a pass fails on the model, or when the built decoder does not
     reproduce the model teacher-forced on random inputs (DECODE_MISMATCH).
-    conv: "flash" (ours), or the "lazy"/"floor" baselines on the same step program ("floor" drops
-    every lag > 0, so it is never validated).
+    conv: "flash" (ours: the paper's tiling), "partitioned" (frequency-domain delay lines,
+    lcsm_compile.partitioned: fewer transforms, more multiply-adds; one shared position, one step at
+    a time), or the "lazy"/"floor" baselines on the same step program ("floor" drops every lag > 0,
+    so it is never validated).
+    latency (conv="partitioned"): False plans for throughput; True bounds the step latency: every
+    level whose firing would cost several mean steps is delayed by one block and spread over it
+    (lcsm_compile.partition.plan).
     compile: "auto" (default) runs the step program eagerly and compiles it with inductor (once
     per batch size, a few seconds on CPU, so a step is not dominated by Python dispatch) when a
     generation is long enough to pay for it (runtime.program.AUTO_COMPILE_CALLS steps, taken or announced
@@ -159,7 +171,8 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     from lcsm_compile import pipeline
 
     check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, strategy=strategy,
-                  validate=validate)
+                  latency=latency, validate=validate)
+    _check_latency(conv, latency)
     example_inputs, max_len = check_args(model, example_inputs, max_len, "export")
     get_logger("passes").info("optimize: %s at max_len %d, %d passes (seconds: capture, analysis, rewrite, validation)",
                               type(model).__name__, max_len, len(pipeline.PASSES))
@@ -168,7 +181,7 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
 
         check_device(cuda_graph, example_inputs[0].device)
     options = {"conv": conv, "crossover": crossover, "compile": compile, "cuda_graph": cuda_graph, "strategy": strategy,
-               "validate": validate and conv != "floor"}
+               "latency": latency, "validate": validate and conv != "floor"}
     with quiet():
         ctx = pipeline.run(pipeline.Context(model, example_inputs, max_len, "export", options))
     if ctx.decoder is None:
@@ -178,6 +191,11 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
         sites = [f"{s['name']} ({s['module']})" for s in ctx.decoder.schedule.sites if s["kind"] == "long"]
         raise ValueError(f"strategy: {unknown} name no long convolution of this model; its long convolutions are {sites}")
     return ctx.decoder
+
+
+def _check_latency(conv, latency):
+    if latency and conv != "partitioned":
+        raise ValueError(f"latency=True: expected conv='partitioned' (the only bank with a latency mode), got conv={conv!r}")
 
 
 def _dtype_of(node):

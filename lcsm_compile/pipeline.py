@@ -105,15 +105,17 @@ def _safety_net(ctx):
 
 
 def _layer_schedule(ctx):
-    from lcsm_compile.tuning import crossover_for
+    from lcsm_compile.tuning import crossover_for, partition_costs_for
 
-    conv = ctx.options.get("conv", "flash")
+    conv, device = ctx.options.get("conv", "flash"), ctx.example_inputs[0].device
     crossover = ctx.options.get("crossover")
     if conv == "flash" and crossover is None:
-        crossover = crossover_for(ctx.example_inputs[0].device)
+        crossover = crossover_for(device)
     return layer_schedule.run(ctx.programs.step, ctx.programs.sites, max_len=ctx.report.capture.max_len,
                               crossover=crossover if conv == "flash" else None, attention=ctx.programs.attention,
-                              strategy=ctx.options.get("strategy", "auto"))
+                              strategy=ctx.options.get("strategy", "auto"),
+                              partition_costs=partition_costs_for(device) if conv == "partitioned" else None,
+                              latency=ctx.options.get("latency", False))
 
 
 def _graph_dump(cap, ctx):
@@ -335,7 +337,7 @@ def _build_decoder(ctx):
 
 
 def _decoder_options(options):
-    return {k: options[k] for k in ("conv", "crossover", "compile", "cuda_graph", "strategy") if k in options}
+    return {k: options[k] for k in ("conv", "crossover", "compile", "cuda_graph", "strategy", "latency") if k in options}
 
 
 def lower(report, options, example_inputs):

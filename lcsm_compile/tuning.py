@@ -1,16 +1,20 @@
-"""The hybrid crossover: the largest tile size computed directly rather than by FFT.
+"""Per-machine calibration: the hybrid crossover (the largest tile size computed directly rather
+than by FFT) and the costs of the partitioned schedule's primitives (lcsm_compile.partition.Costs).
 
-`lcsm-compile tune` measures it on this machine and caches it in the user cache dir, keyed by
-device and torch version; without a cached value a safe default is used.
+`lcsm-compile tune` measures both on this machine and caches them in the user cache dir, keyed by
+device and torch version; without a cached value safe defaults are used.
 """
 
+import dataclasses
 import json
+import math
 import os
 import time
 
 import torch
 
 from lcsm_compile.errors import DeviceError
+from lcsm_compile.partition import Costs
 
 DEFAULTS = {"cpu": 16, "cuda": 64}
 
@@ -44,6 +48,12 @@ def crossover_for(device) -> int:
     if entry is not None:
         return int(entry["crossover"])
     return DEFAULTS.get(device.type, 32)
+
+
+def partition_costs_for(device) -> Costs:
+    """The measured costs of the partitioned schedule's primitives for this device, else the defaults."""
+    entry = _load().get(device_key(torch.device(device)), {})
+    return Costs(**entry["partition_costs"]) if "partition_costs" in entry else Costs()
 
 
 def _best_time(fn, repeats):
@@ -95,6 +105,26 @@ def measure(device="cpu", channels=1024, max_size=256, repeats=20):
     return rows
 
 
+def measure_partition_costs(device="cpu", channels=1024, block=512, repeats=10) -> Costs:
+    """The rates of the partitioned schedule's primitives on `device`, timed at one block size on
+    `channels` channels: a transform pair of size 2B, a complex multiply-add of B+1 bins, the direct
+    lags' fused multiply-add (31 lags), and a call on one element."""
+    device = check_device(device)
+    n = 2 * block
+    x = torch.randn(1, channels, n, device=device)
+    X = torch.fft.rfft(x)
+    Y, H = torch.zeros_like(X), torch.randn_like(X)
+    acc, taps, v = (torch.zeros(31, 1, channels, device=device), torch.randn(31, 1, channels, device=device),
+                    torch.randn(1, channels, device=device))
+    one = torch.zeros(1, device=device)
+    pair = _best_time(lambda: torch.fft.irfft(torch.fft.rfft(x), n=n), repeats)
+    mac = _best_time(lambda: Y.addcmul_(X, H), repeats)
+    direct = _best_time(lambda: acc.addcmul_(taps, v), repeats)
+    call = _best_time(lambda: one.add_(1.0), repeats)
+    return Costs(fft_flops_s=5 * n * math.log2(n) * channels / pair, mac_flops_s=8 * (block + 1) * channels / mac,
+                 direct_flops_s=2 * 31 * channels / direct, call_s=call)
+
+
 def choose_crossover(rows) -> int:
     """Largest U such that the direct tile is no slower than the FFT tile at every size up to U."""
     crossover = 1
@@ -106,13 +136,16 @@ def choose_crossover(rows) -> int:
 
 
 def tune(device="cpu", channels=1024, max_size=256, save=True):
-    """Measure, choose and (optionally) cache the crossover for `device`. Returns (crossover, rows)."""
+    """Measure, choose and (optionally) cache the crossover and the partition costs for `device`.
+    Returns (crossover, rows, costs)."""
     rows = measure(device, channels, max_size)
     crossover = choose_crossover(rows)
+    costs = measure_partition_costs(device, channels)
     if save:
         cache = _load()
-        cache[device_key(device)] = {"crossover": crossover, "channels": channels, "rows": rows}
+        cache[device_key(device)] = {"crossover": crossover, "channels": channels, "rows": rows,
+                                     "partition_costs": dataclasses.asdict(costs)}
         os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
         with open(cache_path(), "w") as f:
             json.dump(cache, f, indent=1)
-    return crossover, rows
+    return crossover, rows, costs

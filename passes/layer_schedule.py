@@ -22,6 +22,8 @@ from lcsm_compile.errors import LcsmError
 from lcsm_compile.kernels.registry import kernel_for
 from lcsm_compile.engine import state_dtype_for
 from lcsm_compile.recurrence import choose, recurrent_from
+from lcsm_compile import tuning
+from lcsm_compile.partition import Partition, plan
 from lcsm_compile.schedule import tile_sizes, transform_work
 
 lcsm = torch.ops.lcsm
@@ -42,10 +44,14 @@ class LayerSchedule:
     edges: list = field(default_factory=list)  # (site, site) direct dependencies
     recurrent: tuple = ()  # indices (into the programs' sites) of the long convolutions decoded by their recurrence
     transforms: dict | None = None  # schedule.transform_work of the tile groups (None: no tile work)
+    partition: Partition | None = None  # conv="partitioned": the bank's plan (lcsm_compile.partition)
 
     def to_json(self) -> dict:
+        part = self.partition
         return {"sites": self.sites, "levels": self.levels, "critical_path": self.critical_path, "tile_groups": self.tile_groups,
-                "edges": self.edges, "recurrent": list(self.recurrent), "transforms": self.transforms}
+                "edges": self.edges, "recurrent": list(self.recurrent), "transforms": self.transforms,
+                "partition": None if part is None else {"direct": part.direct, "levels": [[lv.block, lv.segments] for lv in part.levels],
+                                                        "transforms": part.transform_work()}}
 
     def table(self) -> str:
         n_attn = sum(1 for s in self.sites if s["kind"] == "attention")
@@ -54,7 +60,8 @@ class LayerSchedule:
         for i, level in enumerate(self.levels):
             lines.append(f"  level {i}: " + ", ".join(f"{n} ({self._kind(n)}, {self._site(n)['module']})" for n in level))
         lines.append("  critical path: " + " -> ".join(self.critical_path))
-        lines.append(f"{'tile':>6} {'kernel':>7} {'channels':>9} {'runs at steps':>16}  sites")
+        if self.tile_groups:
+            lines.append(f"{'tile':>6} {'kernel':>7} {'channels':>9} {'runs at steps':>16}  sites")
         for g in self.tile_groups:
             steps = f"{g['first_step']} + k*{g['every']}"
             lines.append(f"{g['size']:>6} {g['kernel']:>7} {g['channels']:>9} {steps:>16}  {len(g['sites'])} long convs, one call")
@@ -62,6 +69,14 @@ class LayerSchedule:
             t = self.transforms
             lines.append(f"FFT work per channel from position 0 (n log2 n per transform of size n): tiles {t['tiles']:.3g}, "
                          f"offline convolution {t['offline']:.3g}: {t['ratio']:.2f}x the offline")
+        if self.partition is not None:
+            w = self.partition.transform_work()
+            lines.append(f"partitioned schedule of the bank (frequency-domain delay lines), "
+                         f"{self.partition.multiply_adds()} complex multiply-adds per channel per step:")
+            lines.append(self.partition.table())
+            lines.append(f"FFT work per channel from position 0 (n log2 n per transform of size n): levels {w['transforms']:.3g}, "
+                         f"offline convolution {w['offline']:.3g}: {w['ratio']:.2f}x the offline "
+                         f"(the paper's tiling: {transform_work(self.partition.max_len, tuning.DEFAULTS['cpu'])['ratio']:.2f}x)")
         return "\n".join(lines)
 
     def to_dot(self) -> str:
@@ -96,10 +111,13 @@ def dataflow_graph(gm) -> nx.DiGraph:
     return g
 
 
-def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto") -> LayerSchedule:
+def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto", partition_costs=None,
+        latency=False) -> LayerSchedule:
     """Schedule the step program `step_gm` (from passes.decode_rewrite) of the given ConvSites and
     AttentionSites; `crossover` is the flash bank's largest direct tile (None for banks that run no
-    tiles, which decode every long convolution themselves); `strategy` as optimize() takes it."""
+    tiles, which decode every long convolution themselves); `strategy` as optimize() takes it;
+    `partition_costs` (conv="partitioned"): the lcsm_compile.partition.Costs its plan is chosen by,
+    for throughput or (`latency`) for bounded step latency."""
     recurrent = tuple(i for i, s in enumerate(sites) if s.kind == "long" and crossover is not None
                       and choose(s.conv, max_len, site_strategy(strategy, s.name, _module(s.conv.output))) == "recurrent")
     g = dataflow_graph(step_gm)
@@ -146,8 +164,10 @@ def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto") ->
         }
         for U in tile_sizes(1, max_len)
     ] if long_sites and crossover is not None else []  # lazy/floor banks run no tiles
+    channels = sum(s["width"] for s in info if s["kind"] == "long")
+    part = plan(max_len, channels, partition_costs, latency) if partition_costs is not None and channels else None
     return LayerSchedule(info, levels, nx.dag_longest_path(deps), groups, sorted(deps.edges, key=lambda e: (order[e[0]], order[e[1]])),
-                         recurrent, transform_work(max_len, crossover) if groups else None)
+                         recurrent, transform_work(max_len, crossover) if groups else None, part)
 
 
 def _mib(n):

@@ -95,7 +95,9 @@ def test_fmt_num_marks_estimates():
 def _fake_record(C, L, estimated):
     m = {k: {"time_s": 1.0, "estimated": k in estimated} for k in mixer.METHODS}
     m["flash"].update(build_s=0.01, rel_err=1e-7)
-    ratios = {"lazy/flash": 1.0, "eager/flash": 1.0, "naive/flash": 1.0, "flash/offline": 1.0}
+    m["partitioned"].update(build_s=0.01, rel_err=1e-7)
+    ratios = {"lazy/flash": 1.0, "eager/flash": 1.0, "naive/flash": 1.0, "flash/offline": 1.0,
+              "partitioned/flash": 1.0, "partitioned/offline": 1.0}
     return {"C": C, "L": L, "methods": m, "ratios": ratios}
 
 
@@ -146,7 +148,9 @@ def test_quick_run_writes_json(quick_run):
     assert [(r["C"], r["L"]) for r in data["results"]] == [(16, 256), (16, 512)]
     for r in data["results"]:
         assert set(r["methods"]) == set(mixer.METHODS)
-        assert set(r["ratios"]) == {"lazy/flash", "eager/flash", "naive/flash", "flash/offline"}
+        assert set(r["ratios"]) == {"lazy/flash", "eager/flash", "naive/flash", "flash/offline", "partitioned/flash",
+                                    "partitioned/offline"}
+        assert r["methods"]["partitioned"]["plan"]["transform_ratio"] > 0
         for k in mixer.BASELINES:
             m = r["methods"][k]
             assert {"time_s", "estimated", "estimate", "estimate_s", "measured_s", "window_rel_err"} <= set(m)
@@ -159,6 +163,7 @@ def test_quick_run_flash_is_exact(quick_run):
     _, data = quick_run
     for r in data["results"]:
         assert r["methods"]["flash"]["rel_err"] < 1e-5
+        assert r["methods"]["partitioned"]["rel_err"] < 1e-5
         for k in mixer.BASELINES:  # the steps an estimate sampled, and baselines run in full, are checked too
             assert r["methods"][k]["window_rel_err"] < 1e-5
             if r["methods"][k]["rel_err"] is not None:

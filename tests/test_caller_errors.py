@@ -39,7 +39,7 @@ def no_work(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"conv": "bogus"}, ValueError, r"conv: expected one of \['flash', 'floor', 'lazy'\], got 'bogus'"),
+    ({"conv": "bogus"}, ValueError, r"conv: expected one of \['flash', 'floor', 'lazy', 'partitioned'\], got 'bogus'"),
     ({"compile": "yes"}, ValueError, "compile: expected"),
     ({"crossover": -3}, ValueError, "crossover: expected a positive int"),
     ({"validate": "no"}, TypeError, "validate: expected one of"),

@@ -341,7 +341,7 @@ def test_compiled_step_under_inference_mode_and_grad(mode):
 
 def test_decoder_conv_must_name_a_bank(decoders):
     _, inputs, decoder = decoders("hyena_order2")
-    with pytest.raises(ValueError, match=r"conv: expected one of \['flash', 'floor', 'lazy'\], got 'bad'"):
+    with pytest.raises(ValueError, match=r"conv: expected one of \['flash', 'floor', 'lazy', 'partitioned'\], got 'bad'"):
         lcsm_compile.Decoder(decoder.report, max_len=decoder.max_len, example_inputs=inputs, conv="bad")
 
 

@@ -1,5 +1,6 @@
 """The hybrid crossover: chosen from measurements, cached per device, safe default without a cache."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 from helpers import reference_crossover
 from lcsm_compile import OnlineConv, tuning
 from lcsm_compile.errors import DeviceError
+from lcsm_compile.partition import Costs
 
 
 def test_choose_crossover_stops_at_first_size_where_fft_wins():
@@ -38,11 +40,13 @@ def test_default_without_cache(tmp_path, monkeypatch):
 
 def test_tune_measures_caches_and_engine_uses_it(tmp_path, monkeypatch):
     monkeypatch.setenv("LCSM_CACHE_DIR", str(tmp_path))
-    crossover, rows = tuning.tune("cpu", channels=16, max_size=8)
+    crossover, rows, costs = tuning.tune("cpu", channels=16, max_size=8)
     assert [U for U, _, _ in rows] == [1, 2, 4, 8] and crossover == reference_crossover(rows)
     cached = json.loads((tmp_path / "tuning.json").read_text())
     assert cached[tuning.device_key("cpu")]["crossover"] == crossover
     assert tuning.crossover_for("cpu") == crossover
+    assert tuning.partition_costs_for("cpu") == costs and costs != Costs()  # measured, not the defaults
+    assert all(v > 0 for v in dataclasses.asdict(costs).values())
     # a planted value proves the engine reads the cache rather than the default
     cached[tuning.device_key("cpu")]["crossover"] = 4
     (tmp_path / "tuning.json").write_text(json.dumps(cached))

@@ -23,6 +23,7 @@ LCSM_LOGS=detect,passes,schedule,kernels,backend (or all, +debug) logs each area
 import argparse
 import ast
 import contextlib
+import dataclasses
 import difflib
 import importlib.util
 import json
@@ -395,7 +396,7 @@ def _diff(before, after, entries, name):
 # -- schedule -----------------------------------------------------------------------------------
 
 def _schedule(args):
-    decoder = _optimize(_load(args))
+    decoder = _optimize(_load(args), conv=args.conv, latency=args.latency)
     sched = getattr(decoder, "schedule", None)
     if sched is None:
         raise CliError("this build's Decoder has no layer schedule (decoder.schedule)")
@@ -754,15 +755,18 @@ def _plot(path, P, rows, title):
 def _tune(args):
     from lcsm_compile import tuning
 
-    crossover, rows = tuning.tune(args.device, args.channels, args.max_size, save=not args.no_save)
+    crossover, rows, costs = tuning.tune(args.device, args.channels, args.max_size, save=not args.no_save)
     if args.json:
-        _print_json(args, {"device": args.device, "crossover": crossover, "rows": rows})
+        _print_json(args, {"device": args.device, "crossover": crossover, "rows": rows,
+                           "partition_costs": dataclasses.asdict(costs)})
         return
     print(f"{'U':>6} {'direct (us)':>12} {'fft (us)':>10}  faster")
     for U, direct, fft in rows:
         print(f"{U:>6} {direct * 1e6:>12.1f} {fft * 1e6:>10.1f}  {'direct' if direct <= fft else 'fft'}")
     where = "not saved" if args.no_save else f"saved to {tuning.cache_path()}"
     print(f"crossover = {crossover} (largest tile computed directly; {where})")
+    print(f"partition costs: transforms {costs.fft_flops_s / 1e9:.1f} GFlop/s, multiply-adds {costs.mac_flops_s / 1e9:.1f} "
+          f"GFlop/s, direct lags {costs.direct_flops_s / 1e9:.1f} GFlop/s, {costs.call_s * 1e6:.1f} us per call")
 
 
 # -- parser -------------------------------------------------------------------------------------
@@ -802,6 +806,9 @@ def build_parser():
 
     p = sub.add_parser("schedule", help="layer schedule of the step program: levels, critical path, tile groups")
     _model_args(p)
+    p.add_argument("--conv", choices=["flash", "partitioned"], default="flash",
+                   help="the bank whose schedule to print: the paper's tiling, or frequency-domain delay lines")
+    p.add_argument("--latency", action="store_true", help="with --conv partitioned: its bounded-latency plan")
     p.add_argument("--format", choices=["text", "dot", "json"], default="text")
     p.add_argument("--json", action="store_true", help="same as --format json")
     p.set_defaults(run=_schedule)
@@ -843,7 +850,7 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_bench)
 
-    p = sub.add_parser("tune", help="calibrate the direct/FFT tile crossover on this machine")
+    p = sub.add_parser("tune", help="calibrate the tile crossover and the partition costs on this machine")
     p.add_argument("--device", default="cpu")
     p.add_argument("--channels", type=int, default=1024)
     p.add_argument("--max-size", type=int, default=256)

@@ -6,11 +6,13 @@ every baseline; each bank is driven through the same step(x) as the flash bank):
 - eager:   per step, scatter x_t * h into every future accumulator (baselines.EagerConv);
 - naive:   per step, an FFT convolution of the whole prefix (baselines.NaiveConv: what users do today);
 - offline: one FFT convolution of the finished sequence (baselines.fft_conv: a lower bound, not causal);
-- flash:   lcsm_compile.OnlineConv, step by step (ours).
+- flash:   lcsm_compile.OnlineConv, step by step (ours: the paper's tiling);
+- partitioned: lcsm_compile.PartitionedConv, step by step (ours: frequency-domain delay lines, the
+           plan lcsm_compile.partition.plan picks for C and L with this machine's tuned costs).
 Baselines whose full run would exceed --budget-s are ESTIMATED from timed windows of steps
 (common.estimate_total); every estimated figure is marked '~' and listed in the "est" column.
 At L = 4096 (or the smallest L run) lazy and eager run in full too, validating the estimator.
-Every output is checked against a float64 reference: flash's whole run, a baseline's full run, and
+Every output is checked against a float64 reference: flash's and partitioned's whole runs, a baseline's full run, and
 the steps an estimate sampled.
 
 Run: python benchmarks/mixer.py [--quick] [--out bench_out/]   (with the project's targets)
@@ -27,8 +29,9 @@ import torch
 from lcsm_compile import baselines
 from lcsm_compile.tools.bench import common
 from lcsm_compile.engine import OnlineConv
+from lcsm_compile.partitioned import PartitionedConv
 
-METHODS = ("lazy", "eager", "naive", "offline", "flash")
+METHODS = ("lazy", "eager", "naive", "offline", "flash", "partitioned")
 BANKS = {"lazy": baselines.LazyConv, "eager": baselines.EagerConv, "naive": baselines.NaiveConv}
 BASELINES = tuple(BANKS)  # the stepwise baselines that may be estimated
 BASIS = {"lazy": common.LINEAR, "eager": common.LINEAR, "naive": common.NLOGN}
@@ -72,23 +75,30 @@ def run_steps(step, xs):
     return seconds, torch.stack(ys, -1)
 
 
-def run_flash(h, xs, repeats):
-    """OnlineConv: construction (spectra precompute) timed apart from the L step() calls.
+def run_ours(cls, h, xs, repeats):
+    """One of our banks (OnlineConv, PartitionedConv): construction (spectra precompute) timed apart
+    from the L step() calls.
 
     A short warm-up decode first (code paths, allocator); then `repeats` fresh runs, best kept.
     """
     L = h.shape[1]
-    warm = OnlineConv(h[:, : min(L, 1024)])
+    warm = cls(h[:, : min(L, 1024)])
     run_steps(warm.step, xs[: min(L, 1024)])
     del warm
     best = None
     for _ in range(repeats):
         t0 = common.clock()
-        conv = OnlineConv(h, max_len=L)
+        conv = cls(h, max_len=L)
         build_s = common.clock() - t0
         step_s, ys = run_steps(conv.step, xs)
         if best is None or step_s < best["time_s"]:
-            best = {"time_s": step_s, "build_s": build_s, "memory_bytes": conv.memory_bytes(), "crossover": conv.crossover}
+            best = {"time_s": step_s, "build_s": build_s, "memory_bytes": conv.memory_bytes()}
+            if cls is OnlineConv:
+                best["crossover"] = conv.crossover
+            else:
+                part = conv.partition
+                best["plan"] = {"direct": part.direct, "levels": [[lv.block, lv.segments] for lv in part.levels],
+                                "transform_ratio": part.transform_work()["ratio"]}
             Y = ys
         del conv, ys
     return best, Y
@@ -110,14 +120,16 @@ def bench_config(C, L, args, validate_here, log):
     rec["methods"]["offline"] = {"time_s": off_s, "estimated": False, "rel_err": common.rel_err(baselines.fft_conv(h, X), ref)}
     log(f"  offline  {off_s:.4g} s")
 
-    # flash (ours): always measured in full, and checked against the float64 reference
-    flash, Y = run_flash(h, xs, args.repeats)
-    flash.update(estimated=False, rel_err=common.rel_err(Y, ref))
-    rec["methods"]["flash"] = flash
-    flash["wrong"] = not flash["rel_err"] <= MAX_REL_ERR[args.dtype]  # NaN is wrong too
-    log(f"  flash    {flash['time_s']:.4g} s (build {flash['build_s']:.3g} s), rel err {flash['rel_err']:.2e}"
-        + ("  WRONG: the output does not match the float64 reference" if flash["wrong"] else ""))
-    del Y
+    # ours: always measured in full, and checked against the float64 reference
+    for name, cls in (("flash", OnlineConv), ("partitioned", PartitionedConv)):
+        m, Y = run_ours(cls, h, xs, args.repeats)
+        m.update(estimated=False, rel_err=common.rel_err(Y, ref))
+        m["wrong"] = not m["rel_err"] <= MAX_REL_ERR[args.dtype]  # NaN is wrong too
+        rec["methods"][name] = m
+        log(f"  {name:8s} {m['time_s']:.4g} s (build {m['build_s']:.3g} s), rel err {m['rel_err']:.2e}"
+            + ("  WRONG: the output does not match the float64 reference" if m["wrong"] else ""))
+        del Y
+    flash = rec["methods"]["flash"]
 
     for name, cls in BANKS.items():
         bank = cls(h, max_len=L)
@@ -154,6 +166,8 @@ def bench_config(C, L, args, validate_here, log):
         "eager/flash": rec["methods"]["eager"]["time_s"] / f,
         "naive/flash": rec["methods"]["naive"]["time_s"] / f,
         "flash/offline": f / off_s,
+        "partitioned/flash": rec["methods"]["partitioned"]["time_s"] / f,
+        "partitioned/offline": rec["methods"]["partitioned"]["time_s"] / off_s,
     }
     return rec
 
@@ -162,8 +176,8 @@ def bench_config(C, L, args, validate_here, log):
 
 
 def results_table(results):
-    headers = ["C", "L", "lazy_s", "eager_s", "naive_s", "offline_s", "flash_s", "build_s",
-               "lazy/fl", "eager/fl", "naive/fl", "fl/off", "flash_err", "est"]
+    headers = ["C", "L", "lazy_s", "eager_s", "naive_s", "offline_s", "flash_s", "part_s", "build_s",
+               "lazy/fl", "eager/fl", "naive/fl", "fl/off", "part/off", "part/fl", "flash_err", "part_err", "est"]
     rows = []
     for r in results:
         m = r["methods"]
@@ -176,7 +190,9 @@ def results_table(results):
             common.fmt_num(r["ratios"]["eager/flash"], est("eager")),
             common.fmt_num(r["ratios"]["naive/flash"], est("naive")),
             common.fmt_num(r["ratios"]["flash/offline"]),
-            f"{m['flash']['rel_err']:.1e}" + ("!" if m["flash"].get("wrong") else ""),
+            common.fmt_num(r["ratios"]["partitioned/offline"]),
+            common.fmt_num(r["ratios"]["partitioned/flash"]),
+            *(f"{m[k]['rel_err']:.1e}" + ("!" if m[k].get("wrong") else "") for k in ("flash", "partitioned")),
             ",".join(k for k in BASELINES if est(k)) or "-",
         ])
     return common.format_table(headers, rows)
@@ -207,7 +223,8 @@ def slopes(results):
 
 
 def plot(results, path):
-    colors = {"lazy": "tab:red", "eager": "tab:orange", "naive": "tab:purple", "offline": "tab:gray", "flash": "tab:blue"}
+    colors = {"lazy": "tab:red", "eager": "tab:orange", "naive": "tab:purple", "offline": "tab:gray", "flash": "tab:blue",
+              "partitioned": "tab:green"}
     common.plot_loglog(path, common.method_series(results, "C", METHODS, colors, label="{method} C={group}"),
                        ylabel="seconds for L steps (hollow = estimated)", title="Mixer decode time vs L (batch 1)")
 

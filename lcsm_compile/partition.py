@@ -1,0 +1,191 @@
+"""The partitioned schedule: the lag axis cut into bands, each band decoded by a frequency-domain
+delay line (uniformly partitioned overlap-save, as real-time audio convolvers do), as integer
+arithmetic and a cost model.
+
+After a prefill of P positions, let i = t - P + 1 count the steps. Lag 0 is the red cell; lags
+1 .. D-1 are added directly, x_t * h[1:D] into the next D-1 accumulators. Level (B, m) covers lags
+[B, (m+1) B) in m segments of B lags: whenever B divides i, the spectrum of the last 2B inputs
+(one forward transform of size 2B) joins its delay line, the products of the last m spectra with
+the m segment spectra are summed in the frequency domain, and one inverse transform gives the
+level's contribution to the next B outputs [t+1, t+B]. Each input block's spectrum thus serves
+all m segments, and each output block costs one inverse transform: the two reuses the paper's
+tiling lacks. Bands tile [1, max_len): the next level's block is (m+1) B, and the top level's
+segments reach max_len.
+
+The price is m complex multiply-adds per channel per step per level, which the transform count
+ignores; `plan` weighs both with per-machine costs (lcsm_compile.tuning.partition_costs_for).
+
+Bounded step latency (plan(..., latency=True)): a level whose one firing would cost several mean
+steps is delayed by one block, covering lags [2B, (m+2)B): its outputs are then due B steps after
+its inputs are complete, so the bank spreads its work over those B steps in pieces: the forward
+transforms a channel slice at a time, the products a range of segments at a time, the inverse
+transforms a channel slice at a time. Blocks are capped so that one channel's transform stays a
+few mean steps.
+"""
+
+import math
+from dataclasses import dataclass
+
+from lcsm_compile import schedule
+
+
+@dataclass(frozen=True)
+class Level:
+    block: int  # B, a power of two: the transform size is 2B
+    segments: int  # m >= 1: lags [dB, (d+m) B)
+    delay: int = 1  # d: 1 fires when its inputs are complete; 2 has B steps of slack (spread)
+    pieces: tuple = (1, 1, 1)  # a spread level's firing in pieces: (forward channel slices, product pieces, inverse channel slices)
+
+    @property
+    def lags(self) -> tuple[int, int]:
+        return self.delay * self.block, (self.delay + self.segments) * self.block
+
+
+@dataclass(frozen=True)
+class Partition:
+    max_len: int
+    direct: int  # D: lags 1 .. D-1 added directly each step
+    levels: tuple[Level, ...]
+
+    def transform_work(self, prefill_len: int = 0) -> dict:
+        """FFT work of a decode from prefill_len to max_len per channel, in the units of
+        schedule.transform_work (n log2 n per transform of size n): each firing of a level runs one
+        forward and one inverse transform of size 2B. -> {"transforms", "offline", "ratio"}."""
+        steps = self.max_len - 1 - prefill_len  # steps whose outputs land inside max_len
+        work = sum((steps // lv.block) * 2 * _nlogn(2 * lv.block) for lv in self.levels)
+        offline = 3 * _nlogn(2 * self.max_len)
+        return {"transforms": work, "offline": offline, "ratio": work / offline}
+
+    def multiply_adds(self) -> int:
+        """Complex multiply-adds per channel per step, amortised (m (B+1) per firing every B steps), rounded."""
+        return round(sum(lv.segments * (lv.block + 1) / lv.block for lv in self.levels))
+
+    def table(self) -> str:
+        rows = [f"  direct lags 1 .. {self.direct - 1}"]
+        for lv in self.levels:
+            lo, hi = lv.lags
+            rows.append(f"  block {lv.block:>6}  segments {lv.segments:>3}  lags [{lo}, {min(hi, self.max_len)})"
+                        f"  transforms of size {2 * lv.block} every {lv.block} steps"
+                        + (f", spread over the {lv.block} steps after" if lv.delay == 2 else ""))
+        return "\n".join(rows)
+
+
+def partition(max_len: int, blocks, spread_from: int | None = None, pieces=None) -> Partition:
+    """The partition with these level blocks (increasing powers of two); direct lags below the first.
+    Levels of block >= spread_from are delayed by one block and spread, in pieces[block] = (forward
+    channel slices, product pieces, inverse channel slices) (default: (B, m, B); a bank cuts at
+    most one slice per channel; product pieces up to m are segment ranges, more cut each segment
+    into channel slices); blocks whose first lag is at or past max_len are dropped (no lag reaches
+    them)."""
+    max_len = int(max_len)
+    if max_len < 1:
+        raise ValueError(f"max_len: expected >= 1, got {max_len}")
+    blocks = [int(b) for b in blocks]
+    if any(b < 1 or b & (b - 1) for b in blocks) or blocks != sorted(set(blocks)):
+        raise ValueError(f"blocks: expected increasing powers of two, got {blocks}")
+    delay = _delays(spread_from)
+    blocks = [b for b in blocks if delay(b) * b < max_len]
+    if not blocks:
+        return Partition(max_len, max_len, ())
+    def level(b, segments):
+        spread = delay(b) == 2
+        return Level(b, segments, delay(b), tuple((pieces or {}).get(b, (b, segments, b))) if spread else (1, 1, 1))
+
+    levels = [level(b, delay(nxt) * nxt // b - delay(b)) for b, nxt in zip(blocks, blocks[1:])]
+    last = blocks[-1]
+    levels.append(level(last, -(-max_len // last) - delay(last)))
+    return Partition(max_len, delay(blocks[0]) * blocks[0], tuple(levels))
+
+
+def _delays(spread_from):
+    return lambda block: 2 if spread_from is not None and block >= spread_from else 1
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per channel of the partitioned schedule's primitives, and per call (lcsm_compile.tuning
+    measures them; these defaults are of the order a 2-core CPU shows)."""
+    fft_flops_s: float = 25e9  # a forward plus inverse real transform of size n counts 5 n log2 n flops
+    mac_flops_s: float = 16e9  # a complex multiply-add counts 8 flops
+    direct_flops_s: float = 4e9  # the direct lags' fused multiply-add, 2 flops per lag
+    call_s: float = 10e-6  # one torch call, whatever its size
+
+    def level(self, block: int, segments: int, channels: int) -> float:
+        """Seconds per step of a level: one transform pair and m multiply-adds every B steps."""
+        pair = 5 * _nlogn(2 * block) * channels / self.fft_flops_s + 4 * self.call_s
+        macs = segments * (8 * (block + 1) * channels / self.mac_flops_s + self.call_s)
+        return (pair + macs) / block
+
+    def pieces(self, block: int, segments: int, channels: int, budget: float) -> tuple:
+        """A spread level's pieces of about `budget` seconds each: (forward channel slices, product
+        pieces, inverse channel slices), at most one slice per channel and one product piece per
+        segment and channel."""
+        half = 2.5 * _nlogn(2 * block) * channels / self.fft_flops_s  # one direction's transforms, every channel
+        macs = segments * 8 * (block + 1) * channels / self.mac_flops_s
+        cut = lambda work, most: max(1, min(most, math.ceil(work / budget)))  # noqa: E731
+        return cut(half, channels), cut(macs, segments * channels), cut(half, channels)
+
+    def direct(self, lags: int, channels: int) -> float:
+        """Seconds per step of the direct lags 1 .. lags-1 (one fused multiply-add)."""
+        return 0.0 if lags <= 1 else 2 * (lags - 1) * channels / self.direct_flops_s + self.call_s
+
+    def tiling(self, max_len: int, crossover: int, channels: int) -> float:
+        """Seconds per step of the paper's tiling (lcsm_compile.schedule), by the same primitives:
+        a tile of size U runs every 2U steps, by U fused multiply-adds at or below the crossover and
+        by a transform pair of size 2U and one product above it."""
+        total = 0.0
+        for U in schedule.tile_sizes(0, max_len):
+            if U <= crossover:
+                total += (U * self.call_s + 2 * U * U * channels / self.direct_flops_s) / (2 * U)
+            else:
+                total += self.level(U, 1, channels) / 2
+        return total
+
+    def partitioned(self, part: Partition, channels: int) -> float:
+        return self.direct(part.direct, channels) + sum(self.level(lv.block, lv.segments, channels) for lv in part.levels)
+
+
+def plan(max_len: int, channels: int, costs: Costs | None = None, latency: bool = False) -> Partition:
+    """The cheapest partition of [1, max_len) by `costs` (default Costs()): a shortest path over
+    power-of-two blocks, each edge a level (B -> the next level's block) or the top level.
+
+    latency=True: bounded step latency. From the throughput plan's mean step cost, every level whose
+    one firing costs over SPIKE mean steps is spread (delayed by one block), and blocks are capped
+    where one channel's share of a firing would cost over SPIKE mean steps; then the shortest path
+    again under those rules."""
+    costs = Costs() if costs is None else costs
+    best = _shortest(int(max_len), channels, costs, None, None)
+    if not latency or not best.levels:
+        return best
+    mean = costs.partitioned(best, channels)
+    sizes = [1 << k for k in range(1, int(max_len).bit_length())]
+    fire = {B: costs.level(B, 3, channels) * B for B in sizes}  # one firing of a level of 3 segments
+    spread_from = min((B for B in sizes if fire[B] > SPIKE * mean), default=None)
+    max_block = max((B for B in sizes if fire[B] / channels <= SPIKE * mean), default=2)
+    spread = _shortest(int(max_len), channels, costs, spread_from, max_block)
+    pieces = {lv.block: costs.pieces(lv.block, lv.segments, channels, SPIKE * mean) for lv in spread.levels}
+    return partition(int(max_len), [lv.block for lv in spread.levels], spread_from, pieces)
+
+
+SPIKE = 2.0  # latency mode: no unspread firing, and no spread piece, costs more than this many mean steps
+
+
+def _shortest(max_len, channels, costs, spread_from, max_block):
+    delay = _delays(spread_from)
+    blocks = [1 << k for k in range(1, max(1, max_len - 1).bit_length() + 1)
+              if delay(1 << k) * (1 << k) < max_len and (max_block is None or 1 << k <= max_block)]
+    best = {}  # block B -> (seconds per step of the levels from B on, their blocks)
+    for B in reversed(blocks):
+        options = [(costs.level(B, -(-max_len // B) - delay(B), channels), [B])]  # the top level
+        for nxt in blocks:
+            if nxt >= 2 * B:
+                cost, rest = best[nxt]
+                options.append((costs.level(B, delay(nxt) * nxt // B - delay(B), channels) + cost, [B] + rest))
+        best[B] = min(options, key=lambda o: o[0])
+    choices = [(costs.direct(max_len, channels), [])]  # direct lags only
+    choices += [(costs.direct(delay(B) * B, channels) + best[B][0], best[B][1]) for B in blocks]
+    return partition(max_len, min(choices, key=lambda o: o[0])[1], spread_from)
+
+
+def _nlogn(n):
+    return n * math.log2(n)
