@@ -78,8 +78,7 @@ def measure(C, L, seed=0, runs=2):
                "argmax": int(times.argmax()), "sched_max_s": fastest.max().item(), "sched_argmax": int(fastest.argmax()),
                "total_s": times.sum().item(), "rel_err": common.rel_err(Y, ref)}
         if isinstance(bank, PartitionedConv):
-            row["plan"] = [[lv.block, lv.segments, lv.delay, lv.pieces] for lv in bank.partition.levels]
-            row["direct"] = bank.partition.direct
+            row["plan"] = bank.partition.to_json()
         row["times_s"] = times.tolist()
         rows[name] = row
         print(f"  {name:22s} total {row['total_s']:.3g} s, p50 {q[0] * 1e6:.0f} us, max {row['max_s'] * 1e3:.2f} ms, "

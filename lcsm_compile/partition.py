@@ -56,6 +56,10 @@ class Partition:
         offline = 3 * _nlogn(2 * self.max_len)
         return {"transforms": work, "offline": offline, "ratio": work / offline}
 
+    def to_json(self) -> dict:
+        return {"direct": self.direct, "levels": [[lv.block, lv.segments, lv.delay, list(lv.pieces)] for lv in self.levels],
+                "transforms": self.transform_work()}
+
     def multiply_adds(self) -> int:
         """Complex multiply-adds per channel per step, amortised (m (B+1) per firing every B steps), rounded."""
         return round(sum(lv.segments * (lv.block + 1) / lv.block for lv in self.levels))

@@ -47,11 +47,9 @@ class LayerSchedule:
     partition: Partition | None = None  # conv="partitioned": the bank's plan (lcsm_compile.partition)
 
     def to_json(self) -> dict:
-        part = self.partition
         return {"sites": self.sites, "levels": self.levels, "critical_path": self.critical_path, "tile_groups": self.tile_groups,
                 "edges": self.edges, "recurrent": list(self.recurrent), "transforms": self.transforms,
-                "partition": None if part is None else {"direct": part.direct, "levels": [[lv.block, lv.segments] for lv in part.levels],
-                                                        "transforms": part.transform_work()}}
+                "partition": None if self.partition is None else self.partition.to_json()}
 
     def table(self) -> str:
         n_attn = sum(1 for s in self.sites if s["kind"] == "attention")

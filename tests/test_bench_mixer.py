@@ -150,7 +150,7 @@ def test_quick_run_writes_json(quick_run):
         assert set(r["methods"]) == set(mixer.METHODS)
         assert set(r["ratios"]) == {"lazy/flash", "eager/flash", "naive/flash", "flash/offline", "partitioned/flash",
                                     "partitioned/offline"}
-        assert r["methods"]["partitioned"]["plan"]["transform_ratio"] > 0
+        assert r["methods"]["partitioned"]["plan"]["transforms"]["ratio"] > 0
         for k in mixer.BASELINES:
             m = r["methods"][k]
             assert {"time_s", "estimated", "estimate", "estimate_s", "measured_s", "window_rel_err"} <= set(m)

@@ -12,8 +12,8 @@ every baseline; each bank is driven through the same step(x) as the flash bank):
 Baselines whose full run would exceed --budget-s are ESTIMATED from timed windows of steps
 (common.estimate_total); every estimated figure is marked '~' and listed in the "est" column.
 At L = 4096 (or the smallest L run) lazy and eager run in full too, validating the estimator.
-Every output is checked against a float64 reference: flash's and partitioned's whole runs, a baseline's full run, and
-the steps an estimate sampled.
+Every output is checked against a float64 reference: flash's and partitioned's whole runs, a
+baseline's full run, and the steps an estimate sampled.
 
 Run: python benchmarks/mixer.py [--quick] [--out bench_out/]   (with the project's targets)
   or lcsm-compile bench mixer ...                              (measures and reports only)
@@ -96,9 +96,7 @@ def run_ours(cls, h, xs, repeats):
             if cls is OnlineConv:
                 best["crossover"] = conv.crossover
             else:
-                part = conv.partition
-                best["plan"] = {"direct": part.direct, "levels": [[lv.block, lv.segments] for lv in part.levels],
-                                "transform_ratio": part.transform_work()["ratio"]}
+                best["plan"] = conv.partition.to_json()
             Y = ys
         del conv, ys
     return best, Y
