@@ -1567,7 +1567,7 @@ def _mixed(session, x, total):
 
 def teacher_forced(case, decoder, total=None):
     """Relative error of prefill(P) + steps against the reference, worst over P in {1, total/2}
-    and over a mix of chunked prefill, extends and steps (P "mixed"), and (P, the first position
+    and over a mix of chunked prefill, extends and steps (P "mixed", where the decoder extends), and (P, the first position
     whose error exceeds the tolerance), None when exact. Outputs of the wrong shape are a wrong
     answer too: (P, -1) and an infinite error."""
     total = total or case.max_len
@@ -1578,7 +1578,7 @@ def teacher_forced(case, decoder, total=None):
     with torch.no_grad():
         ref = ref_model(x if case.tokens else x.to(REF_DTYPE[case.dtype])).double()
         worst, first_bad = 0.0, None
-        for P in (1, total // 2, "mixed"):
+        for P in (1, total // 2) + (("mixed",) if decoder.can("extend") else ()):
             session = decoder.session()
             if P == "mixed":
                 outs = _mixed(session, x, total)
@@ -1627,19 +1627,22 @@ def rows_check(case, decoder, total=None):
     return "exact", ""
 
 
-def run_case(case, total=None, forced_dtype=False, validate=True):
+def run_case(case, total=None, forced_dtype=False, validate=True, conv="flash", latency=False):
     """Optimize, decode teacher-forced over `total` positions (default max_len), classify. Never raises.
-    validate=False: the analysis alone decides (accepted must then be exact on its own)."""
+    validate=False: the analysis alone decides (accepted must then be exact on its own). conv,
+    latency: optimize()'s, the long convolutions' bank and its mode."""
     start = time.perf_counter()
     dname = str(case.dtype).replace("torch.", "")
     repro = (f"python tests/fuzz.py --seed {case.seed} --index {case.index}" + (f" --dtype {dname}" if forced_dtype else "")
-             + ("" if validate else " --no-validate"))
+             + ("" if validate else " --no-validate") + ("" if conv == "flash" else f" --conv {conv}")
+             + (" --latency" if latency else ""))
     res = Result(case.seed, case.index, case.desc, dname, case.legal, case.illegal, "", repro)
     stage = "optimize"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            decoder = lcsm_compile.optimize(case.model, case.example_inputs, max_len=case.max_len, validate=validate)
+            decoder = lcsm_compile.optimize(case.model, case.example_inputs, max_len=case.max_len, validate=validate,
+                                            conv=conv, latency=latency)
             stage = "decode"
             err, first_bad = teacher_forced(case, decoder, total)
     except lcsm_compile.NotDecodable as exc:
@@ -1739,6 +1742,8 @@ def main(argv=None):
     p.add_argument("--index", type=int, help="run only this model of the seed")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="force one dtype (default: drawn per model)")
     p.add_argument("--no-validate", action="store_true", help="optimize(validate=False): the analysis alone decides")
+    p.add_argument("--conv", choices=["flash", "partitioned"], default="flash", help="the long convolutions' bank")
+    p.add_argument("--latency", action="store_true", help="with --conv partitioned: its bounded-latency plan")
     p.add_argument("--json", help="write every result here")
     p.add_argument("-v", "--verbose", action="store_true", help="print each model's result in full")
     args = p.parse_args(argv)
@@ -1747,7 +1752,8 @@ def main(argv=None):
     results = []
     for i in indices:
         case = generate(args.seed, i, dtype)
-        res = run_case(case, forced_dtype=dtype is not None, validate=not args.no_validate)
+        res = run_case(case, forced_dtype=dtype is not None, validate=not args.no_validate, conv=args.conv,
+                       latency=args.latency)
         results.append(res)
         if args.verbose or args.index is not None:
             print(res.line(), f"({res.seconds:.1f} s)", flush=True)
