@@ -1747,6 +1747,15 @@ def main(argv=None):
     p.add_argument("--json", help="write every result here")
     p.add_argument("-v", "--verbose", action="store_true", help="print each model's result in full")
     args = p.parse_args(argv)
+    if args.conv == "partitioned":
+        # the generated models are short, where this machine's costs plan direct lags only: plan with
+        # dear direct lags and a small spike budget, so that the plans have levels (and, with
+        # --latency, spread ones in pieces) to exercise
+        from lcsm_compile import partition, tuning
+
+        tuning.partition_costs_for = lambda device: partition.Costs(direct_flops_s=1e6, fft_flops_s=1e8, mac_flops_s=1e8,
+                                                                    call_s=1e-9)
+        partition.SPIKE = 0.25
     dtype = DTYPES.get(args.dtype)
     indices = [args.index] if args.index is not None else range(args.models)
     results = []
