@@ -18,15 +18,13 @@ ignores; `plan` weighs both with per-machine costs (lcsm_compile.tuning.partitio
 Bounded step latency (plan(..., latency=True)): a level whose one firing would cost several mean
 steps is delayed by one block, covering lags [2B, (m+2)B): its outputs are then due B steps after
 its inputs are complete, so the bank spreads its work over those B steps in pieces: the forward
-transforms a channel slice at a time, the products a range of segments at a time, the inverse
-transforms a channel slice at a time. Blocks are capped so that one channel's transform stays a
+transforms a channel slice at a time, the products a slice of segments and channels at a time,
+the inverse transforms a channel slice at a time. Blocks are capped so that one channel's transform stays a
 few mean steps.
 """
 
 import math
 from dataclasses import dataclass
-
-from lcsm_compile import schedule
 
 
 @dataclass(frozen=True)
@@ -132,18 +130,6 @@ class Costs:
     def direct(self, lags: int, channels: int) -> float:
         """Seconds per step of the direct lags 1 .. lags-1 (one fused multiply-add)."""
         return 0.0 if lags <= 1 else 2 * (lags - 1) * channels / self.direct_flops_s + self.call_s
-
-    def tiling(self, max_len: int, crossover: int, channels: int) -> float:
-        """Seconds per step of the paper's tiling (lcsm_compile.schedule), by the same primitives:
-        a tile of size U runs every 2U steps, by U fused multiply-adds at or below the crossover and
-        by a transform pair of size 2U and one product above it."""
-        total = 0.0
-        for U in schedule.tile_sizes(0, max_len):
-            if U <= crossover:
-                total += (U * self.call_s + 2 * U * U * channels / self.direct_flops_s) / (2 * U)
-            else:
-                total += self.level(U, 1, channels) / 2
-        return total
 
     def partitioned(self, part: Partition, channels: int) -> float:
         return self.direct(part.direct, channels) + sum(self.level(lv.block, lv.segments, channels) for lv in part.levels)
