@@ -203,6 +203,7 @@ def _sources(nodes, canon, cap, shadow):
         c, v = _canon(n, canon, cap), shadow.get(n)
         if not isinstance(v, torch.Tensor) or v.is_complex() or v.dtype == torch.bool:
             continue
+        v = v.detach()
         if c.op == "param" or (c.op == "factory" and c.fn in ("arange", "linspace")):
             dims, flat = [d for d, s in enumerate(v.shape) if s > 1], v.double().flatten()
             if len(dims) == 1 and flat[1] != flat[0]:

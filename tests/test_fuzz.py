@@ -150,6 +150,9 @@ def test_the_fuzzer_catches_a_wrong_decoder(monkeypatch):
     class WrongDecoder:
         batch_dynamic = True
 
+        def can(self, capability):
+            return True
+
         def session(self):
             return Session()
 
