@@ -1,17 +1,25 @@
 """Modal long convolutions decoded by their recurrence, against the tiling and the model's own kind of
 decoder: a StripedHyena-style LM (examples/models/striped_hyena.py) teacher-forced from a prompt to L,
 side by side in one run:
-- "auto":  optimize() with the default strategy (the recurrence where the filter is proved modal);
+- "auto":  optimize() with the default strategy (per long convolution, the recurrence or the tiling,
+           whichever the device's costs from `lcsm-compile tune` say is faster at max_len);
+- "recurrent": optimize(strategy="recurrent"), every proved modal filter on its recurrence;
 - "tile":  optimize(strategy="tile"), every long convolution on the relaxed tiling;
-- "auto, compiled": the same with compile=True (inductor; compiled before the timed session);
+- "recurrent, compiled": the recurrence with compile=True (inductor; compiled before the timed session);
 - "eager": a recurrent decoder written the way StripedHyena's own code steps its state (a FIR state
            of the last K-1 inputs and an IIR state of N complex modes per channel, in the model dtype).
 Per method: ms per token, relative error of the logits against the float64 model over the whole
 decode, and the session's state bytes at each --state-max-len (the modal state does not grow).
-"auto" and "tile" run their step program eagerly (compile=False), as the eager decoder does.
+The others run their step program eagerly (compile=False), as the eager decoder does.
+
+--mixer-width W checks the cost model's choice on one StripedHyena mixer of width W (no
+projections around it) at each --mixer-lengths L: the seconds per step it predicts for the
+recurrence and for the tiling (red cell plus tiles) against the measured per-step time of a
+teacher-forced decode to L with each, and whether the choice was the faster one.
 
 Run alone on a quiet machine: python benchmarks/recurrent.py [--L 8192] [--layers 8] [--d 256]
-    [--state 16] [--prompt 128] [--threads 2] [--state-max-len 4096 65536] [--out bench_out/]
+    [--state 16] [--prompt 128] [--threads 2] [--state-max-len 4096 65536]
+    [--mixer-width 4096 --mixer-lengths 8192 65536] [--out bench_out/]
 """
 
 import argparse
@@ -25,7 +33,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lcsm_compile  # noqa: E402
-from examples.models.striped_hyena import striped_hyena_lm  # noqa: E402
+from examples.models.striped_hyena import ParallelHyenaFilter, striped_hyena_lm  # noqa: E402
+from lcsm_compile import tuning  # noqa: E402
+from lcsm_compile.recurrence import recurrent_from  # noqa: E402
 from lcsm_compile.tools.bench import common  # noqa: E402
 
 
@@ -111,6 +121,29 @@ def state_bytes(model_args, max_len, strategy, prompt):
     return sum(parts.get(k, 0) for k in ("state", "block", "rings", "recurrent")), len(decoder.recurrent)
 
 
+def mixer_check(width, state, lengths, prompt_len):
+    """The cost model's choice on one modal mixer of `width` channels, predicted against measured."""
+    costs, crossover = tuning.costs_for("cpu"), tuning.crossover_for("cpu")
+    rows = []
+    for L in lengths:
+        mixer = ParallelHyenaFilter(width, L, state_size=state).eval()
+        x = torch.randn(1, L, 3 * width, generator=torch.Generator().manual_seed(L))  # [x2, x1, v], as projected
+        predicted = {"recurrent": costs.recurrent(state, width), "tile": costs.red_cell_s + costs.tiling(L, width, crossover)}
+        measured = {}
+        for strategy in ("recurrent", "tile"):
+            decoder = optimized(mixer, x[:, :prompt_len], L, strategy, validate=False)
+            session = decoder.session()
+            _, measured[strategy] = decode(session.prefill, session.step, x, prompt_len)
+            del decoder, session
+        chosen = "recurrent" if L >= (recurrent_from(state, width, costs=costs, crossover=crossover, channels=width)
+                                      or float("inf")) else "tile"
+        rows.append({"L": L, "width": width, "modes": state, "chosen": chosen,
+                     "predicted_us": {k: v * 1e6 for k, v in predicted.items()},
+                     "measured_us": {k: v * 1e6 for k, v in measured.items()},
+                     "faster": min(measured, key=measured.get)})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--L", type=int, default=8192)
@@ -120,6 +153,8 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--state-max-len", type=int, nargs="*", default=[4096, 65536])
+    ap.add_argument("--mixer-width", type=int, default=0, help="check the cost model's choice on one mixer this wide")
+    ap.add_argument("--mixer-lengths", type=int, nargs="*", default=[8192, 65536])
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
     t_all = time.perf_counter()
@@ -131,7 +166,7 @@ def main(argv=None):
         model.float()
         prompt = ids[:, : args.prompt]
         rows, results = [], {}
-        for name in ("auto", "auto, compiled", "tile", "eager"):
+        for name in ("auto", "recurrent", "tile", "recurrent, compiled", "eager"):
             if name == "eager":
                 eager = EagerRecurrentLM(model)
                 logits, per_step = decode(eager.prefill, eager.step, ids, args.prompt)
@@ -151,21 +186,31 @@ def main(argv=None):
         print(common.format_table(["method", "recurrent convs", "ms/token", "x auto", "rel err vs float64"], rows))
         memory = []
         for max_len in args.state_max_len:
-            for strategy in ("auto", "tile"):
+            for strategy in ("recurrent", "tile"):
                 nbytes, rec = state_bytes(model_args, max_len, strategy, prompt)
                 memory.append({"max_len": max_len, "strategy": strategy, "state_bytes": nbytes, "recurrent_convs": rec})
         print("\nsession state after the prompt (one row; shared filters excluded)")
         print(common.format_table(["max_len", "strategy", "recurrent convs", "state MiB"],
                                   [[m["max_len"], m["strategy"], m["recurrent_convs"], f"{m['state_bytes'] / 2**20:.2f}"]
                                    for m in memory]))
-    data = {"args": vars(args), "machine": common.machine_info(), "decode": results, "memory": memory,
+        mixer = mixer_check(args.mixer_width, args.state, args.mixer_lengths, args.prompt) if args.mixer_width else []
+        if mixer:
+            print(f"\nthe cost model's choice on one mixer of width {args.mixer_width}, {args.state} modes "
+                  f"(us per step: predicted by lcsm-compile tune's costs, measured teacher-forced; the measured step "
+                  f"includes the mixer's other ops, the same for both)")
+            print(common.format_table(
+                ["L", "chosen", "pred recurrent", "pred tile", "meas recurrent", "meas tile", "faster", "right"],
+                [[m["L"], m["chosen"], f"{m['predicted_us']['recurrent']:.1f}", f"{m['predicted_us']['tile']:.1f}",
+                  f"{m['measured_us']['recurrent']:.1f}", f"{m['measured_us']['tile']:.1f}", m["faster"],
+                  "yes" if m["chosen"] == m["faster"] else "no"] for m in mixer]))
+    data = {"args": vars(args), "machine": common.machine_info(), "decode": results, "memory": memory, "mixer": mixer,
             "wall_s": time.perf_counter() - t_all}
 
     def plot(path):
         if memory:
             series = [{"x": [m["max_len"] for m in memory if m["strategy"] == s],
                        "y": [m["state_bytes"] for m in memory if m["strategy"] == s], "label": f"{s} session state"}
-                      for s in ("auto", "tile")]
+                      for s in ("recurrent", "tile")]
             common.plot_loglog(path, series, xlabel="max_len", ylabel="bytes", title="session state against max_len")
         else:  # --state-max-len with no lengths: the per-token times alone
             series = [{"x": [args.L], "y": [r["ms_per_token"] / 1e3], "label": name} for name, r in results.items()]

@@ -13,7 +13,7 @@ tiling lacks. Bands tile [1, max_len): the next level's block is (m+1) B, and th
 segments reach max_len.
 
 The price is m complex multiply-adds per channel per step per level, which the transform count
-ignores; `plan` weighs both with per-machine costs (lcsm_compile.tuning.partition_costs_for).
+ignores; `plan` weighs both with per-machine costs (lcsm_compile.costs.Costs).
 
 Bounded step latency (plan(..., latency=True)): a level whose one firing would cost several mean
 steps is delayed by one block, covering lags [2B, (m+2)B): its outputs are then due B steps after
@@ -23,8 +23,9 @@ the inverse transforms a channel slice at a time. Blocks are capped so that one 
 few mean steps.
 """
 
-import math
 from dataclasses import dataclass
+
+from lcsm_compile.costs import Costs, nlogn
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ class Partition:
         schedule.transform_work (n log2 n per transform of size n): each firing of a level runs one
         forward and one inverse transform of size 2B. -> {"transforms", "offline", "ratio"}."""
         steps = self.max_len - 1 - prefill_len  # steps whose outputs land inside max_len
-        work = sum((steps // lv.block) * 2 * _nlogn(2 * lv.block) for lv in self.levels)
-        offline = 3 * _nlogn(2 * self.max_len)
+        work = sum((steps // lv.block) * 2 * nlogn(2 * lv.block) for lv in self.levels)
+        offline = 3 * nlogn(2 * self.max_len)
         return {"transforms": work, "offline": offline, "ratio": work / offline}
 
     def to_json(self) -> dict:
@@ -103,38 +104,6 @@ def _delays(spread_from):
     return lambda block: 2 if spread_from is not None and block >= spread_from else 1
 
 
-@dataclass(frozen=True)
-class Costs:
-    """Seconds per channel of the partitioned schedule's primitives, and per call (lcsm_compile.tuning
-    measures them; these defaults are of the order a 2-core CPU shows)."""
-    fft_flops_s: float = 25e9  # a forward plus inverse real transform of size n counts 5 n log2 n flops
-    mac_flops_s: float = 16e9  # a complex multiply-add counts 8 flops
-    direct_flops_s: float = 4e9  # the direct lags' fused multiply-add, 2 flops per lag
-    call_s: float = 10e-6  # one torch call, whatever its size
-
-    def level(self, block: int, segments: int, channels: int) -> float:
-        """Seconds per step of a level: one transform pair and m multiply-adds every B steps."""
-        pair = 5 * _nlogn(2 * block) * channels / self.fft_flops_s + 4 * self.call_s
-        macs = segments * (8 * (block + 1) * channels / self.mac_flops_s + self.call_s)
-        return (pair + macs) / block
-
-    def pieces(self, block: int, segments: int, channels: int, budget: float) -> tuple:
-        """A spread level's pieces of about `budget` seconds each: (forward channel slices, product
-        pieces, inverse channel slices), at most one slice per channel and one product piece per
-        segment and channel."""
-        half = 2.5 * _nlogn(2 * block) * channels / self.fft_flops_s  # one direction's transforms, every channel
-        macs = segments * 8 * (block + 1) * channels / self.mac_flops_s
-        cut = lambda work, most: max(1, min(most, math.ceil(work / budget)))  # noqa: E731
-        return cut(half, channels), cut(macs, segments * channels), cut(half, channels)
-
-    def direct(self, lags: int, channels: int) -> float:
-        """Seconds per step of the direct lags 1 .. lags-1 (one fused multiply-add)."""
-        return 0.0 if lags <= 1 else 2 * (lags - 1) * channels / self.direct_flops_s + self.call_s
-
-    def partitioned(self, part: Partition, channels: int) -> float:
-        return self.direct(part.direct, channels) + sum(self.level(lv.block, lv.segments, channels) for lv in part.levels)
-
-
 def plan(max_len: int, channels: int, costs: Costs | None = None, latency: bool = False) -> Partition:
     """The cheapest partition of [1, max_len) by `costs` (default Costs()): a shortest path over
     power-of-two blocks, each edge a level (B -> the next level's block) or the top level.
@@ -176,6 +145,3 @@ def _shortest(max_len, channels, costs, spread_from, max_block):
     choices += [(costs.direct(delay(B) * B, channels) + best[B][0], best[B][1]) for B in blocks]
     return partition(max_len, min(choices, key=lambda o: o[0])[1], spread_from)
 
-
-def _nlogn(n):
-    return n * math.log2(n)

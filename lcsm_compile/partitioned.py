@@ -25,7 +25,7 @@ from lcsm_compile.baselines import StepBank
 from lcsm_compile.errors import DTypeError, LcsmError, MaxLenExceeded, ShapeError
 from lcsm_compile.kernels.reference import channel_chunks, fft_conv
 from lcsm_compile.partition import Partition, plan
-from lcsm_compile.tuning import partition_costs_for
+from lcsm_compile.tuning import costs_for
 
 SMALL_PRODUCT = 1 << 16  # complex bins: below, a firing's products run as one batched product and sum
 
@@ -35,7 +35,7 @@ class PartitionedConv(StepBank):
 
     h: filters [C, Lh]; skip: optional [C] lag-0 term; max_len: positions the state holds (default
     Lh). partition: a lcsm_compile.partition.Partition of max_len (default: plan(max_len, C) by the
-    costs `lcsm-compile tune` measured for the device, lcsm_compile.tuning.partition_costs_for;
+    costs `lcsm-compile tune` measured for the device, lcsm_compile.tuning.costs_for;
     latency=True: its bounded-latency plan, whose large levels are spread over the steps).
     """
 
@@ -44,7 +44,7 @@ class PartitionedConv(StepBank):
             raise ShapeError(f"h: expected a real floating filter tensor [C, Lh], got {getattr(h, 'shape', type(h).__name__)}")
         super().__init__(h, skip, max_len=max_len)
         if partition is None:
-            partition = plan(self.max_len, self.channels, partition_costs_for(self.device), latency=latency)
+            partition = plan(self.max_len, self.channels, costs_for(self.device), latency=latency)
         if not isinstance(partition, Partition) or partition.max_len != self.max_len:
             raise ValueError(f"partition: expected a lcsm_compile.partition.Partition of max_len {self.max_len}, got {partition!r}")
         self.partition = partition

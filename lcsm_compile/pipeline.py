@@ -105,7 +105,7 @@ def _safety_net(ctx):
 
 
 def _layer_schedule(ctx):
-    from lcsm_compile.tuning import crossover_for, partition_costs_for
+    from lcsm_compile.tuning import costs_for, crossover_for
 
     conv, device = ctx.options.get("conv", "flash"), ctx.example_inputs[0].device
     crossover = ctx.options.get("crossover")
@@ -113,8 +113,7 @@ def _layer_schedule(ctx):
         crossover = crossover_for(device)
     return layer_schedule.run(ctx.programs.step, ctx.programs.sites, max_len=ctx.report.capture.max_len,
                               crossover=crossover if conv == "flash" else None, attention=ctx.programs.attention,
-                              strategy=ctx.options.get("strategy", "auto"),
-                              partition_costs=partition_costs_for(device) if conv == "partitioned" else None,
+                              costs=costs_for(device), strategy=ctx.options.get("strategy", "auto"), partitioned=conv == "partitioned",
                               latency=ctx.options.get("latency", False))
 
 
@@ -174,6 +173,7 @@ def run(ctx, *, stop_after=None, stages=("analysis", "rewrite", "check")):
         if p.name == ANALYSIS_PASSES[-1]:
             ctx.report = _report(ctx)
         if p.name == "layer_schedule":
+            ctx.report.strategies = {s["name"]: ctx.schedule.describe(s["name"]) for s in ctx.schedule.sites if s["kind"] == "long"}
             ctx.decoder = _build_decoder(ctx)
             if ctx.decoder is None:
                 break

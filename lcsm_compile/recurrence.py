@@ -10,32 +10,39 @@ a chunk a direct causal product, across chunks the state), so no buffer grows wi
 beyond its own inputs and outputs.
 """
 
-import math
-
 import torch
 
 CHUNK = 64
 
 
-def choose(conv, max_len, strategy="auto"):
-    """How a long convolution (report.ConvStructure) decodes: "recurrent" or "tile". The recurrence needs a
-    proved modal form (conv.modal, passes/modal.py); "auto" then compares work per position and
-    channel: the recurrence's N complex128 multiply-adds and dot (~16 N flops) against the tiling's
-    amortised tiles (~3 log2(max_len)^2 flops: log2(max_len) tile sizes, each an FFT middle
-    product of ~3 log2(U) flops per position). A flop count, not yet tied to the tile calibration;
-    memory favours the recurrence at any length (N states against max_len)."""
+def choose(conv, max_len, strategy="auto", *, costs, crossover, channels):
+    """How a long convolution (report.ConvStructure) decodes: "recurrent" or "tile". The recurrence
+    needs a proved modal form (conv.modal, passes/modal.py); "auto" takes it from the max_len on
+    where it is no slower per step than the tiling (recurrent_from). Memory favours the recurrence at
+    any length (N states against max_len): strategy="recurrent" takes it whatever the speed."""
     form = conv.modal
     if strategy == "tile" or form is None or not hasattr(form, "poles"):
         return "tile"
     if strategy == "recurrent":
         return "recurrent"
-    return "recurrent" if max_len >= recurrent_from(form.poles.shape[1]) else "tile"
+    start = recurrent_from(form.poles.shape[1], form.poles.shape[0], costs=costs, crossover=crossover, channels=channels)
+    return "recurrent" if start is not None and max_len >= start else "tile"
 
 
-def recurrent_from(modes):
-    """The smallest max_len from which "auto" takes the recurrence for a filter of `modes` modes per
-    channel: 16 N <= 3 log2(max_len)^2 (see choose)."""
-    return math.ceil(2 ** math.sqrt(16 * modes / 3))
+def recurrent_from(modes, width, *, costs, crossover, channels, longest=1 << 40):
+    """The smallest max_len from which "auto" takes the recurrence of a filter of `modes` modes on
+    `width` channels, by the per-machine costs (lcsm_compile.costs.Costs, lcsm-compile tune): its
+    step against the tiling's red cell plus its share (width / channels) of the tile calls that
+    serve the `channels` channels of every long convolution, amortised per step (Costs.tiling,
+    which grows as max_len passes each power of two). None where the recurrence stays slower up to
+    `longest`."""
+    recurrent = costs.recurrent(modes, width)
+    size = 1
+    while size < longest:
+        if recurrent <= costs.red_cell_s + costs.tiling(size + 1, channels, crossover) * width / channels:
+            return size + 1
+        size *= 2
+    return None
 
 
 class Recurrence:
@@ -86,9 +93,9 @@ class Recurrence:
         return y, S
 
     def step(self, S, x):
-        """One position for every row: x [n, W] -> y [n, W] float64; S [n, W, N] is updated in place
-        (a captured step replays the same kernels on the same buffer)."""
-        xs = x.to(torch.float64)
-        torch.addcmul(xs[..., None].to(S.dtype), S, self.p, out=S)  # one op: S = p S + x
-        y = (torch.view_as_real(S).view(*S.shape[:-1], -1) * self.r_real).sum(-1)
-        return y if self.skip is None else torch.addcmul(y, self.skip, xs)
+        """One position for every row: x [n, W] (any real dtype) -> y [n, W] float64; S [n, W, N] is
+        updated in place (a captured step replays the same kernels on the same buffer). Four calls:
+        on a CPU a step's cost is mostly their dispatch."""
+        S.mul_(self.p).add_(x[..., None])  # S = p S + x, x widened exactly
+        y = torch.linalg.vecdot(torch.view_as_real(S).flatten(-2), self.r_real)  # Re(sum r S)
+        return y if self.skip is None else y.addcmul_(x, self.skip)  # x first: widened, not refused

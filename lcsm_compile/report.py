@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from lcsm_compile.recurrence import recurrent_from
-
 
 class Verdict(str, Enum):
     ACCEPTED = "ACCEPTED"
@@ -146,13 +144,6 @@ class Candidate:
         }
 
 
-def _crossover_text(form):
-    """For a proved modal form: from which max_len strategy="auto" decodes it by its recurrence."""
-    if not hasattr(form, "poles"):
-        return ""
-    return f"; strategy='auto' takes its recurrence from max_len {recurrent_from(form.poles.shape[1])}"
-
-
 @dataclass
 class CaptureInfo:
     level: str  # "export" or "dynamo"
@@ -176,6 +167,8 @@ class Report:
     time_info: Any = field(default=None, repr=False)  # node -> TimeInfo of the captured graph
     # concrete captures: each convolution's match with its counterpart's at the second length
     site_pairs: list = field(default_factory=list, repr=False)
+    # long convolutions: how each decodes (strategy, state, crossover), from the layer schedule
+    strategies: dict = field(default_factory=dict)
 
     @property
     def accepted(self):
@@ -208,6 +201,7 @@ class Report:
             "decodable": bool(self.decodable),
             "capture": vars(self.capture),
             "candidates": [c.to_dict() for c in self.candidates],
+            "strategies": self.strategies,
             "safety": self.safety,
             "notes": self.notes,
             "position_constants": [{"name": c.name, "axis": c.axis, "table": list(c.table.shape)} for c in self.position_constants],
@@ -230,7 +224,9 @@ class Report:
             if c.explanation:
                 out.append("    " + c.explanation)
             if c.conv is not None and c.conv.modal is not None:
-                out.append("    form: " + str(c.conv.modal) + _crossover_text(c.conv.modal))
+                out.append("    form: " + str(c.conv.modal))
+            if c.name in self.strategies:
+                out.append("    decodes: " + self.strategies[c.name])
         for name, res in self.safety.items():
             out.append(f"safety {name}: {'passed' if res['passed'] else 'FAILED'} (rel_err {res['rel_err']:.2e})")
         out.extend("note: " + n for n in self.notes)

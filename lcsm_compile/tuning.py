@@ -1,5 +1,5 @@
 """Per-machine calibration: the hybrid crossover (the largest tile size computed directly rather
-than by FFT) and the costs of the partitioned schedule's primitives (lcsm_compile.partition.Costs).
+than by FFT) and the costs of the decoding strategies' primitives (lcsm_compile.costs.Costs).
 
 `lcsm-compile tune` measures both on this machine and caches them in the user cache dir, keyed by
 device and torch version; without a cached value safe defaults are used.
@@ -14,7 +14,7 @@ import time
 import torch
 
 from lcsm_compile.errors import DeviceError
-from lcsm_compile.partition import Costs
+from lcsm_compile.costs import Costs
 
 DEFAULTS = {"cpu": 16, "cuda": 64}
 
@@ -50,10 +50,10 @@ def crossover_for(device) -> int:
     return DEFAULTS.get(device.type, 32)
 
 
-def partition_costs_for(device) -> Costs:
-    """The measured costs of the partitioned schedule's primitives for this device, else the defaults."""
+def costs_for(device) -> Costs:
+    """The measured costs of the strategies' primitives for this device, else the defaults."""
     entry = _load().get(device_key(torch.device(device)), {})
-    return Costs(**entry["partition_costs"]) if "partition_costs" in entry else Costs()
+    return Costs(**entry["costs"]) if "costs" in entry else Costs()
 
 
 def _best_time(fn, repeats):
@@ -105,10 +105,15 @@ def measure(device="cpu", channels=1024, max_size=256, repeats=20):
     return rows
 
 
-def measure_partition_costs(device="cpu", channels=1024, block=512, repeats=10) -> Costs:
-    """The rates of the partitioned schedule's primitives on `device`, timed at one block size on
-    `channels` channels: a transform pair of size 2B, a complex multiply-add of B+1 bins, the direct
-    lags' fused multiply-add (31 lags), and a call on one element."""
+def measure_costs(device="cpu", channels=1024, block=512, repeats=10) -> Costs:
+    """The rates of the strategies' primitives on `device`, timed on `channels` channels: a
+    transform pair of size 2B, a complex multiply-add of B+1 bins, the direct lags' fused
+    multiply-add (31 lags), a call on one element, a tiled convolution's red cell, and a modal
+    filter's recurrent step (its fixed seconds, seconds per channel and per mode and channel, from
+    steps of 16 channels and 4 modes, `channels` and 4, `channels` and 32)."""
+    from lcsm_compile.engine import OnlineConv
+    from lcsm_compile.recurrence import Recurrence
+
     device = check_device(device)
     n = 2 * block
     x = torch.randn(1, channels, n, device=device)
@@ -121,8 +126,21 @@ def measure_partition_costs(device="cpu", channels=1024, block=512, repeats=10) 
     mac = _best_time(lambda: Y.addcmul_(X, H), repeats)
     direct = _best_time(lambda: acc.addcmul_(taps, v), repeats)
     call = _best_time(lambda: one.add_(1.0), repeats)
+    bank = OnlineConv(torch.randn(channels, 64, device=device))
+    bank.prefill(torch.randn(1, channels, 3, device=device))
+    red_cell = _best_time(lambda: bank.red_cell(v), 5 * repeats)  # the same position again: no advance
+    step = {}  # the recurrent step at (width, modes): the model below passes through these three points
+    for width, modes in ((16, 4), (channels, 4), (channels, 32)):
+        poles = torch.polar(torch.full((width, modes), 0.9, dtype=torch.float64), torch.rand(width, modes, dtype=torch.float64))
+        rec = Recurrence(poles, torch.ones_like(poles), torch.ones(width), device)
+        state = torch.zeros(1, width, modes, dtype=torch.complex128, device=device)
+        step[width, modes] = _best_time(lambda: rec.step(state, torch.ones(1, width, device=device)), 5 * repeats)
+    per_mode = max(step[channels, 32] - step[channels, 4], 0.0) / (28 * channels)
+    fixed = max(step[16, 4] - 16 * 4 * per_mode, call)
+    per_channel = max(step[channels, 4] - fixed - 4 * channels * per_mode, 0.0) / channels
     return Costs(fft_flops_s=5 * n * math.log2(n) * channels / pair, mac_flops_s=8 * (block + 1) * channels / mac,
-                 direct_flops_s=2 * 31 * channels / direct, call_s=call)
+                 direct_flops_s=2 * 31 * channels / direct, call_s=call, red_cell_s=red_cell, recurrent_s=fixed,
+                 recurrent_channel_s=per_channel, mode_s=per_mode)
 
 
 def choose_crossover(rows) -> int:
@@ -136,15 +154,15 @@ def choose_crossover(rows) -> int:
 
 
 def tune(device="cpu", channels=1024, max_size=256, save=True):
-    """Measure, choose and (optionally) cache the crossover and the partition costs for `device`.
+    """Measure, choose and (optionally) cache the crossover and the costs for `device`.
     Returns (crossover, rows, costs)."""
     rows = measure(device, channels, max_size)
     crossover = choose_crossover(rows)
-    costs = measure_partition_costs(device, channels)
+    costs = measure_costs(device, channels)
     if save:
         cache = _load()
         cache[device_key(device)] = {"crossover": crossover, "channels": channels, "rows": rows,
-                                     "partition_costs": dataclasses.asdict(costs)}
+                                     "costs": dataclasses.asdict(costs)}
         os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
         with open(cache_path(), "w") as f:
             json.dump(cache, f, indent=1)

@@ -37,7 +37,8 @@ class ScheduleError(LcsmError):
 @dataclass
 class LayerSchedule:
     sites: list  # dicts: name, kind, width, module, node (the step program's call); long sites: strategy,
-    # state_bytes_per_row, recurrent_from (max_len from which "auto" takes the recurrence; None: not modal), modes
+    # state_bytes_per_row, modes (a proved modal filter's, else None), recurrent_from (the max_len from which
+    # "auto" takes the recurrence; None: not modal, not on the tiled bank, or slower at every length)
     levels: list  # lists of site names: one level needs only sites of earlier levels
     critical_path: list  # site names: the longest chain of dependent convolutions
     tile_groups: list  # dicts: one batched tile call of one size over the whole bank
@@ -56,7 +57,7 @@ class LayerSchedule:
         what = f"{len(self.sites) - n_attn} convolution sites" + (f" + {n_attn} attention sites" if n_attn else "")
         lines = [f"{what} in {len(self.levels)} levels; critical path {len(self.critical_path)} sites"]
         for i, level in enumerate(self.levels):
-            lines.append(f"  level {i}: " + ", ".join(f"{n} ({self._kind(n)}, {self._site(n)['module']})" for n in level))
+            lines.append(f"  level {i}: " + ", ".join(f"{n} ({self.describe(n)}, {self._site(n)['module']})" for n in level))
         lines.append("  critical path: " + " -> ".join(self.critical_path))
         if self.tile_groups:
             lines.append(f"{'tile':>6} {'kernel':>7} {'channels':>9} {'runs at steps':>16}  sites")
@@ -91,13 +92,16 @@ class LayerSchedule:
     def _site(self, name):
         return next(s for s in self.sites if s["name"] == name)
 
-    def _kind(self, name):
+    def describe(self, name) -> str:
+        """One site as the schedule decodes it: its kind; a long one's strategy, state per row and crossover."""
         s = self._site(name)
         if s["kind"] != "long":
             return s["kind"]
-        what = f"long, recurrent: {s['modes']} modes" if "modes" in s else "long, tile"
+        what = f"long, {s['strategy']}" + (f": {s['modes']} modes" if s["strategy"] == "recurrent" else "")
         what += f", state {_mib(s['state_bytes_per_row'])}/row"
-        return what + (f", recurrence from max_len {s['recurrent_from']}" if s["recurrent_from"] is not None else "")
+        if s["recurrent_from"] is not None:
+            return what + f", recurrence from max_len {s['recurrent_from']}"
+        return what + (", recurrence slower at every max_len" if s["modes"] is not None and self.tile_groups else "")
 
 
 def dataflow_graph(gm) -> nx.DiGraph:
@@ -109,15 +113,18 @@ def dataflow_graph(gm) -> nx.DiGraph:
     return g
 
 
-def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto", partition_costs=None,
+def run(step_gm, sites, *, max_len, crossover, costs, attention=(), strategy="auto", partitioned=False,
         latency=False) -> LayerSchedule:
     """Schedule the step program `step_gm` (from passes.decode_rewrite) of the given ConvSites and
     AttentionSites; `crossover` is the flash bank's largest direct tile (None for banks that run no
-    tiles, which decode every long convolution themselves); `strategy` as optimize() takes it;
-    `partition_costs` (conv="partitioned"): the lcsm_compile.partition.Costs its plan is chosen by,
-    for throughput or (`latency`) for bounded step latency."""
+    tiles, which decode every long convolution themselves); `costs` the device's
+    lcsm_compile.costs.Costs, by which "auto" strategies choose and (`partitioned`) the partitioned
+    bank's plan is chosen, for throughput or (`latency`) for bounded step latency; `strategy` as
+    optimize() takes it."""
+    channels = sum(s.width for s in sites if s.kind == "long")
+    choice = dict(costs=costs, crossover=crossover, channels=channels)
     recurrent = tuple(i for i, s in enumerate(sites) if s.kind == "long" and crossover is not None
-                      and choose(s.conv, max_len, site_strategy(strategy, s.name, _module(s.conv.output))) == "recurrent")
+                      and choose(s.conv, max_len, site_strategy(strategy, s.name, _module(s.conv.output)), **choice) == "recurrent")
     g = dataflow_graph(step_gm)
     calls = {n.name: n for n in step_gm.graph.nodes if n.op == "call_function" and n.target in _SITE_OPS}
     advances = [n for n in step_gm.graph.nodes if n.op == "call_function" and n.target is lcsm.advance.default]
@@ -136,7 +143,7 @@ def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto", pa
         by_call[name] = site.name
         entry = {"name": site.name, "kind": site.kind, "width": site.width, "module": _module(out), "node": name}
         if site.kind == "long":
-            entry.update(_long_site(site, node.args[2] in recurrent, max_len))
+            entry.update(_long_site(site, node.args[2] in recurrent, max_len, choice))
         if site.kind == "attention":
             entry["cache"] = {"heads": site.attn.heads, "max_len": site.attn.max_len, "head_dim": site.attn.head_dim}
         info.append(entry)
@@ -150,7 +157,7 @@ def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto", pa
     deps = nx.transitive_reduction(deps)
     order = {s["name"]: i for i, s in enumerate(info)}
     levels = [sorted(level, key=order.get) for level in nx.topological_generations(deps)]
-    long_sites = [s["name"] for s in info if s["kind"] == "long" and "modes" not in s]
+    long_sites = [s["name"] for s in info if s["kind"] == "long" and s["strategy"] == "tile"]
     groups = [
         {
             "size": U,
@@ -162,8 +169,7 @@ def run(step_gm, sites, *, max_len, crossover, attention=(), strategy="auto", pa
         }
         for U in tile_sizes(1, max_len)
     ] if long_sites and crossover is not None else []  # lazy/floor banks run no tiles
-    channels = sum(s["width"] for s in info if s["kind"] == "long")
-    part = plan(max_len, channels, partition_costs, latency) if partition_costs is not None and channels else None
+    part = plan(max_len, channels, costs, latency) if partitioned and channels else None
     return LayerSchedule(info, levels, nx.dag_longest_path(deps), groups, sorted(deps.edges, key=lambda e: (order[e[0]], order[e[1]])),
                          recurrent, transform_work(max_len, crossover) if groups else None, part)
 
@@ -188,13 +194,14 @@ def unknown_strategy_keys(strategy, schedule):
     return sorted(set(strategy) - known)
 
 
-def _long_site(site, recurrent, max_len):
-    """A long convolution's strategy, its state per batch row, and (a proved modal filter) its modes
-    and the max_len from which "auto" takes the recurrence."""
-    modes = site.conv.modal.poles.shape[1] if hasattr(site.conv.modal, "poles") else None
-    out = {"strategy": "recurrent" if recurrent else "tile", "recurrent_from": None if modes is None else recurrent_from(modes)}
+def _long_site(site, recurrent, max_len, choice):
+    """A long convolution's strategy, its state per batch row, and (a proved modal filter on the
+    tiled bank) its modes and the max_len from which "auto" takes the recurrence (None: never)."""
+    width, modes = site.conv.modal.poles.shape if hasattr(site.conv.modal, "poles") else (None, None)
+    start = None if modes is None or choice["crossover"] is None else recurrent_from(modes, width, **choice)
+    out = {"strategy": "recurrent" if recurrent else "tile", "modes": None if modes is None else int(modes), "recurrent_from": start}
     if recurrent:
-        out.update(modes=int(modes), state_bytes_per_row=site.width * int(modes) * 16)  # complex128 states
+        out["state_bytes_per_row"] = site.width * int(modes) * 16  # complex128 states
     else:
         val = site.conv.output.meta.get("val")
         dtype = state_dtype_for(val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32)

@@ -134,20 +134,23 @@ def _optimized(model, example, max_len, **kw):
     return lcsm_compile.optimize(model, example, max_len=max_len, validate=False, **kw)
 
 
-@pytest.fixture(scope="module", params=ZOO_CASES + ["hybrid_sdpa", "hybrid_rotary", "hybrid_masked_fill"])
+@pytest.fixture(scope="module", params=ZOO_CASES + ["striped_hyena_recurrent", "hybrid_sdpa", "hybrid_rotary",
+                                                     "hybrid_masked_fill"])
 def case(request):
-    """(model in float64, its decoder at max_len 160, fresh inputs [2, 160])."""
+    """(model in float64, its decoder at max_len 160, fresh inputs [2, 160]); "_recurrent": every
+    proved modal filter on its recurrence."""
     name = request.param
+    strategy = "recurrent" if name.endswith("_recurrent") else "auto"
     if name.startswith("hybrid"):
         model, example = build_hybrid(name[len("hybrid_") :])
     else:
-        model, example = get(name).build()
+        model, example = get(name.removesuffix("_recurrent")).build()
     model = model.double()
     example = tuple(e.double() if e.is_floating_point() else e for e in example)
     torch.manual_seed(7)
     x = random_inputs(example[0], 160)
     x = x.double() if x.is_floating_point() else x
-    return name, model, _optimized(model, example, 160), x
+    return name, model, _optimized(model, example, 160, strategy=strategy), x
 
 
 def test_extend_mixed_with_steps_decodes_the_model(case):
@@ -234,10 +237,11 @@ def test_generate_with_a_chunked_prompt_is_generate():
     assert torch.equal(decoder.generate(prompt, 20, prefill_chunk=7), decoder.generate(prompt, 20))
 
 
-def test_float32_extend_within_the_models_precision():
+@pytest.mark.parametrize("strategy", ["tile", "recurrent"])
+def test_float32_extend_within_the_models_precision(strategy):
     model, example = get("striped_hyena").build()
     model64 = get("striped_hyena").build()[0].double()
-    decoder = _optimized(model, example, 256)
+    decoder = _optimized(model, example, 256, strategy=strategy)
     torch.manual_seed(5)
     x = random_inputs(example[0], 256)
     with torch.no_grad():

@@ -12,7 +12,10 @@ import lcsm_compile
 from examples.models import get
 from examples.models.common import LM, Block, seeded, token_inputs
 from examples.models.conv1d_long import LongConv1dMixer
+from lcsm_compile import tuning
+from lcsm_compile.costs import Costs
 from lcsm_compile.passes import layer_schedule
+from lcsm_compile.recurrence import choose, recurrent_from
 
 
 class TwoBranches(nn.Module):
@@ -34,41 +37,65 @@ def optimize(model, inputs, **kw):
 
 @pytest.fixture(scope="module")
 def striped():
-    return optimize(*get("striped_hyena").build(), strategy="tile")  # its modal filters would take the recurrence
+    return optimize(*get("striped_hyena").build(), strategy="tile")  # its modal filters could take the recurrence
 
 
 def test_recurrent_convolutions_join_no_tile_group():
-    """StripedHyena's modal filters decode by their recurrence (the default strategy): the schedule
-    says so per site and has no tile work left."""
-    decoder = optimize(*get("striped_hyena").build())
+    """StripedHyena's modal filters decoded by their recurrence: the schedule says so per site and
+    has no tile work left."""
+    decoder = optimize(*get("striped_hyena").build(), strategy="recurrent")
     sched = decoder.schedule
     longs = [i for i, s in enumerate(decoder.sites) if s.kind == "long"]
     assert list(sched.recurrent) == longs and decoder.bank is None and sched.tile_groups == []
     assert sched.table().count("long, recurrent: 4 modes") == 2 and sched.to_json()["recurrent"] == longs
 
 
-def test_each_long_site_shows_its_strategy_state_and_crossover(striped):
+# a recurrent step a little dearer than the red cell: the tiles' calls make up the difference after a few positions
+CHEAP_RECURRENCE = Costs(call_s=1e-5, red_cell_s=1e-5, recurrent_s=1.4e-5, mode_s=1e-12)
+
+
+def test_each_long_site_shows_its_strategy_state_and_crossover(striped, monkeypatch):
     """Per long site: its strategy, its state per batch row (N complex128 modes per channel, or one
     value per position and channel), and for a proved modal filter the max_len from which "auto"
-    takes the recurrence, that of recurrence.choose."""
-    from lcsm_compile.recurrence import choose, recurrent_from
-
+    takes the recurrence by the device's costs, that of recurrence.recurrent_from; the Report
+    prints the same line under the convolution."""
+    monkeypatch.setattr(tuning, "costs_for", lambda device: CHEAP_RECURRENCE)
     decoder = optimize(*get("striped_hyena").build())
-    assert decoder.report.table().count(f"strategy='auto' takes its recurrence from max_len {recurrent_from(4)}") == 2
+    widths = [s.width for s in decoder.sites if s.kind == "long"]
+    start = recurrent_from(4, widths[0], costs=CHEAP_RECURRENCE, crossover=tuning.crossover_for("cpu"), channels=sum(widths))
+    assert 2 < start <= decoder.max_len  # the cheap recurrence wins from a few positions on
     for sched, strategy in ((decoder.schedule, "recurrent"), (striped.schedule, "tile")):
         longs = [s for s in sched.sites if s["kind"] == "long"]
-        assert longs and all(s["strategy"] == strategy and s["recurrent_from"] == recurrent_from(4) for s in longs)
+        assert longs and all(s["strategy"] == strategy and s["modes"] == 4 for s in longs)
         per_row = [s["width"] * (4 * 16 if strategy == "recurrent" else striped.max_len * 4) for s in longs]
         assert [s["state_bytes_per_row"] for s in longs] == per_row
         assert sched.table().count(f"long, {strategy}") == len(longs)
-        assert sched.table().count(f"recurrence from max_len {recurrent_from(4)}") == len(longs)
+    assert [s["recurrent_from"] for s in decoder.schedule.sites if s["kind"] == "long"] == [start, start]
+    assert decoder.report.table().count(f"decodes: long, recurrent: 4 modes, state 2.0 KiB/row, recurrence from max_len {start}") == 2
     assert decoder.schedule.to_json()["transforms"] is None  # no tile work left: no FFT work to print
     assert "FFT work per channel" in striped.schedule.table() and striped.schedule.to_json()["transforms"]["ratio"] > 0
-    for modes in (1, 4, 16, 64):  # the printed crossover is where choose switches
-        n = recurrent_from(modes)
-        form = type("Form", (), {"poles": torch.zeros(1, modes)})()
-        probe = type("Conv", (), {"modal": form})()
-        assert choose(probe, n) == "recurrent" and choose(probe, n - 1) == "tile", modes
+
+
+def test_the_choice_switches_where_the_costs_cross():
+    """recurrent_from is the smallest max_len where the recurrence's step is no dearer than the red
+    cell plus the site's share of the amortised tiles, as a scan over every max_len finds it; choose
+    applies it; a recurrence dearer than every tiling is never taken."""
+    for costs in (CHEAP_RECURRENCE, Costs(), Costs(recurrent_s=2e-5, mode_s=1e-10, fft_flops_s=1e9)):
+        for modes, width, channels, crossover in ((1, 8, 8, 4), (4, 32, 64, 16), (16, 256, 2048, 32), (64, 4096, 4096, 16)):
+            form = type("Form", (), {"poles": torch.zeros(width, modes)})()
+            probe = type("Conv", (), {"modal": form})()
+            choice = dict(costs=costs, crossover=crossover, channels=channels)
+            start = recurrent_from(modes, width, **choice, longest=1 << 14)
+            rec = costs.recurrent(modes, width)
+            wins = [n for n in range(2, (1 << 14) + 1)
+                    if rec <= costs.red_cell_s + costs.tiling(n, channels, crossover) * width / channels]
+            assert start == (wins[0] if wins else None), (costs, modes, width)
+            if start is not None:
+                assert wins == list(range(start, (1 << 14) + 1))  # the tiling's cost only grows with max_len
+                assert choose(probe, start, **choice) == "recurrent" and choose(probe, start - 1, **choice) == "tile"
+            assert choose(probe, 8, "recurrent", **choice) == "recurrent" and choose(probe, 1 << 14, "tile", **choice) == "tile"
+    never = Costs(recurrent_s=1.0)
+    assert recurrent_from(4, 32, costs=never, crossover=16, channels=64) is None
 
 
 def test_sequential_layers_form_one_chain(striped):
@@ -129,7 +156,7 @@ def test_tile_call_before_a_layer_is_refused(striped):
     session, outputs = advance.args
     advance.args = (session, outputs[:-1])  # the last layer's convolution no longer precedes the tiles
     with pytest.raises(layer_schedule.ScheduleError, match="does not depend on"):
-        layer_schedule.run(gm, striped.sites, max_len=striped.max_len, crossover=16)
+        layer_schedule.run(gm, striped.sites, max_len=striped.max_len, crossover=16, costs=Costs())
 
 
 def test_reading_the_tile_result_is_refused(striped):
@@ -140,4 +167,4 @@ def test_reading_the_tile_result_is_refused(striped):
     with graph.inserting_before(out):
         graph.call_function(torch.ops.aten.clone.default, (advance,))
     with pytest.raises(layer_schedule.ScheduleError, match="read the result"):
-        layer_schedule.run(gm, striped.sites, max_len=striped.max_len, crossover=16)
+        layer_schedule.run(gm, striped.sites, max_len=striped.max_len, crossover=16, costs=Costs())

@@ -11,7 +11,8 @@ from examples.models import get
 from helpers import random_inputs, rel_err
 from lcsm_compile.errors import LcsmError, MaxLenExceeded, ShapeError
 from lcsm_compile.kernels.reference import fft_conv
-from lcsm_compile.partition import Costs, partition, plan
+from lcsm_compile.costs import Costs
+from lcsm_compile.partition import partition, plan
 from lcsm_compile.partitioned import PartitionedConv
 from lcsm_compile.schedule import transform_work
 

@@ -10,7 +10,8 @@ import torch
 import lcsm_compile
 from examples.models import get
 from helpers import rel_err, teacher_forced
-from lcsm_compile import verify
+from lcsm_compile import tuning, verify
+from lcsm_compile.costs import Costs
 from lcsm_compile.kernels.reference import fft_conv
 from lcsm_compile.recurrence import Recurrence
 from test_modal import (D_MODEL, MAX_LEN, VOCAB, ComplexModal, CrossCorrelation, DSSKernel, LongConv, MultiHeadEMA,
@@ -148,10 +149,16 @@ def test_the_recurrent_state_does_not_grow_with_max_len():
     assert tiled.memory_bytes() > 50 * sizes[4096]
 
 
-def test_the_strategy_is_chosen_per_convolution_and_can_be_forced():
+def test_the_strategy_is_chosen_per_convolution_and_can_be_forced(monkeypatch):
+    """"auto" follows the device's costs (tuning.costs_for, what lcsm-compile tune measured): a
+    recurrence dearer than the red cell and tiles keeps the tiling, a cheap one is taken."""
     model = lm(MIXERS["real_poles"], seed=2)
     assert not _decoder(model, strategy="tile").recurrent
-    assert _decoder(model, strategy="auto", max_len=4096).recurrent  # 4 modes against log2(4096)^2 tiling work
+    monkeypatch.setattr(tuning, "costs_for", lambda device: Costs(recurrent_s=1.0))
+    assert not _decoder(model, strategy="auto", max_len=4096).recurrent
+    assert _decoder(model, strategy="recurrent", max_len=4096).recurrent
+    monkeypatch.setattr(tuning, "costs_for", lambda device: Costs(recurrent_s=1e-7, mode_s=1e-12))
+    assert _decoder(model, strategy="auto", max_len=4096).recurrent
     hyena, example = get("hyena_order2").build()
     decoder = lcsm_compile.optimize(hyena, example, max_len=256, strategy="recurrent", compile=False, validate=False)
     assert not decoder.recurrent and "form: not modal" in decoder.report.table()  # an implicit MLP filter keeps the tiling
@@ -159,9 +166,11 @@ def test_the_strategy_is_chosen_per_convolution_and_can_be_forced():
         lcsm_compile.optimize(model, (torch.randint(0, VOCAB, (2, 8)),), max_len=64, strategy="fast")
 
 
-def test_the_strategy_can_be_set_per_site_by_name_or_module():
+def test_the_strategy_can_be_set_per_site_by_name_or_module(monkeypatch):
     """A dict picks each long convolution's strategy by its site name or its module path (the site's
-    own entry first); the others take "auto". Both mixes decode exactly; an unknown key is refused."""
+    own entry first); the others take "auto" (here costs where it takes the recurrence). Both mixes
+    decode exactly; an unknown key is refused."""
+    monkeypatch.setattr(tuning, "costs_for", lambda device: Costs(recurrent_s=1e-7, mode_s=1e-12))
     model, example = get("striped_hyena").build()
     model = model.double()
     longs = lambda d: [s for s in d.schedule.sites if s["kind"] == "long"]  # noqa: E731

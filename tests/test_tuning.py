@@ -11,7 +11,7 @@ import torch
 from helpers import reference_crossover
 from lcsm_compile import OnlineConv, tuning
 from lcsm_compile.errors import DeviceError
-from lcsm_compile.partition import Costs
+from lcsm_compile.costs import Costs
 
 
 def test_choose_crossover_stops_at_first_size_where_fft_wins():
@@ -45,8 +45,10 @@ def test_tune_measures_caches_and_engine_uses_it(tmp_path, monkeypatch):
     cached = json.loads((tmp_path / "tuning.json").read_text())
     assert cached[tuning.device_key("cpu")]["crossover"] == crossover
     assert tuning.crossover_for("cpu") == crossover
-    assert tuning.partition_costs_for("cpu") == costs and costs != Costs()  # measured, not the defaults
-    assert all(v > 0 for v in dataclasses.asdict(costs).values())
+    assert tuning.costs_for("cpu") == costs and costs != Costs()  # measured, not the defaults
+    fields = dataclasses.asdict(costs)  # a noisy timing may find no cost per channel or per mode, never a negative one
+    assert all(v > 0 for k, v in fields.items() if k not in ("recurrent_channel_s", "mode_s"))
+    assert fields["recurrent_channel_s"] >= 0 and fields["mode_s"] >= 0
     # a planted value proves the engine reads the cache rather than the default
     cached[tuning.device_key("cpu")]["crossover"] = 4
     (tmp_path / "tuning.json").write_text(json.dumps(cached))

@@ -758,15 +758,17 @@ def _tune(args):
     crossover, rows, costs = tuning.tune(args.device, args.channels, args.max_size, save=not args.no_save)
     if args.json:
         _print_json(args, {"device": args.device, "crossover": crossover, "rows": rows,
-                           "partition_costs": dataclasses.asdict(costs)})
+                           "costs": dataclasses.asdict(costs)})
         return
     print(f"{'U':>6} {'direct (us)':>12} {'fft (us)':>10}  faster")
     for U, direct, fft in rows:
         print(f"{U:>6} {direct * 1e6:>12.1f} {fft * 1e6:>10.1f}  {'direct' if direct <= fft else 'fft'}")
     where = "not saved" if args.no_save else f"saved to {tuning.cache_path()}"
     print(f"crossover = {crossover} (largest tile computed directly; {where})")
-    print(f"partition costs: transforms {costs.fft_flops_s / 1e9:.1f} GFlop/s, multiply-adds {costs.mac_flops_s / 1e9:.1f} "
+    print(f"costs: transforms {costs.fft_flops_s / 1e9:.1f} GFlop/s, multiply-adds {costs.mac_flops_s / 1e9:.1f} "
           f"GFlop/s, direct lags {costs.direct_flops_s / 1e9:.1f} GFlop/s, {costs.call_s * 1e6:.1f} us per call")
+    print(f"per step: a red cell {costs.red_cell_s * 1e6:.1f} us, a recurrent step {costs.recurrent_s * 1e6:.1f} us "
+          f"+ {costs.recurrent_channel_s * 1e9:.2f} ns per channel + {costs.mode_s * 1e9:.2f} ns per mode and channel")
 
 
 # -- parser -------------------------------------------------------------------------------------
@@ -850,7 +852,7 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_bench)
 
-    p = sub.add_parser("tune", help="calibrate the tile crossover and the partition costs on this machine")
+    p = sub.add_parser("tune", help="calibrate the tile crossover and the cost model (lcsm_compile.costs) on this machine")
     p.add_argument("--device", default="cpu")
     p.add_argument("--channels", type=int, default=1024)
     p.add_argument("--max-size", type=int, default=256)
