@@ -15,7 +15,8 @@ The others run their step program eagerly (compile=False), as the eager decoder 
 --mixer-width W checks the cost model's choice on one StripedHyena mixer of width W (no
 projections around it) at each --mixer-lengths L: the seconds per step it predicts for the
 recurrence and for the tiling (red cell plus tiles) against the measured per-step time of a
-teacher-forced decode to L with each, and whether the choice was the faster one.
+teacher-forced decode to L with each (the faster of two runs), and whether the choice was the
+faster one.
 
 Run alone on a quiet machine: python benchmarks/recurrent.py [--L 8192] [--layers 8] [--d 256]
     [--state 16] [--prompt 128] [--threads 2] [--state-max-len 4096 65536]
@@ -35,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lcsm_compile  # noqa: E402
 from examples.models.striped_hyena import ParallelHyenaFilter, striped_hyena_lm  # noqa: E402
 from lcsm_compile import tuning  # noqa: E402
-from lcsm_compile.recurrence import recurrent_from  # noqa: E402
 from lcsm_compile.tools.bench import common  # noqa: E402
 
 
@@ -122,25 +122,28 @@ def state_bytes(model_args, max_len, strategy, prompt):
 
 
 def mixer_check(width, state, lengths, prompt_len):
-    """The cost model's choice on one modal mixer of `width` channels, predicted against measured."""
+    """The cost model's choice on one modal mixer of `width` channels, predicted against measured:
+    each strategy decodes twice (recurrent, tile, tile, recurrent) and keeps its faster run."""
     costs, crossover = tuning.costs_for("cpu"), tuning.crossover_for("cpu")
     rows = []
     for L in lengths:
         mixer = ParallelHyenaFilter(width, L, state_size=state).eval()
         x = torch.randn(1, L, 3 * width, generator=torch.Generator().manual_seed(L))  # [x2, x1, v], as projected
-        predicted = {"recurrent": costs.recurrent(state, width), "tile": costs.red_cell_s + costs.tiling(L, width, crossover)}
+        predicted = {"recurrent": costs.recurrent(state, width), "tile": costs.tiled(L, width, width, crossover)}
+        decoders = {s: optimized(mixer, x[:, :prompt_len], L, s, validate=False) for s in ("recurrent", "tile")}
         measured = {}
-        for strategy in ("recurrent", "tile"):
-            decoder = optimized(mixer, x[:, :prompt_len], L, strategy, validate=False)
-            session = decoder.session()
-            _, measured[strategy] = decode(session.prefill, session.step, x, prompt_len)
-            del decoder, session
-        chosen = "recurrent" if L >= (recurrent_from(state, width, costs=costs, crossover=crossover, channels=width)
-                                      or float("inf")) else "tile"
+        for strategy in ("recurrent", "tile", "tile", "recurrent"):
+            session = decoders[strategy].session()
+            seconds = decode(session.prefill, session.step, x, prompt_len)[1]
+            measured[strategy] = min(seconds, measured.get(strategy, seconds))
+            del session
+        (site,) = [s for s in decoders["tile"].schedule.sites if s["kind"] == "long"]
+        chosen = "recurrent" if site["recurrent_from"] is not None and L >= site["recurrent_from"] else "tile"
         rows.append({"L": L, "width": width, "modes": state, "chosen": chosen,
                      "predicted_us": {k: v * 1e6 for k, v in predicted.items()},
                      "measured_us": {k: v * 1e6 for k, v in measured.items()},
                      "faster": min(measured, key=measured.get)})
+        del decoders
     return rows
 
 

@@ -19,6 +19,7 @@ class Costs:
     direct_flops_s: float = 4e9  # a fused multiply-add (direct lags, direct tiles), 2 flops
     call_s: float = 10e-6  # one torch call, whatever its size
     red_cell_s: float = 12e-6  # a tiled convolution's own part of a step (its red cell), whatever its width
+    advance_s: float = 30e-6  # the tile engine's bookkeeping per step besides its tiles, shared by every tiled convolution
     recurrent_s: float = 30e-6  # a modal filter's recurrent step: fixed seconds, whatever its size (its calls)
     recurrent_channel_s: float = 1e-8  # the same step: seconds per channel
     mode_s: float = 1.5e-9  # the same step: seconds per complex128 mode and channel
@@ -67,6 +68,12 @@ class Costs:
             total += self.tile(size, channels, crossover) / (2 * size)
             size *= 2
         return total
+
+    def tiled(self, max_len: int, width: int, channels: int, crossover: int) -> float:
+        """Seconds per step of one tiled convolution of `width` channels: its red cell and its share
+        (width / channels) of the engine's step and tiles that serve the `channels` channels of
+        every long convolution."""
+        return self.red_cell_s + (self.advance_s + self.tiling(max_len, channels, crossover)) * width / channels
 
     def recurrent(self, modes: int, channels: int) -> float:
         """Seconds per step of a modal filter's recurrence: N complex128 states per channel."""

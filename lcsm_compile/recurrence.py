@@ -32,14 +32,13 @@ def choose(conv, max_len, strategy="auto", *, costs, crossover, channels):
 def recurrent_from(modes, width, *, costs, crossover, channels, longest=1 << 40):
     """The smallest max_len from which "auto" takes the recurrence of a filter of `modes` modes on
     `width` channels, by the per-machine costs (lcsm_compile.costs.Costs, lcsm-compile tune): its
-    step against the tiling's red cell plus its share (width / channels) of the tile calls that
-    serve the `channels` channels of every long convolution, amortised per step (Costs.tiling,
-    which grows as max_len passes each power of two). None where the recurrence stays slower up to
-    `longest`."""
+    step against the same convolution tiled, its red cell plus its share of the tiles that serve
+    the `channels` channels of every long convolution (Costs.tiled, which grows as max_len passes
+    each power of two). None where the recurrence stays slower up to `longest`."""
     recurrent = costs.recurrent(modes, width)
     size = 1
     while size < longest:
-        if recurrent <= costs.red_cell_s + costs.tiling(size + 1, channels, crossover) * width / channels:
+        if recurrent <= costs.tiled(size + 1, width, channels, crossover):
             return size + 1
         size *= 2
     return None

@@ -105,10 +105,12 @@ def measure(device="cpu", channels=1024, max_size=256, repeats=20):
     return rows
 
 
-def measure_costs(device="cpu", channels=1024, block=512, repeats=10) -> Costs:
+def measure_costs(device="cpu", channels=1024, block=512, repeats=10, crossover=None) -> Costs:
     """The rates of the strategies' primitives on `device`, timed on `channels` channels: a
     transform pair of size 2B, a complex multiply-add of B+1 bins, the direct lags' fused
-    multiply-add (31 lags), a call on one element, a tiled convolution's red cell, and a modal
+    multiply-add (31 lags), a call on one element, a tiled convolution's red cell, the tile
+    engine's bookkeeping per step (a 512-step decode of 16 channels, whose tiles are mostly calls,
+    less what Costs.tiling prices them at with `crossover`, default this device's), and a modal
     filter's recurrent step (its fixed seconds, seconds per channel and per mode and channel, from
     steps of 16 channels and 4 modes, `channels` and 4, `channels` and 32)."""
     from lcsm_compile.engine import OnlineConv
@@ -129,6 +131,18 @@ def measure_costs(device="cpu", channels=1024, block=512, repeats=10) -> Costs:
     bank = OnlineConv(torch.randn(channels, 64, device=device))
     bank.prefill(torch.randn(1, channels, 3, device=device))
     red_cell = _best_time(lambda: bank.red_cell(v), 5 * repeats)  # the same position again: no advance
+    small = OnlineConv(torch.randn(16, 1024, device=device), crossover=crossover)
+    small.prefill(torch.randn(1, 16, 1, device=device))
+    x16 = torch.randn(1, 16, device=device)
+
+    def decode():
+        small.reset()
+        small.prefill(torch.randn(1, 16, 1, device=device))
+        for _ in range(512):
+            small.red_cell(x16)
+            small.advance()
+
+    engine = _best_time(decode, 3) / 512 - _best_time(lambda: small.red_cell(x16), 5 * repeats)
     step = {}  # the recurrent step at (width, modes): the model below passes through these three points
     for width, modes in ((16, 4), (channels, 4), (channels, 32)):
         poles = torch.polar(torch.full((width, modes), 0.9, dtype=torch.float64), torch.rand(width, modes, dtype=torch.float64))
@@ -138,9 +152,11 @@ def measure_costs(device="cpu", channels=1024, block=512, repeats=10) -> Costs:
     per_mode = max(step[channels, 32] - step[channels, 4], 0.0) / (28 * channels)
     fixed = max(step[16, 4] - 16 * 4 * per_mode, call)
     per_channel = max(step[channels, 4] - fixed - 4 * channels * per_mode, 0.0) / channels
-    return Costs(fft_flops_s=5 * n * math.log2(n) * channels / pair, mac_flops_s=8 * (block + 1) * channels / mac,
-                 direct_flops_s=2 * 31 * channels / direct, call_s=call, red_cell_s=red_cell, recurrent_s=fixed,
-                 recurrent_channel_s=per_channel, mode_s=per_mode)
+    costs = Costs(fft_flops_s=5 * n * math.log2(n) * channels / pair, mac_flops_s=8 * (block + 1) * channels / mac,
+                  direct_flops_s=2 * 31 * channels / direct, call_s=call, red_cell_s=red_cell, recurrent_s=fixed,
+                  recurrent_channel_s=per_channel, mode_s=per_mode)
+    advance = max(engine - costs.tiling(513, 16, small.crossover), 0.0)  # steps 1 .. 512 run tiles below 513
+    return dataclasses.replace(costs, advance_s=advance)
 
 
 def choose_crossover(rows) -> int:
@@ -158,7 +174,7 @@ def tune(device="cpu", channels=1024, max_size=256, save=True):
     Returns (crossover, rows, costs)."""
     rows = measure(device, channels, max_size)
     crossover = choose_crossover(rows)
-    costs = measure_costs(device, channels)
+    costs = measure_costs(device, channels, crossover=crossover)
     if save:
         cache = _load()
         cache[device_key(device)] = {"crossover": crossover, "channels": channels, "rows": rows,

@@ -510,15 +510,16 @@ def test_tune_no_save_prints_without_caching(monkeypatch, capsys, tmp_path):
     rows = [(1, 1e-6, 5e-6), (2, 2e-6, 5e-6), (4, 9e-6, 5e-6), (8, 1e-6, 9e-6)]  # direct wins to 2, then 4 breaks it
     monkeypatch.setenv("LCSM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuning, "measure", lambda device, channels, max_size: rows)
-    costs = Costs(fft_flops_s=2e10, mac_flops_s=1e10, direct_flops_s=5e9, call_s=4e-6, red_cell_s=9e-6, recurrent_s=3e-5,
+    costs = Costs(fft_flops_s=2e10, mac_flops_s=1e10, direct_flops_s=5e9, call_s=4e-6, red_cell_s=9e-6, advance_s=2.5e-5, recurrent_s=3e-5,
                   recurrent_channel_s=2e-8, mode_s=1.5e-9)
-    monkeypatch.setattr(tuning, "measure_costs", lambda device, channels: costs)
+    monkeypatch.setattr(tuning, "measure_costs", lambda device, channels, crossover: costs)
     assert cli.main(["tune", "--no-save"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[-3:] == ["crossover = 2 (largest tile computed directly; not saved)",
                                      "costs: transforms 20.0 GFlop/s, multiply-adds 10.0 GFlop/s, direct lags 5.0 "
                                      "GFlop/s, 4.0 us per call",
-                                     "per step: a red cell 9.0 us, a recurrent step 30.0 us + 20.00 ns per channel + 1.50 ns per mode and channel"]
+                                     "per step: a red cell 9.0 us, the tile engine 25.0 us besides its tiles, a recurrent step 30.0 us "
+                                     "+ 20.00 ns per channel + 1.50 ns per mode and channel"]
     assert list(tmp_path.iterdir()) == []
     assert cli.main(["tune"]) == 0  # and without --no-save it is written
     assert json.loads((tmp_path / "tuning.json").read_text())[tuning.device_key("cpu")]["crossover"] == 2

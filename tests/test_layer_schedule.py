@@ -51,7 +51,7 @@ def test_recurrent_convolutions_join_no_tile_group():
 
 
 # a recurrent step a little dearer than the red cell: the tiles' calls make up the difference after a few positions
-CHEAP_RECURRENCE = Costs(call_s=1e-5, red_cell_s=1e-5, recurrent_s=1.4e-5, mode_s=1e-12)
+CHEAP_RECURRENCE = Costs(call_s=1e-5, red_cell_s=1e-5, advance_s=0.0, recurrent_s=1.4e-5, mode_s=1e-12)
 
 
 def test_each_long_site_shows_its_strategy_state_and_crossover(striped, monkeypatch):
@@ -78,7 +78,8 @@ def test_each_long_site_shows_its_strategy_state_and_crossover(striped, monkeypa
 
 def test_the_choice_switches_where_the_costs_cross():
     """recurrent_from is the smallest max_len where the recurrence's step is no dearer than the red
-    cell plus the site's share of the amortised tiles, as a scan over every max_len finds it; choose
+    cell plus the site's share of the engine's step and amortised tiles, as a scan over every
+    max_len finds it; choose
     applies it; a recurrence dearer than every tiling is never taken."""
     for costs in (CHEAP_RECURRENCE, Costs(), Costs(recurrent_s=2e-5, mode_s=1e-10, fft_flops_s=1e9)):
         for modes, width, channels, crossover in ((1, 8, 8, 4), (4, 32, 64, 16), (16, 256, 2048, 32), (64, 4096, 4096, 16)):
@@ -88,7 +89,7 @@ def test_the_choice_switches_where_the_costs_cross():
             start = recurrent_from(modes, width, **choice, longest=1 << 14)
             rec = costs.recurrent(modes, width)
             wins = [n for n in range(2, (1 << 14) + 1)
-                    if rec <= costs.red_cell_s + costs.tiling(n, channels, crossover) * width / channels]
+                    if rec <= costs.red_cell_s + (costs.advance_s + costs.tiling(n, channels, crossover)) * width / channels]
             assert start == (wins[0] if wins else None), (costs, modes, width)
             if start is not None:
                 assert wins == list(range(start, (1 << 14) + 1))  # the tiling's cost only grows with max_len

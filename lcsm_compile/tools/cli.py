@@ -767,7 +767,8 @@ def _tune(args):
     print(f"crossover = {crossover} (largest tile computed directly; {where})")
     print(f"costs: transforms {costs.fft_flops_s / 1e9:.1f} GFlop/s, multiply-adds {costs.mac_flops_s / 1e9:.1f} "
           f"GFlop/s, direct lags {costs.direct_flops_s / 1e9:.1f} GFlop/s, {costs.call_s * 1e6:.1f} us per call")
-    print(f"per step: a red cell {costs.red_cell_s * 1e6:.1f} us, a recurrent step {costs.recurrent_s * 1e6:.1f} us "
+    print(f"per step: a red cell {costs.red_cell_s * 1e6:.1f} us, the tile engine {costs.advance_s * 1e6:.1f} us "
+          f"besides its tiles, a recurrent step {costs.recurrent_s * 1e6:.1f} us "
           f"+ {costs.recurrent_channel_s * 1e9:.2f} ns per channel + {costs.mode_s * 1e9:.2f} ns per mode and channel")
 
 
