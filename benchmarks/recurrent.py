@@ -14,7 +14,7 @@ The others run their step program eagerly (compile=False), as the eager decoder 
 
 --mixer-width W checks the cost model's choice on one StripedHyena mixer of width W (no
 projections around it) at each --mixer-lengths L: the seconds per step it predicts for the
-recurrence and for the tiling (red cell plus tiles) against the measured per-step time of a
+recurrence and for the tiling (red cell, engine step and tiles) against the measured per-step time of a
 teacher-forced decode to L with each (the faster of two runs), and whether the choice was the
 faster one.
 

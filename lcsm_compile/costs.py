@@ -9,6 +9,8 @@ a modal filter's recurrence and the tiling compares the seconds per step it pred
 import math
 from dataclasses import dataclass
 
+from lcsm_compile.schedule import tile_sizes
+
 
 @dataclass(frozen=True)
 class Costs:
@@ -62,12 +64,8 @@ class Costs:
 
     def tiling(self, max_len: int, channels: int, crossover: int) -> float:
         """Seconds per step of the tiles a decode to max_len runs, amortised: the tile of size U
-        runs every 2U steps, for each U below max_len (lcsm_compile.schedule.tile_sizes)."""
-        total, size = 0.0, 1
-        while size < max_len:
-            total += self.tile(size, channels, crossover) / (2 * size)
-            size *= 2
-        return total
+        runs every 2U steps, for each size a decode from position 0 runs (schedule.tile_sizes)."""
+        return sum(self.tile(size, channels, crossover) / (2 * size) for size in tile_sizes(0, max_len))
 
     def tiled(self, max_len: int, width: int, channels: int, crossover: int) -> float:
         """Seconds per step of one tiled convolution of `width` channels: its red cell and its share
