@@ -27,7 +27,8 @@ class Decoder:
     and buffers check_fresh() watches (None: nothing to watch)."""
 
     def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None, compile="auto",
-                 cuda_graph=False, strategy="auto", latency=False, programs=None, schedule=None, source=None):
+                 cuda_graph=False, strategy="auto", latency=False, programs=None, schedule=None, source=None,
+                 shard_plan=None):
         check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, strategy=strategy,
                       latency=latency)
         _check_latency(conv, latency)
@@ -53,6 +54,7 @@ class Decoder:
             options = {"conv": conv, "crossover": crossover, "strategy": strategy, "latency": latency}
             programs, schedule, _ = pipeline.lower(report, options, example_inputs)
         self.programs, self.schedule = programs, schedule
+        self.shard_plan = shard_plan  # optimize(tp=group): what this rank's programs split (passes/shard_plan.py)
         self.sites = self.programs.sites
         self.attention = getattr(self.programs, "attention", [])  # causal attentions, each on a KV cache
         self.prefill_program = Program(self.programs.prefill, self.programs.out_spec)
@@ -145,7 +147,7 @@ class Decoder:
 
 
 def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=None, compile="auto", cuda_graph=False,
-             strategy="auto", latency=False, validate=True) -> Decoder:
+             strategy="auto", latency=False, validate=True, tp=None) -> Decoder:
     """Analyze `model`, build its Decoder and check it (lcsm_compile.pipeline: every pass, in order).
 
     Raises NotDecodable (carrying the Report) when some op that mixes positions is not an accepted
@@ -167,7 +169,12 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     the tiling) or "recurrent" (the recurrence wherever the filter is proved modal); or per site, a
     dict {site name or module path, as the layer schedule prints them: one of those} ("auto" for
     the others; a key that names no long convolution is a ValueError).
-    validate: run the translation validation (passes/validate.py; its time is in report.passes)."""
+    validate: run the translation validation (passes/validate.py; its time is in report.passes).
+    tp: a torch.distributed ProcessGroup or 1-D DeviceMesh: every rank of it calls optimize with the
+    same model and example and gets a decoder holding 1/world of the channels the shard plan splits
+    (passes/shard_plan.py: projections into depthwise convolutions and per-channel ops, up to the
+    projection that reduces them, which all-reduces). Its sessions take the same inputs on every
+    rank and return the full outputs on every rank."""
     from lcsm_compile import pipeline
 
     check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, strategy=strategy,
@@ -180,8 +187,12 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
         from lcsm_compile.runtime.graphs import check_device
 
         check_device(cuda_graph, example_inputs[0].device)
+    if tp is not None:
+        from lcsm_compile.passes.shard_rewrite import group_of
+
+        group_of(tp)  # an argument error (not a group, torch.distributed not initialized): raised here
     options = {"conv": conv, "crossover": crossover, "compile": compile, "cuda_graph": cuda_graph, "strategy": strategy,
-               "latency": latency, "validate": validate and conv != "floor"}
+               "latency": latency, "validate": validate and conv != "floor", "tp": tp}
     with quiet():
         ctx = pipeline.run(pipeline.Context(model, example_inputs, max_len, "export", options))
     if ctx.decoder is None:

@@ -3,7 +3,7 @@ and the CLI (`lcsm-compile passes --print-after P --stop-after P`).
 
     analysis:  capture -> canonicalize -> time_axis -> attention -> detect -> properties
                -> position_constants -> safety_net -> modal                                 (product: the Report)
-    rewrite:   decode_rewrite -> generalize -> layer_schedule         (product: the Decoder)
+    rewrite:   decode_rewrite -> generalize -> shard -> layer_schedule   (product: the Decoder)
     check:     validate                                               (translation validation)
 
 Each pass reads what earlier passes left on the Context and leaves its artifact there (one
@@ -24,7 +24,7 @@ import torch.fx
 
 from lcsm_compile.logs import get_logger
 from lcsm_compile.passes import attention, canonicalize, capture, decode_rewrite, detect, generalize, layer_schedule
-from lcsm_compile.passes import modal, position_constants, properties, time_axis, validate
+from lcsm_compile.passes import modal, position_constants, properties, shard_plan, shard_rewrite, time_axis, validate
 from lcsm_compile.report import Candidate, CaptureInfo, Reason, Report, Verdict
 
 
@@ -49,6 +49,7 @@ class Context:
     modal: dict = None  # accepted long convolution's name -> modal.ModalForm | modal.NotModal
     report: Report = None
     programs: Any = None
+    shard_plan: Any = None  # with tp=group: the step program's shard_plan.ShardPlan (None: one process)
     schedule: Any = None
     decoder: Any = None
     validation: dict = None
@@ -104,6 +105,24 @@ def _safety_net(ctx):
         return properties.safety_net(f, cap, tol)
 
 
+def _shard(ctx):
+    """tp=group: this rank's programs and sites (passes/shard_rewrite.py); else the programs as they are."""
+    tp = ctx.options.get("tp")
+    if tp is None:
+        return ctx.programs
+    rank, world, group_name = shard_rewrite.group_of(tp)
+    x = ctx.example_inputs[0]
+    plans = shard_plan.for_programs(ctx.programs, tuple(x.shape), x.dtype, world)
+    ctx.shard_plan = plans["step"]
+    return shard_rewrite.run(ctx.programs, plans, rank, world, group_name)
+
+
+def _shard_dump(programs, ctx):
+    if ctx.shard_plan is None:
+        return "one process: nothing split"
+    return ctx.shard_plan.table({i: s.name for i, s in enumerate(programs.sites)}) + "\n" + programs.dump()
+
+
 def _layer_schedule(ctx):
     from lcsm_compile.tuning import costs_for, crossover_for
 
@@ -141,6 +160,7 @@ PASSES = [
          "programs", lambda r, c: r.dump()),
     Pass("generalize", "rewrite", lambda c: generalize.run(c.programs, c.cap, c.report.site_pairs), "programs",
          lambda r, c: r.dump()),
+    Pass("shard", "rewrite", _shard, "programs", _shard_dump),
     Pass("layer_schedule", "rewrite", _layer_schedule, "schedule", lambda r, c: r.table()),
     Pass("validate", "check", lambda c: validate.run(c.decoder, c.reference, c), "validation", lambda r, c: validate.dump(r)),
 ]
@@ -328,7 +348,7 @@ def _build_decoder(ctx):
 
     try:
         return Decoder(ctx.report, max_len=ctx.report.capture.max_len, example_inputs=ctx.example_inputs,
-                       programs=ctx.programs, schedule=ctx.schedule, source=ctx.reference,
+                       programs=ctx.programs, schedule=ctx.schedule, source=ctx.reference, shard_plan=ctx.shard_plan,
                        **_decoder_options(ctx.options))
     except Exception as exc:  # noqa: BLE001 - a decoder that cannot be built is a refusal, not a crash
         text = f"building the decoder failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]

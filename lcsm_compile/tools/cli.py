@@ -404,13 +404,20 @@ def _schedule(args):
     log = get_logger("schedule")
     log.info("%d levels, critical path %s, %d tile groups", len(data["levels"]), " -> ".join(data["critical_path"]),
              len(data["tile_groups"]))
+    plan = None
+    if args.tp is not None:
+        from lcsm_compile.passes import shard_plan
+
+        plan = shard_plan.for_programs(decoder.programs, decoder.example_shape, decoder.input_dtype, args.tp)["step"]
     fmt = "json" if args.json else args.format
     if fmt == "json":
-        _print_json(args, {"model": args.model, **data})
+        _print_json(args, {"model": args.model, **data, **({"shard_plan": plan.to_json()} if plan else {})})
     elif fmt == "dot":
         print(sched.to_dot(), file=args.stdout)
     else:
         print(sched.table())
+        if plan is not None:
+            print(plan.table({i: s.name for i, s in enumerate(decoder.sites)}))
     return 0
 
 
@@ -814,6 +821,7 @@ def build_parser():
     p.add_argument("--latency", action="store_true", help="with --conv partitioned: its bounded-latency plan")
     p.add_argument("--format", choices=["text", "dot", "json"], default="text")
     p.add_argument("--json", action="store_true", help="same as --format json")
+    p.add_argument("--tp", type=int, metavar="WORLD", help="also the shard plan optimize(tp=...) would follow at this world size (passes/shard_plan.py)")
     p.set_defaults(run=_schedule)
 
     p = sub.add_parser("kernels", help="Triton specialisations chosen for a model (or a bank); --dump, --check")

@@ -1,0 +1,224 @@
+"""Shard rewrite: one rank's decode programs and convolution sites, from the shard plan.
+
+With tp=group, every rank runs this on the same programs (passes/shard_plan.py decides what splits)
+and keeps 1/world of every split channel axis: of each block of `block` channels, the rank's
+consecutive block/world. Then:
+- a column-parallel contraction keeps the rows of its weight (and bias) for those channels;
+- a row-parallel one keeps the matching input columns of its weight, and its partial sums are
+  all-reduced (a functional collective, which inductor and CUDA-graph capture keep in the program);
+  its bias is added after the sum;
+- a tensor every rank holds whole that meets split channels (a per-channel parameter, a gate
+  broadcast over them) is sliced to the rank's channels: folded once where it is computed from
+  parameters only, an index_select in the program otherwise;
+- shape lists and split sizes along a split axis shrink by world;
+- each convolution site on split channels keeps those channels of its filter, skip, bias and modal
+  form, so its bank rows, ring buffer or recurrent state hold 1/world of the channels.
+Nothing else changes: the outputs are replicated, the same on every rank.
+"""
+
+import copy
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from lcsm_compile.passes import shard_plan
+from lcsm_compile.passes.decode_rewrite import ConvSite
+
+aten = torch.ops.aten
+_c10d = torch.ops._c10d_functional
+
+
+def run(programs, plans, rank, world, group_name):
+    """programs: decode_rewrite.DecodePrograms; plans: shard_plan.for_programs(programs, ...).
+    Returns this rank's DecodePrograms."""
+    local = {name: _rewrite(getattr(programs, name), plans[name], rank, world, group_name)
+             for name in ("prefill", "step", "extend")}
+    split, channels = plans["step"].split, {}  # channels: site index -> the rank's channels of that convolution
+    for n in split:
+        if n.op == "call_function" and n.target in shard_plan._DEPTHWISE:
+            channels[int(n.args[2])] = _indices(split[n.args[1]], rank, world)
+    sites = [_site(s, channels[i]) if i in channels else s for i, s in enumerate(programs.sites)]
+    return dataclasses.replace(programs, sites=sites, **local)
+
+
+def _indices(layout, rank, world):
+    """The rank's channels of a split tensor, relative to its first: of every block, the rank's share."""
+    dim, first, size, block = layout
+    share = block // world
+    blocks = torch.arange(size // block) * block + rank * share
+    return (blocks[:, None] + torch.arange(share)).reshape(-1)
+
+
+def _rewrite(gm, plan, rank, world, group_name):
+    gm = copy.deepcopy(gm)
+    index = {n.name: n for n in gm.graph.nodes}
+    split = {index[n.name]: v for n, v in plan.split.items()}
+    shapes = {index[n.name]: v for n, v in plan.shapes.items() if n.name in index}
+    rows = {index[n.name] for r in plan.regions for n in r.rows}
+    columns = {index[n.name] for r in plan.regions for n in r.columns}
+    folded = {}
+    for n in list(gm.graph.nodes):
+        if n in columns:
+            _slice_column(gm, n, split[n], shapes, rank, world, folded)
+        elif n in rows:
+            _slice_row(gm, n, split, shapes, rank, world, group_name, folded)
+        elif n in split and n.op == "call_function":
+            _shrink(gm, n, split, shapes, rank, world, folded)
+        elif n.op == "call_function" and n.target in shard_plan._SPLITS and n.args[0] in split:
+            _shrink_split(n, split[n.args[0]][0], len(shapes[n.args[0]]), world)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _slice_column(gm, n, layout, shapes, rank, world, folded):
+    """Keep the output channels of the rank: the weight's (and a linear's bias's) rows for them."""
+    idx = _indices(layout, rank, world)
+    a, b = n.args[0], n.args[1]
+    if n.target is aten.linear.default:
+        new = [a, _sliced(gm, b, 0, idx, folded, n)]
+        if len(n.args) > 2 and n.args[2] is not None:
+            new.append(_sliced(gm, n.args[2], 0, idx, folded, n))
+        n.args = tuple(new)
+    elif shard_plan._parameter(b) is not None:  # x @ W: W's columns
+        n.args = (a, _sliced(gm, b, len(shapes[b]) - 1, idx, folded, n))
+    else:  # W @ x: W's rows
+        n.args = (_sliced(gm, a, 0, idx, folded, n), b)
+
+
+def _slice_row(gm, n, split, shapes, rank, world, group_name, folded):
+    """Keep the weight's input columns for the rank's channels, all-reduce the partial sums, add the bias."""
+    a, b = n.args[0], n.args[1]
+    bias = None
+    if a in split:
+        idx = _indices(split[a], rank, world)
+        if n.target is aten.linear.default:
+            bias = n.args[2] if len(n.args) > 2 else None
+            n.args = (a, _sliced(gm, b, 1, idx, folded, n))
+        else:  # x @ W: W's rows
+            n.args = (a, _sliced(gm, b, 0, idx, folded, n))
+    else:  # W @ x: W's columns
+        idx = _indices(split[b], rank, world)
+        n.args = (_sliced(gm, a, len(shapes[a]) - 1, idx, folded, n), b)
+    graph = gm.graph
+    with graph.inserting_after(n):
+        reduced = graph.call_function(_c10d.all_reduce.default, (n, "sum", group_name))
+    with graph.inserting_after(reduced):
+        out = graph.call_function(_c10d.wait_tensor.default, (reduced,))
+    last = out
+    if bias is not None:
+        with graph.inserting_after(out):
+            last = graph.call_function(aten.add.Tensor, (out, bias))
+    n.replace_all_uses_with(last, delete_user_cb=lambda user: user is not reduced)
+
+
+def _shrink(gm, n, split, shapes, rank, world, folded):
+    """A node on split channels: its shape list or split sizes shrink; its whole operands are sliced."""
+    dim, first, size, block = split[n] if n in split else (None,) * 4
+    t = n.target
+    if t in shard_plan._SIZED:
+        sizes = list(n.args[1])
+        if sizes[dim] != -1:
+            sizes[dim] = sizes[dim] // world
+        n.args = (n.args[0], sizes, *n.args[2:])
+    elif t in shard_plan._ELEMENTWISE:
+        out_rank = len(shapes[n])
+        args = list(n.args)
+        for i, a in enumerate(args):
+            if not isinstance(a, fx.Node) or a in split or not isinstance(shapes.get(a), tuple):
+                continue
+            d = dim - (out_rank - len(shapes[a]))
+            if d >= 0 and shapes[a][d] == size and size != 1:
+                args[i] = _sliced(gm, a, d, _indices((d, 0, size, block), rank, world), folded, n)
+        n.args = tuple(args)
+
+
+def _shrink_split(n, axis, rank, world):
+    """split / split_with_sizes along the split axis: each part keeps 1/world (chunk: the same count)."""
+    args = list(n.args)
+    dim = (args[2] if len(args) > 2 else n.kwargs.get("dim", 0)) % rank
+    if dim != axis or n.target is aten.chunk.default:
+        return
+    args[1] = [x // world for x in args[1]] if isinstance(args[1], (list, tuple)) else args[1] // world
+    n.args = tuple(args)
+
+
+def group_of(tp):
+    """(rank, world size, group name) of `tp`: a torch.distributed ProcessGroup or a 1-D DeviceMesh."""
+    import torch.distributed as dist
+
+    mesh_type = getattr(getattr(dist, "device_mesh", None), "DeviceMesh", None)
+    if mesh_type is not None and isinstance(tp, mesh_type):
+        if tp.ndim != 1:
+            raise ValueError(f"tp: expected a 1-D DeviceMesh, got one of {tp.ndim} dims")
+        tp = tp.get_group()
+    if not dist.is_available() or not isinstance(tp, dist.ProcessGroup):
+        raise TypeError(f"tp: expected a torch.distributed ProcessGroup or a 1-D DeviceMesh, got {type(tp).__name__}")
+    return dist.get_rank(tp), dist.get_world_size(tp), tp.group_name
+
+
+def _sliced(gm, node, dim, idx, folded, before):
+    """`node` (a tensor every rank holds whole) at the rank's channels `idx` along `dim`: a new constant
+    where it depends on parameters only, else an index_select inserted before `before`."""
+    key = (node, dim, tuple(idx.tolist()))
+    if key in folded:
+        return folded[key]
+    value = _constant(gm, node)
+    graph = gm.graph
+    if value is not None:
+        name = f"lcsm_shard_{len(folded)}"
+        gm.register_buffer(name, value.index_select(dim, idx.to(value.device)).contiguous())
+        with graph.inserting_before(before):
+            out = graph.get_attr(name)
+    else:
+        idx_name = f"lcsm_shard_index_{len(folded)}"
+        gm.register_buffer(idx_name, idx)
+        with graph.inserting_before(before):
+            out = graph.call_function(aten.index_select.default, (node, dim, graph.get_attr(idx_name)))
+    folded[key] = out
+    return out
+
+
+def _constant(gm, node):
+    """The value of `node` if it is computed from parameters and buffers only, else None."""
+    if node.op == "get_attr":
+        return _attr(gm, node.target).detach()
+    if node.op != "call_function" or getattr(node.target, "namespace", None) == "lcsm":
+        return None
+    args = []
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            v = _constant(gm, a)
+            if v is None:
+                return None
+            args.append(v)
+        else:
+            args.append(a)
+    if any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+        return None
+    with torch.no_grad():
+        return node.target(*args, **node.kwargs)
+
+
+def _attr(gm, target):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _site(site, idx):
+    """A convolution site keeping channels `idx` (of its flattened channels)."""
+    c = site.conv
+    width = site.width
+    h = c.h.reshape(width, -1)[idx]
+    skip = None if c.skip is None else c.skip.reshape(-1)[idx]
+    bias = None if c.bias is None else c.bias.reshape(-1)[idx]
+    modal = c.modal
+    if modal is not None and hasattr(modal, "poles"):
+        modal = dataclasses.replace(modal, poles=modal.poles[idx], residues=modal.residues[idx],
+                                    modes=tuple(modal.modes[i] for i in idx.tolist()) if len(modal.modes) == width else modal.modes)
+    conv = dataclasses.replace(c, channel_shape=(len(idx),), skip=skip, bias=bias, modal=modal, _h=h)
+    return ConvSite(site.name, site.kind, conv)

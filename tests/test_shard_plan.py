@@ -1,0 +1,79 @@
+"""The shard plan (passes/shard_plan.py): which projections split their channels across ranks, read
+from the step program alone (no processes)."""
+
+import json
+import warnings
+
+import pytest
+
+import lcsm_compile
+from examples.models import get
+from lcsm_compile.passes import shard_plan
+
+
+def plan_of(name, world=None):
+    model, inputs = get(name).build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decoder = lcsm_compile.optimize(model, inputs, max_len=64, validate=False)
+    names = {i: s.name for i, s in enumerate(decoder.sites)}
+    return shard_plan.run(decoder.programs.step, decoder.example_shape, decoder.input_dtype, world), names, decoder
+
+
+def weights(nodes):
+    return [shard_plan._weight(n) for n in nodes]
+
+
+def test_hyena_blocks_split_like_megatron_one_all_reduce_per_mixer_and_per_mlp():
+    plan, names, decoder = plan_of("hyena_order2")
+    mixers = [r for r in plan.regions if r.sites]
+    mlps = [r for r in plan.regions if not r.sites]
+    assert len(mixers) == 2 and len(mlps) == 2
+    for b, r in enumerate(mixers):
+        assert weights(r.columns) == [f"blocks.{b}.mixer.in_proj.weight"]
+        assert weights(r.rows) == [f"blocks.{b}.mixer.out_proj.weight"]
+        assert r.block == r.channels // 3  # the fused projection splits into x1, x2, v: each is split across ranks
+        assert sorted(decoder.sites[i].kind for i in r.sites) == ["long", "short"]
+    assert sorted(i for r in mixers for i in r.sites) == list(range(len(decoder.sites)))  # no site decoded whole
+    assert [weights(r.columns) for r in mlps] == [["blocks.0.mlp.fc1.weight"], ["blocks.1.mlp.fc1.weight"]]
+    assert plan.all_reduces() == 4  # none inside a mixer: only after the row-parallel projections
+    assert [weights(d.columns) for d in plan.declined] == [["lm_head.weight"]]
+    assert "output" in plan.declined[0].why
+    assert all(r.fits(2) and r.fits(4) for r in plan.regions)
+    at3, _, _ = plan_of("hyena_order2", world=3)  # blocks of 32 and 64 channels: not over 3 ranks
+    assert at3.regions == [] and at3.all_reduces() == 0
+    assert sum("do not split over 3 ranks" in d.why for d in at3.declined) == 4
+    text = plan.table(names)
+    assert "4 all-reduces per step" in text and "blocks.0.mixer.in_proj.weight" in text
+
+
+def test_h3_projections_that_meet_form_one_region():
+    plan, names, _ = plan_of("h3")
+    (mixer,) = [r for r in plan.regions if r.sites][:1]
+    assert weights(mixer.columns) == ["blocks.0.mixer.q_proj.weight", "blocks.0.mixer.k_proj.weight",
+                                      "blocks.0.mixer.v_proj.weight"]  # weight @ u.T, not F.linear
+    assert weights(mixer.rows) == ["blocks.0.mixer.output_linear.weight"]
+    assert len(mixer.sites) == 2
+
+
+@pytest.mark.parametrize("name, op, why", [
+    ("zoology_short_conv", "linalg_vector_norm", "does not act per channel"),  # a norm over the split channels
+    ("multiquery_long_conv", "view", "reshapes the split axis"),  # heads split out of the channel axis
+])
+def test_a_region_that_needs_communication_inside_stays_replicated_and_says_which_op(name, op, why):
+    plan, names, _ = plan_of(name)
+    reasons = [d.why for d in plan.declined]
+    assert any(r.startswith(op) and why in r for r in reasons), reasons
+    assert "replicated:" in plan.table(names)
+
+
+def test_cli_schedule_prints_the_plan_at_a_world_size(capsys):
+    from lcsm_compile.tools import cli
+
+    assert cli.main(["schedule", "examples.models.hyena:build_order2", "--tp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "shard plan of the step program: 4 regions split their channels, 4 all-reduces per step" in out
+    assert cli.main(["schedule", "examples.models.hyena:build_order2", "--tp", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    declined = data["shard_plan"]["declined"]
+    assert data["shard_plan"]["regions"] == [] and sum("do not split over 3 ranks" in d["why"] for d in declined) == 4
