@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -70,17 +69,11 @@ def _rank(rank, world, port, args, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(args):
     rows, reference = [], None
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as tmp:
-            mp.spawn(_rank, args=(world, _free_port(), args, tmp), nprocs=world, join=True)
+            mp.spawn(_rank, args=(world, common.free_port(), args, tmp), nprocs=world, join=True)
             ranks = [json.load(open(os.path.join(tmp, f"{r}.json"))) for r in range(world)]
             out = torch.load(os.path.join(tmp, "out0.pt"))
         reference = out if reference is None else reference

@@ -97,6 +97,14 @@ def _example_size(cap, node, dim):
     return int(cap.user_inputs[idx].shape[dim])
 
 
+def attr_value(gm, target):
+    """The value a get_attr node's dotted `target` names on `gm`."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def meta_value(node):
     return node.meta.get("val", node.meta.get("example_value"))
 

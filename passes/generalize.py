@@ -20,7 +20,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from lcsm_compile.passes.capture import meta_value
+from lcsm_compile.passes.capture import attr_value, meta_value
 from lcsm_compile.report import Reason
 
 aten = torch.ops.aten
@@ -250,9 +250,9 @@ class _Differs(Exception):
 
 def _same_constant(node, twins):
     (n0, p0), rest = twins[0], twins[1:]
-    a = _attr(p0.cap.gm, n0.target)
+    a = attr_value(p0.cap.gm, n0.target)
     for n, pt in rest:
-        b = _attr(pt.cap.gm, n.target)
+        b = attr_value(pt.cap.gm, n.target)
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
             same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
         else:
@@ -260,13 +260,6 @@ def _same_constant(node, twins):
         if not same:
             raise NotGeneralizable(f"the constant {node.target} ({_where(node)}) differs between the captures at "
                                    f"{p0} and {pt}: a value baked from the length or the batch")
-
-
-def _attr(gm, target):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _where(node):

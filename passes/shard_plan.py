@@ -107,34 +107,22 @@ class ShardPlan:
                 "declined": [{"columns": [_weight(n) for n in d.columns], "why": d.why} for d in self.declined]}
 
 
-def run(gm, example_shape, input_dtype, world=None, positions=1, excluded=()) -> ShardPlan:
+def run(gm, example_shape, input_dtype, world=None, positions=1) -> ShardPlan:
     """The shard plan of a decode program (GraphModule) whose input is like `example_shape` and
     `input_dtype` with the sequence on dim 1, run on `positions` positions. world: regions whose
-    blocks do not split over that many ranks stay replicated. excluded: names of projections to
-    keep replicated."""
-    shapes = _fake_shapes(gm, example_shape, input_dtype, positions)
-    excluded, declined = set(excluded), []
-    while True:
-        sweep = _Sweep(shapes, excluded)
-        failure = sweep.run(gm.graph)
-        regions = sweep.regions() if failure is None else []
-        unfit = [r for r in regions if world is not None and not r.fits(world)]
-        if unfit:
-            failure = unfit[0].columns, f"blocks of {unfit[0].block} channels do not split over {world} ranks"
-        if failure is None:
-            return ShardPlan(regions, declined, sweep.layout(), shapes)
-        seeds, why = failure  # those stay replicated; the others are swept again without them
-        excluded |= {s.name for s in seeds}
-        declined.append(Declined(seeds, why))
+    blocks do not split over that many ranks stay replicated."""
+    return _plan(gm, _fake_shapes(gm, example_shape, input_dtype, positions), world, set())
 
 
 def for_programs(programs, example_shape, input_dtype, world):
     """{"prefill", "step", "extend"} -> the plan of that decode program (decode_rewrite.DecodePrograms):
     all three split the same projections (one that a program cannot split stays replicated in all)."""
+    names = ("prefill", "step", "extend")
+    shapes = {name: _fake_shapes(getattr(programs, name), example_shape, input_dtype, 1 if name == "step" else 5)
+              for name in names}
     excluded, differ_all = set(), set()
     while True:
-        plans = {name: run(getattr(programs, name), example_shape, input_dtype, world, 1 if name == "step" else 5, excluded)
-                 for name in ("prefill", "step", "extend")}
+        plans = {name: _plan(getattr(programs, name), shapes[name], world, excluded) for name in names}
         split = [{n.name for r in p.regions for n in r.columns} for p in plans.values()]
         differ = set.union(*split) - set.intersection(*split)
         if not differ:
@@ -145,6 +133,24 @@ def for_programs(programs, example_shape, input_dtype, world):
             return plans
         excluded |= differ
         differ_all |= differ
+
+
+def _plan(gm, shapes, world, excluded):
+    """Sweep until every region closes: a region that fails (or whose blocks `world` does not divide)
+    is declined, its projections join `excluded` (names), and the graph is swept again without them."""
+    excluded, declined = set(excluded), []
+    while True:
+        sweep = _Sweep(shapes, excluded)
+        failure = sweep.run(gm.graph)
+        regions = sweep.regions() if failure is None else []
+        unfit = [r for r in regions if world is not None and not r.fits(world)]
+        if unfit:
+            failure = unfit[0].columns, f"blocks of {unfit[0].block} channels do not split over {world} ranks"
+        if failure is None:
+            return ShardPlan(regions, declined, sweep.layout(), shapes)
+        seeds, why = failure
+        excluded |= {s.name for s in seeds}
+        declined.append(Declined(seeds, why))
 
 
 def _weight(node):
@@ -236,14 +242,17 @@ class _Sweep:
         for s in self.parent:
             groups.setdefault(self.find(s), []).append(s)
         return [Region(columns=seeds, rows=self.rows[root], channels=sum(self.pieces[s].size for s in seeds),
-                       block=math.gcd(*self.bounds[root]),
+                       block=self.block(root),
                        sites={i: (p.first, p.size) for i, p in self.sites.items() if self.find(p.root) is root})
                 for root, seeds in groups.items()]
 
+    def block(self, root):
+        """The largest size every part taken of `root`'s channels is a whole number of."""
+        return math.gcd(*self.bounds[root])
+
     def layout(self):
         """node -> (dim, first, size, block) of every split tensor (the splits' getitems included)."""
-        blocks = {root: math.gcd(*b) for root, b in self.bounds.items()}
-        return {n: (p.dim, p.first, p.size, blocks[self.find(p.root)]) for n, p in self.pieces.items()}
+        return {n: (p.dim, p.first, p.size, self.block(self.find(p.root))) for n, p in self.pieces.items()}
 
     def _take(self, n, piece):
         self.pieces[n] = piece

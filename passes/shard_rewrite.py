@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from lcsm_compile.passes import shard_plan
+from lcsm_compile.passes.capture import attr_value
 from lcsm_compile.passes.decode_rewrite import ConvSite
 
 aten = torch.ops.aten
@@ -115,8 +116,8 @@ def _slice_row(gm, n, split, shapes, rank, world, group_name, folded):
 
 
 def _shrink(gm, n, split, shapes, rank, world, folded):
-    """A node on split channels: its shape list or split sizes shrink; its whole operands are sliced."""
-    dim, first, size, block = split[n] if n in split else (None,) * 4
+    """A node on split channels: its shape list shrinks; its whole operands are sliced."""
+    dim, _, size, block = split[n]
     t = n.target
     if t in shard_plan._SIZED:
         sizes = list(n.args[1])
@@ -184,7 +185,7 @@ def _sliced(gm, node, dim, idx, folded, before):
 def _constant(gm, node):
     """The value of `node` if it is computed from parameters and buffers only, else None."""
     if node.op == "get_attr":
-        return _attr(gm, node.target).detach()
+        return attr_value(gm, node.target).detach()
     if node.op != "call_function" or getattr(node.target, "namespace", None) == "lcsm":
         return None
     args = []
@@ -200,13 +201,6 @@ def _constant(gm, node):
         return None
     with torch.no_grad():
         return node.target(*args, **node.kwargs)
-
-
-def _attr(gm, target):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _site(site, idx):

@@ -4,7 +4,6 @@ and talking over 127.0.0.1, against the single-process decoder each rank also bu
 import datetime
 import json
 import os
-import socket
 import warnings
 
 import pytest
@@ -15,14 +14,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import lcsm_compile
 from examples.models import get
+from lcsm_compile.tools.bench import common
 
 c10d = torch.ops._c10d_functional
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _decode(decoder, ids, prompt):
@@ -83,7 +77,7 @@ def _work(rank, world, port, name, dtype, whole, compile, out_dir):
 
 
 def _spawn(world, name, dtype, whole, compile, tmp_path):
-    mp.spawn(_work, args=(world, _free_port(), name, dtype, whole, compile, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_work, args=(world, common.free_port(), name, dtype, whole, compile, str(tmp_path)), nprocs=world, join=True)
     return [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(world)]
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import socket
 import platform
 import time
 
@@ -25,6 +26,13 @@ from lcsm_compile.kernels.triton_common import rel_err  # noqa: F401  ||a - b|| 
 DEVIATION_FLAG = 0.15
 
 # -- timers ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group of ranks spawned on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def clock():
