@@ -139,7 +139,9 @@ def _rewrite(source, sites, attention=(), mode="prefill", *, tables=()):
             # strides allowed may not apply to ours. The graph is functional, so a reshape is the
             # same value
             node.target = aten.reshape.default
-    graph.eliminate_dead_code()  # advance survives: its schema mutates `session`, so it is impure
+    # advance survives: its schema mutates `session`. The model's attention, replaced, goes: SDPA and
+    # dropout count as impure only for their randomness, which an inference program does not draw
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
     graph._codegen = fx.graph.CodeGen()  # plain positional signature: we added placeholders
     graph.lint()
     gm.recompile()
