@@ -12,9 +12,15 @@ minutes on one H200 (baselines estimated from sampled steps, one repeat).
     the naive loop estimated from sampled windows.
 Prints one table, writes DIR/gpu.json; exits 1 if a check failed or a flash output was wrong.
 
+Multi-GPU mode, --tp WORLD...: the sharded decode (lcsm_compile.tools.bench.sharded; optimize(tp=...))
+of a Hyena LM on 1 and each WORLD GPUs, one process per GPU over NCCL: per-rank state, step time
+and the logits against one GPU's. Writes DIR/gpu_tp.json.
+
 Run: python benchmarks/gpu.py [--out DIR]             (needs a CUDA device)
-     python benchmarks/gpu.py --dry-run [--out DIR]   (the same code path on the CPU at tiny sizes,
-                                                       the Triton kernels under TRITON_INTERPRET=1)
+     python benchmarks/gpu.py --tp 2 4 [--out DIR]    (needs as many CUDA devices as the largest WORLD)
+     python benchmarks/gpu.py --dry-run [--tp 2] [--out DIR]   (the same code path on the CPU at tiny
+                                                       sizes, the Triton kernels under TRITON_INTERPRET=1,
+                                                       the ranks on gloo)
 """
 
 import argparse
@@ -29,11 +35,13 @@ SIZES = {
     "cuda": {"mixer_channels": [2048, 8192], "mixer_lengths": [16384, 65536],
              "lms": ["8x256", "18x864"], "lm_length": 8192, "prompt": 128, "vocab": 256,
              "check_lm": (8, 256), "check_length": 512, "kernel_channels": [2048, 8192],
-             "window": ["--positions", "4", "--window-steps", "8", "--window-s", "0.25"]},
+             "window": ["--positions", "4", "--window-steps", "8", "--window-s", "0.25"],
+             "sharded": ["--layers", "8", "--d", "1024", "--L", "16384", "--prompt", "128", "--steps", "512"]},
     "dry-run": {"mixer_channels": [16], "mixer_lengths": [64, 128],
                 "lms": ["1x16", "2x16"], "lm_length": 64, "prompt": 8, "vocab": 32,
                 "check_lm": (2, 16), "check_length": 48, "kernel_channels": [16],
-                "window": ["--positions", "2", "--window-steps", "4", "--window-s", "0.02"]},
+                "window": ["--positions", "2", "--window-steps", "4", "--window-s", "0.02"],
+                "sharded": ["--layers", "2", "--d", "32", "--L", "64", "--prompt", "8", "--steps", "16"]},
 }
 # Teacher-forced decoder error (the worst position, relative to the reference's rms position) vs the
 # float64 model: fp32 as `lcsm-compile verify`; bf16 as tests/test_dtypes.py, whose worst
@@ -45,6 +53,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench_out/gpu", help="folder for gpu.json")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, Triton interpreted: the same code path")
+    p.add_argument("--tp", type=int, nargs="+", metavar="WORLD", help="multi-GPU mode: sharded decode on WORLD GPUs")
     return p.parse_args(argv)
 
 
@@ -56,6 +65,9 @@ def main(argv=None):
 
     from lcsm_compile.errors import DeviceError
 
+    if args.tp and not args.dry_run and torch.cuda.device_count() < max(args.tp):
+        raise DeviceError(f"benchmarks/gpu.py --tp {max(args.tp)} needs {max(args.tp)} CUDA devices and found "
+                          f"{torch.cuda.device_count()}; use --dry-run for the same code path on the CPU")
     if not args.dry_run and not torch.cuda.is_available():
         raise DeviceError("benchmarks/gpu.py needs a CUDA device and found none; use --dry-run for the same "
                           "checks and timings on the CPU at tiny sizes")
@@ -63,10 +75,36 @@ def main(argv=None):
 
     device = "cpu" if args.dry_run else "cuda"
     size = SIZES["dry-run" if args.dry_run else "cuda"]
+    if args.tp:
+        return run_tp(args, device, size)
     # a dry run's tensors are too small to split between threads, and a busy CI machine stalls
     # multi-threaded CPU ops
     with torch.no_grad(), common.torch_threads(1 if args.dry_run else None):
         return run(args, device, size)
+
+
+SHARDED_TOL = 1e-5  # fp32 logits of every world size against world 1's (tests/test_sharded.py: ~2e-7 on the CPU)
+
+
+def run_tp(args, device, size):
+    """Multi-GPU mode: the sharded benchmark at world 1 and each --tp world, one device per rank."""
+    from lcsm_compile.tools.bench import common, sharded
+
+    started = time.perf_counter()
+    log = lambda s: print(f"[{time.perf_counter() - started:6.1f} s] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    bench = sharded.parse_args([*size["sharded"], "--worlds", "1", *map(str, sorted(set(args.tp) - {1})),
+                                "--device", device, "--threads", "1" if args.dry_run else "2"])
+    rows = sharded.measure(bench, log)
+    passed = all(r["rel_err"] <= SHARDED_TOL for r in rows)
+    print(f"benchmarks/gpu.py --tp on {device}{' (dry run: tiny sizes, gloo, not a measurement)' if args.dry_run else ''}: "
+          f"{bench.layers} layers, d_model {bench.d}, L {bench.L}")
+    print(sharded.table(rows))
+    print(f"{'PASS' if passed else 'FAIL'}: logits within {SHARDED_TOL:g} of world 1 at every world size")
+    data = {"benchmark": "gpu_tp", "device": device, "dry_run": args.dry_run, "machine": common.machine_info(),
+            "config": vars(bench), "results": rows, "tol": SHARDED_TOL, "passed": passed,
+            "wall_s": time.perf_counter() - started}
+    common.write_json(os.path.join(args.out, "gpu_tp.json"), data)
+    return 0 if passed else 1
 
 
 def run(args, device, size):

@@ -40,12 +40,15 @@ def run(programs, plans, rank, world, group_name):
         if n.op == "call_function" and n.target in shard_plan._DEPTHWISE:
             channels[int(n.args[2])] = _indices(split[n.args[1]], rank, world)
     sites = [_site(s, channels[i]) if i in channels else s for i, s in enumerate(programs.sites)]
-    return dataclasses.replace(programs, sites=sites, **local)
+    heads = {i for r in plans["step"].regions for i in r.attention}  # their KV caches hold the rank's heads
+    attention = [dataclasses.replace(a, attn=dataclasses.replace(a.attn, heads=a.attn.heads // world)) if i in heads else a
+                 for i, a in enumerate(programs.attention)]
+    return dataclasses.replace(programs, sites=sites, attention=attention, **local)
 
 
 def _indices(layout, rank, world):
-    """The rank's channels of a split tensor, relative to its first: of every block, the rank's share."""
-    dim, first, size, block = layout
+    """The rank's indices along a split tensor's split dim: of every block, the rank's share."""
+    dim, size, block = layout
     share = block // world
     blocks = torch.arange(size // block) * block + rank * share
     return (blocks[:, None] + torch.arange(share)).reshape(-1)
@@ -74,35 +77,39 @@ def _rewrite(gm, plan, rank, world, group_name):
     return gm
 
 
+def _replace_operand(n, old, new):
+    """n with its operand `old` replaced by `new` (an einsum's operands are a list)."""
+    if n.target is aten.einsum.default:
+        n.args = (n.args[0], [new if a is old else a for a in n.args[1]])
+    else:
+        n.args = tuple(new if a is old else a for a in n.args)
+
+
+def _bias(n):
+    return n.args[2] if n.target is aten.linear.default and len(n.args) > 2 else \
+        n.args[0] if n.target is aten.addmm.default else None
+
+
 def _slice_column(gm, n, layout, shapes, rank, world, folded):
-    """Keep the output channels of the rank: the weight's (and a linear's bias's) rows for them."""
+    """Keep the output channels of the rank: the constant's (and the bias's) slices for them."""
     idx = _indices(layout, rank, world)
-    a, b = n.args[0], n.args[1]
-    if n.target is aten.linear.default:
-        new = [a, _sliced(gm, b, 0, idx, folded, n)]
-        if len(n.args) > 2 and n.args[2] is not None:
-            new.append(_sliced(gm, n.args[2], 0, idx, folded, n))
-        n.args = tuple(new)
-    elif shard_plan._parameter(b) is not None:  # x @ W: W's columns
-        n.args = (a, _sliced(gm, b, len(shapes[b]) - 1, idx, folded, n))
-    else:  # W @ x: W's rows
-        n.args = (_sliced(gm, a, 0, idx, folded, n), b)
+    p, bias = shard_plan.projection(n, shapes), _bias(n)
+    letter = shard_plan.projection_letter(n, shapes)
+    _replace_operand(n, p.w, _sliced(gm, p.w, p.tw.index(letter), idx, folded, n))
+    if bias is not None and shapes[bias][-1] == layout[1]:  # a bias broadcast over the channels stays whole
+        _replace_operand(n, bias, _sliced(gm, bias, len(shapes[bias]) - 1, idx, folded, n))
 
 
 def _slice_row(gm, n, split, shapes, rank, world, group_name, folded):
-    """Keep the weight's input columns for the rank's channels, all-reduce the partial sums, add the bias."""
-    a, b = n.args[0], n.args[1]
-    bias = None
-    if a in split:
-        idx = _indices(split[a], rank, world)
-        if n.target is aten.linear.default:
-            bias = n.args[2] if len(n.args) > 2 else None
-            n.args = (a, _sliced(gm, b, 1, idx, folded, n))
-        else:  # x @ W: W's rows
-            n.args = (a, _sliced(gm, b, 0, idx, folded, n))
-    else:  # W @ x: W's columns
-        idx = _indices(split[b], rank, world)
-        n.args = (_sliced(gm, a, len(shapes[a]) - 1, idx, folded, n), b)
+    """Keep the constant's slices for the rank's channels, all-reduce the partial sums, add the bias."""
+    p, bias = shard_plan.projection(n, shapes), _bias(n)
+    if n.target is aten.linear.default:
+        n.args = n.args[:2]
+    elif n.target is aten.addmm.default:  # bias + x @ W: the sum of partial products, then the bias
+        n.target, n.args, n.kwargs = aten.mm.default, n.args[1:3], {}
+    x, w, tx, tw = p.x, p.w, p.tx, p.tw
+    letter = tx[split[x][0]]
+    _replace_operand(n, w, _sliced(gm, w, tw.index(letter), _indices(split[x], rank, world), folded, n))
     graph = gm.graph
     with graph.inserting_after(n):
         reduced = graph.call_function(_c10d.all_reduce.default, (n, "sum", group_name))
@@ -117,13 +124,22 @@ def _slice_row(gm, n, split, shapes, rank, world, group_name, folded):
 
 def _shrink(gm, n, split, shapes, rank, world, folded):
     """A node on split channels: its shape list shrinks; its whole operands are sliced."""
-    dim, _, size, block = split[n]
+    dim, size, block = split[n]
     t = n.target
+
+    def sliced(a, d):  # a whole operand with the split axis' width on its dim d: the rank's indices
+        return _sliced(gm, a, d, _indices((d, size, block), rank, world), folded, n)
+
     if t in shard_plan._SIZED:
         sizes = list(n.args[1])
-        if sizes[dim] != -1:
+        if isinstance(sizes[dim], int) and sizes[dim] != -1:  # a node is the rank's own count (sym_size)
             sizes[dim] = sizes[dim] // world
         n.args = (n.args[0], sizes, *n.args[2:])
+    elif t is aten.unflatten.int:
+        first, sizes = n.args[1] % len(shapes[n.args[0]]), list(n.args[2])
+        if first <= dim < first + len(sizes) and sizes[dim - first] != -1:
+            sizes[dim - first] = sizes[dim - first] // world
+        n.args = (n.args[0], n.args[1], sizes)
     elif t in shard_plan._ELEMENTWISE:
         out_rank = len(shapes[n])
         args = list(n.args)
@@ -132,8 +148,18 @@ def _shrink(gm, n, split, shapes, rank, world, folded):
                 continue
             d = dim - (out_rank - len(shapes[a]))
             if d >= 0 and shapes[a][d] == size and size != 1:
-                args[i] = _sliced(gm, a, d, _indices((d, 0, size, block), rank, world), folded, n)
+                args[i] = sliced(a, d)
         n.args = tuple(args)
+    elif t is aten.cat.default:
+        n.args = ([a if a in split else sliced(a, dim) for a in n.args[0]], *n.args[1:])
+    elif t in shard_plan._ATTENTION:  # keys and values held whole, one head per query head: the rank's
+        n.args = (*n.args[:2], *(a if a in split or shapes[a][1] == 1 else sliced(a, 1) for a in n.args[2:4]), n.args[4])
+    elif t is aten.einsum.default:
+        operands = n.args[1]
+        terms, out = shard_plan.einsum_terms(n.args[0], [shapes[a] for a in operands])
+        letter = out[dim]
+        n.args = (n.args[0], [sliced(a, sub.index(letter)) if a not in split and letter in sub and size != 1
+                              and shapes[a][sub.index(letter)] == size else a for a, sub in zip(operands, terms)])
 
 
 def _shrink_split(n, axis, rank, world):
@@ -184,23 +210,13 @@ def _sliced(gm, node, dim, idx, folded, before):
 
 def _constant(gm, node):
     """The value of `node` if it is computed from parameters and buffers only, else None."""
+    if not shard_plan.is_constant(node):
+        return None
     if node.op == "get_attr":
         return attr_value(gm, node.target).detach()
-    if node.op != "call_function" or getattr(node.target, "namespace", None) == "lcsm":
-        return None
-    args = []
-    for a in node.args:
-        if isinstance(a, fx.Node):
-            v = _constant(gm, a)
-            if v is None:
-                return None
-            args.append(v)
-        else:
-            args.append(a)
-    if any(isinstance(v, fx.Node) for v in node.kwargs.values()):
-        return None
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: _constant(gm, a))
     with torch.no_grad():
-        return node.target(*args, **node.kwargs)
+        return node.target(*args, **kwargs)
 
 
 def _site(site, idx):

@@ -81,3 +81,24 @@ def test_without_cuda_it_refuses_in_one_line(tmp_path):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("gpu.py: error: DeviceError: ") and "CUDA" in err[0] and "--dry-run" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_of_the_multi_gpu_mode_decodes_sharded_on_gloo(tmp_path):
+    """--tp: the sharded decode at world 1 and 2, one process per rank (gloo on the CPU in a dry run,
+    NCCL with one GPU per rank on a machine that has them)."""
+    proc = run_script(["--dry-run", "--tp", "2", "--out", str(tmp_path / "out")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "gpu_tp.json").read_text())
+    assert data["passed"] and data["device"] == "cpu"
+    one, two = data["results"]
+    assert (one["world"], two["world"]) == (1, 2)
+    assert two["rel_err"] <= data["tol"] and two["all_reduces"] > 0 and one["all_reduces"] == 0
+    assert two["state"] <= one["state"] / 2 * 1.05  # each rank holds half the channels' state
+    assert "PASS: logits within" in proc.stdout
+
+
+def test_multi_gpu_mode_without_the_gpus_refuses_in_one_line(tmp_path):
+    proc = run_script(["--tp", "2", "--out", str(tmp_path / "out")], tmp_path, CUDA_VISIBLE_DEVICES="")
+    assert proc.returncode == 2 and proc.stdout == ""
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "needs 2 CUDA devices and found 0" in err[0]

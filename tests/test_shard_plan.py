@@ -7,12 +7,14 @@ import warnings
 import pytest
 
 import lcsm_compile
-from examples.models import get
+from examples.models import get, public_attention
 from lcsm_compile.passes import shard_plan
 
 
 def plan_of(name, world=None):
-    model, inputs = get(name).build()
+    """name: a zoo model, or "public_attention:SPELLING" (examples/models/public_attention.py)."""
+    module, _, spelling = name.partition(":")
+    model, inputs = public_attention.build(spelling) if spelling else get(name).build()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         decoder = lcsm_compile.optimize(model, inputs, max_len=64, validate=False)
@@ -57,8 +59,10 @@ def test_h3_projections_that_meet_form_one_region():
 
 
 @pytest.mark.parametrize("name, op, why", [
-    ("zoology_short_conv", "linalg_vector_norm", "does not act per channel"),  # a norm over the split channels
-    ("multiquery_long_conv", "view", "reshapes the split axis"),  # heads split out of the channel axis
+    ("zoology_short_conv", "linalg_vector_norm", "acts along the split channels"),  # a norm over the split channels
+    ("rwkv_token_shift_hyena", "cat", "concatenates along the split channels"),
+    ("multiquery_long_conv", "repeat", "does not act per channel"),  # one value head repeated over the query heads
+    ("public_attention:llama_gqa_sdpa", "attn_step", "keys and values not split by heads"),  # repeat_kv's groups
 ])
 def test_a_region_that_needs_communication_inside_stays_replicated_and_says_which_op(name, op, why):
     plan, names, _ = plan_of(name)
@@ -77,3 +81,43 @@ def test_cli_schedule_prints_the_plan_at_a_world_size(capsys):
     data = json.loads(capsys.readouterr().out)
     declined = data["shard_plan"]["declined"]
     assert data["shard_plan"]["regions"] == [] and sum("do not split over 3 ranks" in d["why"] for d in declined) == 4
+
+
+def test_heads_split_whole_out_of_the_channel_axis_and_merge_back():
+    """Multi-head Hyena: x1, x2, v unflattened into 4 heads of 8, an outer product per head (einsum
+    bhkl,bhvl->bhkvl) flattened into the 256 channels of the long convolution, contracted back per
+    head and flattened: each rank holds whole heads, in every tensor and convolution on the way."""
+    plan, names, decoder = plan_of("multihead_hyena")
+    mixers = [r for r in plan.regions if r.sites]
+    assert len(mixers) == 2 and all(r.grain == 8 and r.block == 32 for r in mixers)
+    assert sorted(i for r in mixers for i in r.sites) == list(range(len(decoder.sites)))
+    assert "whole heads of 8" in plan.table(names)
+    at8, _, _ = plan_of("multihead_hyena", world=8)  # 4 channels a rank: half a head
+    assert not any(r.sites for r in at8.regions)
+    assert sum("in whole heads of 8" in d.why for d in at8.declined) == 2
+
+
+@pytest.mark.parametrize("name, rows", [
+    ("hyena_planned_lengths", "blocks.0.mixer.out_w & blocks.0.mixer.out_scale"),  # einsum de,bdl->ble with a weight built by an einsum
+    ("multiquery_long_conv", "blocks.0.mixer.out_weight"),  # tensordot(x, W, [2], [0])
+])
+def test_projections_written_as_einsum_or_tensordot_reduce_the_channels(name, rows):
+    plan, _, _ = plan_of(name)
+    mixer = next(r for r in plan.regions if r.sites)
+    assert weights(mixer.rows) == [rows]
+
+
+def test_attention_splits_by_heads_with_its_projections():
+    """GPT-2's attention (Conv1D projections: addmm; heads by view + permute): the queries, keys and
+    values split by heads, so each rank's KV cache holds its heads. Llama's grouped keys and values,
+    repeated to one per query head (repeat_kv), are computed whole; each rank keeps its heads' copies."""
+    plan, names, _ = plan_of("public_attention:gpt2")
+    (attention,) = [r for r in plan.regions if r.attention]
+    assert attention.attention == [0] and attention.grain == 8
+    assert weights(attention.columns) == ["blocks.1.mixer.c_attn.weight"]
+    assert weights(attention.rows) == ["blocks.1.mixer.c_proj.weight"]
+    assert "attention 0 by heads" in plan.table(names)
+    plan, _, _ = plan_of("public_attention:llama_gqa_sdpa")
+    (attention,) = [r for r in plan.regions if r.attention]
+    assert weights(attention.columns) == ["blocks.1.mixer.q_proj.weight"]
+    assert attention.grain == 8

@@ -13,10 +13,11 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 import lcsm_compile
-from examples.models import get
+from examples.models import get, public_attention
 from lcsm_compile.tools.bench import common
 
 c10d = torch.ops._c10d_functional
+aten = torch.ops.aten
 
 
 def _decode(decoder, ids, prompt):
@@ -25,7 +26,7 @@ def _decode(decoder, ids, prompt):
     session = decoder.session()
     outs = [session.prefill(ids[:, :prompt])]
     outs += [session.step(ids[:, t : t + 1]) for t in range(prompt, ids.shape[1])]
-    state = sum(session.state.memory_breakdown().get(k, 0) for k in ("state", "block", "rings", "recurrent"))
+    state = sum(session.state.memory_breakdown().get(k, 0) for k in ("state", "block", "rings", "recurrent", "kv_cache"))
     rows = decoder.session(rows=2)
     _, first = rows.add(ids[:1, :prompt])
     joined = [first] + [rows.step(torch.cat([ids[:1, t : t + 1]] * 2))[:1] for t in range(prompt, prompt + 4)]
@@ -45,7 +46,8 @@ def _work(rank, world, port, name, dtype, whole, compile, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
-        model, (x,) = get(name).build()
+        _, _, spelling = name.partition(":")  # "public_attention:SPELLING": a Hyena + attention hybrid
+        model, (x,) = public_attention.build(spelling) if spelling else get(name).build()
         model = model.to(dtype)
         L, prompt = 64, 7
         # a 1-D DeviceMesh where the step is compiled, the process group itself elsewhere
@@ -61,8 +63,10 @@ def _work(rank, world, port, name, dtype, whole, compile, out_dir):
             "err": _rel(out, full), "rows_err": _rel(joined, full[:1, : prompt + 4]), "out": out.sum().item(),
             "state": state, "all_reduces": len(reduces), "rows": sharded.shard_plan.all_reduces(),
             # every all-reduce sums the partial output of a row-parallel projection: none inside a mixer
-            "after_rows": all(n.args[0].target in (torch.ops.aten.linear.default, torch.ops.aten.mm.default,
-                                                   torch.ops.aten.matmul.default) for n in reduces),
+            "after_rows": all(n.args[0].target in (aten.linear.default, aten.mm.default, aten.matmul.default,
+                                                   aten.einsum.default, aten.tensordot.default) for n in reduces),
+            "split_attention": sorted(i for r in sharded.shard_plan.regions for i in r.attention),
+            "attention": len(sharded.attention),
             "split_sites": sorted(i for r in sharded.shard_plan.regions for i in r.sites), "sites": len(sharded.sites),
             "compilations": sharded.step_fn.compilations,
         }
@@ -86,14 +90,19 @@ def _spawn(world, name, dtype, whole, compile, tmp_path):
     (4, "hyena_order2", torch.float64, 1e-12),
     (2, "striped_hyena", torch.float64, 1e-12),  # modal filters: their recurrent states split
     (2, "h3", torch.float32, 1e-5),  # q, k, v written as weight @ u.T: one region; the step compiled
+    (2, "multihead_hyena", torch.float64, 1e-12),  # whole heads in every tensor and convolution
+    (2, "public_attention:gpt2", torch.float64, 1e-12),  # attention and its KV cache by heads; validated
+    (2, "public_attention:llama_gqa_sdpa", torch.float64, 1e-12),  # grouped keys and values: the rank's groups
 ])
 def test_sharded_decoding_equals_the_model(world, name, dtype, tol, tmp_path):
-    whole, compile = (world, name) == (2, "hyena_order2"), name == "h3"
+    whole = (world, name) in ((2, "hyena_order2"), (2, "public_attention:gpt2"))
+    compile = name == "h3"
     results = _spawn(world, name, dtype, whole, compile, tmp_path)
     for r in results:
         assert r["err"] < tol and r["rows_err"] < tol, r  # against the model over the whole sequence
         assert r["all_reduces"] == r["rows"] > 0 and r["after_rows"]
         assert r["split_sites"] == list(range(r["sites"]))  # every convolution's channels split
+        assert r["split_attention"] == list(range(r["attention"]))  # every attention's heads split
         assert r["compilations"] == (2 if compile else 0)  # one shared position, and rows at their own positions
         if whole:
             assert r["whole_err"] < 1e-6, r  # against the single-process decoder
