@@ -52,7 +52,8 @@ class Decoder:
             from lcsm_compile import pipeline
 
             options = {"conv": conv, "crossover": crossover, "strategy": strategy, "latency": latency}
-            programs, schedule, _ = pipeline.lower(report, options, example_inputs)
+            lowered = pipeline.lower(report, options, example_inputs)
+            programs, schedule = lowered.programs, lowered.schedule
         self.programs, self.schedule = programs, schedule
         self.shard_plan = shard_plan  # optimize(tp=group): what this rank's programs split (passes/shard_plan.py)
         self.sites = self.programs.sites

@@ -106,11 +106,13 @@ def _safety_net(ctx):
 
 
 def _shard(ctx):
-    """tp=group: this rank's programs and sites (passes/shard_rewrite.py); else the programs as they are."""
-    tp = ctx.options.get("tp")
-    if tp is None:
+    """tp=group: this rank's programs and sites (passes/shard_rewrite.py); else the programs as they are.
+    shard_preview=WORLD (lcsm-compile schedule --tp, one process): rank 0's of WORLD, for their schedule
+    and state; their collectives name no group, so they are not run."""
+    tp, preview = ctx.options.get("tp"), ctx.options.get("shard_preview")
+    if tp is None and preview is None:
         return ctx.programs
-    rank, world, group_name = shard_rewrite.group_of(tp)
+    rank, world, group_name = shard_rewrite.group_of(tp) if tp is not None else (0, preview, "shard_preview")
     x = ctx.example_inputs[0]
     plans = shard_plan.for_programs(ctx.programs, tuple(x.shape), x.dtype, world)
     ctx.shard_plan = plans["step"]
@@ -361,7 +363,8 @@ def _decoder_options(options):
 
 
 def lower(report, options, example_inputs):
-    """The rewrite passes on an analysed Report: (programs, schedule, [(name, dump, seconds)])."""
+    """The rewrite passes on an analysed Report: their Context (programs, shard_plan, schedule, and
+    passes: [(name, dump, seconds)])."""
     ctx = Context(None, tuple(example_inputs), report.capture.max_len, options=dict(options), cap=report.captured,
                   report=report, time_info=report.time_info)
     for p in PASSES:
@@ -369,7 +372,7 @@ def lower(report, options, example_inputs):
             start = time.perf_counter()
             setattr(ctx, p.artifact, p.run(ctx))
             ctx.passes.append((p.name, p.dump(getattr(ctx, p.artifact), ctx), time.perf_counter() - start))
-    return ctx.programs, ctx.schedule, ctx.passes
+    return ctx
 
 
 

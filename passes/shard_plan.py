@@ -14,8 +14,8 @@ communication (the Megatron pattern):
   partial sum all-reduced. Every tensor in between holds 1/world of its channels, and so does
   every state and KV cache.
 A region that reaches anything else (a norm or a sum over the channels, a reshape that mixes the
-axis with another, a concatenation along it, the program's output) stays replicated, and the plan
-says which op stopped it. Projections that meet in one elementwise op (H3's q, k, v) form one region.
+axis with another, a concatenation along it) stays replicated, and the plan says which op stopped
+it. A split tensor the program outputs is all-gathered (a vocabulary-parallel LM head). Projections that meet in one elementwise op (H3's q, k, v) form one region.
 
 A fused projection's axis may be split downstream into parts (Hyena's x1, x2, v): each rank then
 holds its 1/world of every part. `block` is the size of the largest units every part is a whole
@@ -75,7 +75,8 @@ _ATTENTION = {lcsm.attn_step.default, lcsm.attn_prefill.default}  # (session, q,
 
 @dataclass
 class Region:
-    """Channels split across ranks from column-parallel contractions to row-parallel ones."""
+    """Channels split across ranks from column-parallel contractions to row-parallel ones (or to the
+    program's outputs)."""
 
     columns: list  # contraction nodes whose output channels split
     rows: list  # contraction nodes that sum the split channels: an all-reduce after each
@@ -84,9 +85,11 @@ class Region:
     block: int  # every part is a whole number of blocks; each block is split across ranks
     grain: int = 1  # a rank's share of a block must be whole heads: a multiple of this many channels
     attention: list = field(default_factory=list)  # attention site indices whose heads split
+    gathers: list = field(default_factory=list)  # split tensors the program outputs: an all-gather each
 
     def fits(self, world) -> bool:
         return self.block % world == 0 and (self.block // world) % self.grain == 0
+
 
 @dataclass
 class Declined:
@@ -98,25 +101,32 @@ class Declined:
 class ShardPlan:
     regions: list = field(default_factory=list)
     declined: list = field(default_factory=list)
-    split: dict = field(default_factory=dict)  # node -> (dim, first, size, block) of every split tensor
+    split: dict = field(default_factory=dict)  # node -> (dim, size, block) of every split tensor
     shapes: dict = field(default_factory=dict)  # node -> shape on the fake run
 
     def all_reduces(self) -> int:
-        """Collectives per step: one all-reduce per row-parallel contraction."""
+        """One all-reduce per step per row-parallel contraction."""
         return sum(len(r.rows) for r in self.regions)
+
+    def all_gathers(self) -> int:
+        """One all-gather per step per split output (a vocabulary-parallel LM head's logits)."""
+        return sum(len(r.gathers) for r in self.regions)
 
     def table(self, names=None) -> str:
         """names: site index -> name (the layer schedule's), for every convolution site."""
         names = names or {}
+        g = self.all_gathers()
+        gathers = f" and {g} all-gather{'s' if g > 1 else ''}" if g else ""
         lines = [f"shard plan of the step program: {len(self.regions)} regions split their channels, "
-                 f"{self.all_reduces()} all-reduces per step, none inside a region"]
+                 f"{self.all_reduces()} all-reduces{gathers} per step, none inside a region"]
         for i, r in enumerate(self.regions):
             sites = ", ".join(f"{names.get(k, k)}" for k in sorted(r.sites)) or "none"
             heads = f", whole heads of {r.grain}" if r.grain > 1 else ""
             attention = f", attention {', '.join(str(k) for k in r.attention)} by heads" if r.attention else ""
+            ends = ([f"row-parallel {', '.join(_weight(n) for n in r.rows)} + all-reduce"] if r.rows else []) + \
+                   ([f"{len(r.gathers)} output{'s' if len(r.gathers) > 1 else ''} + all-gather"] if r.gathers else [])
             lines.append(f"  region {i}: column-parallel {', '.join(_weight(n) for n in r.columns)} ({r.channels} channels, "
-                         f"blocks of {r.block}{heads}) -> sites {sites}{attention} -> row-parallel "
-                         f"{', '.join(_weight(n) for n in r.rows)} + all-reduce")
+                         f"blocks of {r.block}{heads}) -> sites {sites}{attention} -> {'; '.join(ends)}")
         for d in self.declined:
             lines.append(f"  replicated: {', '.join(_weight(n) for n in d.columns)}: {d.why}")
         whole = [name for k, name in names.items() if not any(k in r.sites for r in self.regions)]
@@ -127,7 +137,8 @@ class ShardPlan:
     def to_json(self) -> dict:
         return {"regions": [{"columns": [_weight(n) for n in r.columns], "rows": [_weight(n) for n in r.rows],
                              "sites": {str(k): list(v) for k, v in r.sites.items()}, "channels": r.channels,
-                             "block": r.block, "grain": r.grain, "attention": r.attention} for r in self.regions],
+                             "block": r.block, "grain": r.grain, "attention": r.attention, "gathers": len(r.gathers)}
+                            for r in self.regions],
                 "declined": [{"columns": [_weight(n) for n in d.columns], "why": d.why} for d in self.declined]}
 
 
@@ -245,6 +256,7 @@ class _Sweep:
         self.attention = {}  # attention site index -> the piece of its queries
         self.local_sizes = {}  # sym_size node reading a split axis -> that piece: the rank's count
         self.local_counts = {}  # such a node -> the count it reads on the whole axis
+        self.outputs = []  # split tensors the program outputs: gathered from every rank
 
     def find(self, s):
         while self.parent[s] is not s:
@@ -278,8 +290,9 @@ class _Sweep:
                 bad = {self.find(p.root) for p in exc.culprits or ins}
                 seeds = [s for s in self.parent if self.find(s) in bad]
                 return seeds, f"{n.name} ({getattr(n.target, '__name__', n.target)}): {exc}"
+        gathered = {self.find(self.pieces[a].root) for a in self.outputs}
         for root in {self.find(s) for s in self.parent}:
-            if root not in self.rows:
+            if root not in self.rows and root not in gathered:
                 return [s for s in self.parent if self.find(s) is root], "its channels reach no projection that reduces them"
         return None
 
@@ -287,10 +300,11 @@ class _Sweep:
         groups = {}
         for s in self.parent:
             groups.setdefault(self.find(s), []).append(s)
-        return [Region(columns=seeds, rows=self.rows[root], channels=sum(self.pieces[s].size for s in seeds),
+        return [Region(columns=seeds, rows=self.rows.get(root, []), channels=sum(self.pieces[s].size for s in seeds),
                        block=self.block(root), grain=self.grains[root],
                        sites={i: (p.first, p.size) for i, p in self.sites.items() if self.find(p.root) is root},
-                       attention=sorted(i for i, p in self.attention.items() if self.find(p.root) is root))
+                       attention=sorted(i for i, p in self.attention.items() if self.find(p.root) is root),
+                       gathers=[a for a in self.outputs if self.find(self.pieces[a].root) is root])
                 for root, seeds in groups.items()]
 
     def block(self, root):
@@ -315,8 +329,11 @@ class _Sweep:
     def _visit(self, n, ins):
         """What `n` makes of its split inputs; raises _Fail where it is not per channel."""
         shapes, src = self.shapes, ins[0]
+        if n.op == "output":  # every rank returns the whole output: the ranks' shares gathered
+            self.outputs += [a for a in n.all_input_nodes if a in self.pieces]
+            return
         if n.op != "call_function":
-            raise _Fail("split channels reach the program's output" if n.op == "output" else "not a function call")
+            raise _Fail("not a function call")
         t = n.target
         if t in _CONTRACTIONS:
             if len(ins) == 1 and _reduces(n, self.pieces, shapes):

@@ -71,6 +71,9 @@ def _rewrite(gm, plan, rank, world, group_name):
             _shrink(gm, n, split, shapes, rank, world, folded)
         elif n.op == "call_function" and n.target in shard_plan._SPLITS and n.args[0] in split:
             _shrink_split(n, split[n.args[0]][0], len(shapes[n.args[0]]), world)
+    for r in plan.regions:
+        for g in r.gathers:
+            _gather(gm, index[g.name], split[index[g.name]], world, group_name)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
@@ -120,6 +123,24 @@ def _slice_row(gm, n, split, shapes, rank, world, group_name, folded):
         with graph.inserting_after(out):
             last = graph.call_function(aten.add.Tensor, (out, bias))
     n.replace_all_uses_with(last, delete_user_cb=lambda user: user is not reduced)
+
+
+def _gather(gm, n, layout, world, group_name):
+    """The program outputs `n` whole: every rank's share gathered along the split dim, each block's
+    shares in rank order."""
+    dim, size, block = layout
+    graph = gm.graph
+    output = next(u for u in n.users if u.op == "output")
+    with graph.inserting_before(output):
+        x = graph.call_function(aten.movedim.int, (n, dim, 0))
+        x = graph.call_function(aten.contiguous.default, (x,))
+        x = graph.call_function(_c10d.all_gather_into_tensor.default, (x, world, group_name))
+        x = graph.call_function(_c10d.wait_tensor.default, (x,))
+        x = graph.call_function(aten.unflatten.int, (x, 0, [world, size // block, block // world]))  # rank, block, share
+        x = graph.call_function(aten.transpose.int, (x, 0, 1))
+        x = graph.call_function(aten.flatten.using_ints, (x, 0, 2))
+        x = graph.call_function(aten.movedim.int, (x, 0, dim))
+    output.replace_input_with(n, x)
 
 
 def _shrink(gm, n, split, shapes, rank, world, folded):

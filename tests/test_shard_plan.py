@@ -2,6 +2,7 @@
 from the step program alone (no processes)."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -29,7 +30,7 @@ def weights(nodes):
 def test_hyena_blocks_split_like_megatron_one_all_reduce_per_mixer_and_per_mlp():
     plan, names, decoder = plan_of("hyena_order2")
     mixers = [r for r in plan.regions if r.sites]
-    mlps = [r for r in plan.regions if not r.sites]
+    mlps = [r for r in plan.regions if r.rows and not r.sites]
     assert len(mixers) == 2 and len(mlps) == 2
     for b, r in enumerate(mixers):
         assert weights(r.columns) == [f"blocks.{b}.mixer.in_proj.weight"]
@@ -39,14 +40,16 @@ def test_hyena_blocks_split_like_megatron_one_all_reduce_per_mixer_and_per_mlp()
     assert sorted(i for r in mixers for i in r.sites) == list(range(len(decoder.sites)))  # no site decoded whole
     assert [weights(r.columns) for r in mlps] == [["blocks.0.mlp.fc1.weight"], ["blocks.1.mlp.fc1.weight"]]
     assert plan.all_reduces() == 4  # none inside a mixer: only after the row-parallel projections
-    assert [weights(d.columns) for d in plan.declined] == [["lm_head.weight"]]
-    assert "output" in plan.declined[0].why
+    (head,) = [r for r in plan.regions if r.gathers]  # vocabulary-parallel: each rank's logits gathered
+    assert weights(head.columns) == ["lm_head.weight"] and head.rows == [] and len(head.gathers) == 1
+    assert plan.declined == [] and plan.all_gathers() == 1
     assert all(r.fits(2) and r.fits(4) for r in plan.regions)
     at3, _, _ = plan_of("hyena_order2", world=3)  # blocks of 32 and 64 channels: not over 3 ranks
     assert at3.regions == [] and at3.all_reduces() == 0
-    assert sum("do not split over 3 ranks" in d.why for d in at3.declined) == 4
+    assert sum("do not split over 3 ranks" in d.why for d in at3.declined) == 5
     text = plan.table(names)
-    assert "4 all-reduces per step" in text and "blocks.0.mixer.in_proj.weight" in text
+    assert "4 all-reduces and 1 all-gather per step" in text and "blocks.0.mixer.in_proj.weight" in text
+    assert "lm_head.weight (64 channels, blocks of 64) -> sites none -> 1 output + all-gather" in text
 
 
 def test_h3_projections_that_meet_form_one_region():
@@ -76,11 +79,15 @@ def test_cli_schedule_prints_the_plan_at_a_world_size(capsys):
 
     assert cli.main(["schedule", "examples.models.hyena:build_order2", "--tp", "2"]) == 0
     out = capsys.readouterr().out
-    assert "shard plan of the step program: 4 regions split their channels, 4 all-reduces per step" in out
+    assert "shard plan of the step program: 5 regions split their channels, 4 all-reduces and 1 all-gather per step" in out
+    whole, rank = out.split("rank 0 of 2: ")  # the schedule of rank 0's programs: half of every site's state
+    state = lambda text: re.findall(r"fft_irfft \(long, tile, state ([\d.]+) KiB/row", text)  # noqa: E731
+    assert float(state(rank)[0]) == float(state(whole)[0]) / 2
     assert cli.main(["schedule", "examples.models.hyena:build_order2", "--tp", "3", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     declined = data["shard_plan"]["declined"]
-    assert data["shard_plan"]["regions"] == [] and sum("do not split over 3 ranks" in d["why"] for d in declined) == 4
+    assert data["rank_schedule"]["sites"][1]["state_bytes_per_row"] == data["sites"][1]["state_bytes_per_row"]  # nothing split
+    assert data["shard_plan"]["regions"] == [] and sum("do not split over 3 ranks" in d["why"] for d in declined) == 5
 
 
 def test_heads_split_whole_out_of_the_channel_axis_and_merge_back():

@@ -59,9 +59,11 @@ def _work(rank, world, port, name, dtype, whole, compile, out_dir):
             full = model(ids)
         step = sharded.programs.step.graph
         reduces = [n for n in step.nodes if n.target is c10d.all_reduce.default]
+        gathers = [n for n in step.nodes if n.target is c10d.all_gather_into_tensor.default]
         result = {
             "err": _rel(out, full), "rows_err": _rel(joined, full[:1, : prompt + 4]), "out": out.sum().item(),
             "state": state, "all_reduces": len(reduces), "rows": sharded.shard_plan.all_reduces(),
+            "all_gathers": len(gathers), "outputs": sharded.shard_plan.all_gathers(),
             # every all-reduce sums the partial output of a row-parallel projection: none inside a mixer
             "after_rows": all(n.args[0].target in (aten.linear.default, aten.mm.default, aten.matmul.default,
                                                    aten.einsum.default, aten.tensordot.default) for n in reduces),
@@ -101,6 +103,7 @@ def test_sharded_decoding_equals_the_model(world, name, dtype, tol, tmp_path):
     for r in results:
         assert r["err"] < tol and r["rows_err"] < tol, r  # against the model over the whole sequence
         assert r["all_reduces"] == r["rows"] > 0 and r["after_rows"]
+        assert r["all_gathers"] == r["outputs"] == 1  # the LM head is vocabulary-parallel: its logits gathered
         assert r["split_sites"] == list(range(r["sites"]))  # every convolution's channels split
         assert r["split_attention"] == list(range(r["attention"]))  # every attention's heads split
         assert r["compilations"] == (2 if compile else 0)  # one shared position, and rows at their own positions
@@ -108,6 +111,39 @@ def test_sharded_decoding_equals_the_model(world, name, dtype, tol, tmp_path):
             assert r["whole_err"] < 1e-6, r  # against the single-process decoder
             assert r["state"] <= r["whole_state"] / world * 1.05, r  # per-rank state: 1/world of the whole
     assert len({r["out"] for r in results}) == 1  # every rank got the same outputs
+
+
+def _gather_work(rank, world, port, out_dir):
+    """One rank: a program that outputs a tensor of 8 channels in blocks of 4, given the rank's share."""
+    import torch.fx as fx
+
+    from lcsm_compile.passes import shard_rewrite
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        whole = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(0))
+        graph = fx.Graph()
+        x = graph.placeholder("x")
+        y = graph.call_function(aten.mul.Scalar, (x, 2.0))
+        graph.output((y,))
+        gm = fx.GraphModule(torch.nn.Module(), graph)
+        layout = (1, 8, 4)  # dim, size, block
+        shard_rewrite._gather(gm, y, layout, world, dist.group.WORLD.group_name)
+        gm.recompile()
+        (out,) = gm(whole[:, shard_rewrite._indices(layout, rank, world)])
+        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_output_gathered_from_blocks_comes_back_in_channel_order(tmp_path):
+    """Each rank holds its share of every block of the split dim (channels 0, 1, 4, 5 on rank 0 of 2):
+    the all-gather puts every channel back in its place."""
+    mp.spawn(_gather_work, args=(2, common.free_port(), str(tmp_path)), nprocs=2, join=True)
+    whole = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(0))
+    for r in range(2):
+        assert torch.equal(torch.load(tmp_path / f"{r}.pt"), whole * 2)
 
 
 def test_tp_needs_a_process_group():

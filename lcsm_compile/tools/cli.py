@@ -396,7 +396,8 @@ def _diff(before, after, entries, name):
 # -- schedule -----------------------------------------------------------------------------------
 
 def _schedule(args):
-    decoder = _optimize(_load(args), conv=args.conv, latency=args.latency)
+    loaded = _load(args)
+    decoder = _optimize(loaded, conv=args.conv, latency=args.latency)
     sched = getattr(decoder, "schedule", None)
     if sched is None:
         raise CliError("this build's Decoder has no layer schedule (decoder.schedule)")
@@ -404,20 +405,24 @@ def _schedule(args):
     log = get_logger("schedule")
     log.info("%d levels, critical path %s, %d tile groups", len(data["levels"]), " -> ".join(data["critical_path"]),
              len(data["tile_groups"]))
-    plan = None
-    if args.tp is not None:
-        from lcsm_compile.passes import shard_plan
+    plan = rank_sched = None
+    if args.tp is not None:  # what optimize(tp=group) would do at this world size: rank 0's programs and schedule
+        from lcsm_compile import pipeline
 
-        plan = shard_plan.for_programs(decoder.programs, decoder.example_shape, decoder.input_dtype, args.tp)["step"]
+        options = {"conv": args.conv, "latency": args.latency, "shard_preview": args.tp}
+        lowered = pipeline.lower(decoder.report, options, loaded.inputs)
+        plan, rank_sched = lowered.shard_plan, lowered.schedule
     fmt = "json" if args.json else args.format
     if fmt == "json":
-        _print_json(args, {"model": args.model, **data, **({"shard_plan": plan.to_json()} if plan else {})})
+        extra = {"shard_plan": plan.to_json(), "rank_schedule": rank_sched.to_json()} if plan else {}
+        _print_json(args, {"model": args.model, **data, **extra})
     elif fmt == "dot":
         print(sched.to_dot(), file=args.stdout)
     else:
         print(sched.table())
         if plan is not None:
             print(plan.table({i: s.name for i, s in enumerate(decoder.sites)}))
+            print(f"rank 0 of {args.tp}: " + rank_sched.table())
     return 0
 
 
@@ -821,7 +826,7 @@ def build_parser():
     p.add_argument("--latency", action="store_true", help="with --conv partitioned: its bounded-latency plan")
     p.add_argument("--format", choices=["text", "dot", "json"], default="text")
     p.add_argument("--json", action="store_true", help="same as --format json")
-    p.add_argument("--tp", type=int, metavar="WORLD", help="also the shard plan optimize(tp=...) would follow at this world size (passes/shard_plan.py)")
+    p.add_argument("--tp", type=int, metavar="WORLD", help="also the shard plan optimize(tp=...) would follow at this world size (passes/shard_plan.py) and the schedule of rank 0's programs")
     p.set_defaults(run=_schedule)
 
     p = sub.add_parser("kernels", help="Triton specialisations chosen for a model (or a bank); --dump, --check")

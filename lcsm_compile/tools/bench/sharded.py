@@ -3,7 +3,7 @@
 (spawned here, over 127.0.0.1: gloo on the CPU cores, or NCCL with one GPU per rank, --device cuda,
 which benchmarks/gpu.py --tp runs), side by side in one run. Per world size: each
 rank's session state (tiled state and blocks, ring buffers) and shared operators (filters, spectra,
-Toeplitz blocks), the mean step time (the slowest rank's), the all-reduces per step, and the relative
+Toeplitz blocks), the mean step time (the slowest rank's), the collectives per step, and the relative
 error of the logits against the single-process decoder. The cores are shared: each rank gets
 threads // world torch threads, so on a 2-core machine world 4 oversubscribes nothing but runs
 two ranks per core; the step time says what communication and smaller matrices cost here, not
@@ -63,7 +63,8 @@ def _rank(rank, world, port, args, out_dir):
         parts = session.memory_breakdown()
         plan = decoder.shard_plan
         result = {"step_s": step_s, "state": sum(parts.get(k, 0) for k in STATE), "shared": sum(parts.get(k, 0) for k in SHARED),
-                  "all_reduces": 0 if plan is None else plan.all_reduces()}
+                  "all_reduces": 0 if plan is None else plan.all_reduces(),
+                  "all_gathers": 0 if plan is None else plan.all_gathers()}
         torch.save(torch.cat(outs, 1).cpu(), os.path.join(out_dir, f"out{rank}.pt"))
         with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -81,6 +82,7 @@ def measure(args, log=print):
         reference = out if reference is None else reference
         rows.append({"world": world, "step_s": max(r["step_s"] for r in ranks), "state": ranks[0]["state"],
                      "shared": ranks[0]["shared"], "all_reduces": ranks[0]["all_reduces"],
+                     "all_gathers": ranks[0]["all_gathers"],
                      "rel_err": float((out - reference).norm() / reference.norm())})
         log(f"sharded: world {world} done")
     return rows
@@ -89,10 +91,10 @@ def measure(args, log=print):
 def table(rows):
     base = rows[0]
     headers = ["world", "state/rank MiB", "x world 1", "operators/rank MiB", "step ms", "x world 1", "all-reduces/step",
-               "rel err vs world 1"]
+               "all-gathers/step", "rel err vs world 1"]
     out = [[str(r["world"]), f"{r['state'] / 2**20:.3f}", f"{r['state'] / base['state']:.3f}", f"{r['shared'] / 2**20:.3f}",
-            f"{r['step_s'] * 1e3:.2f}", f"{r['step_s'] / base['step_s']:.2f}", str(r["all_reduces"]), f"{r['rel_err']:.1e}"]
-           for r in rows]
+            f"{r['step_s'] * 1e3:.2f}", f"{r['step_s'] / base['step_s']:.2f}", str(r["all_reduces"]), str(r["all_gathers"]),
+            f"{r['rel_err']:.1e}"] for r in rows]
     return common.format_table(headers, out)
 
 
