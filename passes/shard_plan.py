@@ -53,6 +53,7 @@ _ELEMENTWISE = {
     aten.square.default, aten.reciprocal.default, aten.abs.default, aten.log.default, aten.erf.default,
     aten.clamp_min.default, aten.clamp.default, aten.clamp_max.default, aten.rsqrt.default, aten.sqrt.default,
     aten.expand_as.default,  # broadcasts its first operand to the second's shape, as an elementwise op would
+    aten.dropout.default,  # at inference: the identity
 }
 _LAYOUT = {aten.transpose.int, aten.permute.default, aten.movedim.int, aten.unsqueeze.default, aten.squeeze.dim,
            aten.squeeze.dims, aten.reshape.default, aten.view.default, aten.expand.default, aten._unsafe_view.default,
@@ -65,10 +66,10 @@ _OVER_DIMS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.
               aten.var.correction, aten.std.correction, aten.logsumexp.default, aten._softmax.default,
               aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int, aten.cumsum.default,
               aten.layer_norm.default, aten.rms_norm.default, aten.slice.Tensor, aten.narrow.default,
-              aten.select.int, aten.index_select.default, aten.flip.default, aten.roll.default}
+              aten.select.int, aten.index_select.default, aten.flip.default, aten.roll.default, aten.glu.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 _CONTRACTIONS = {aten.linear.default, aten.mm.default, aten.matmul.default, aten.einsum.default, aten.tensordot.default,
-                 aten.addmm.default}
+                 aten.addmm.default, aten.conv1d.default}
 _DEPTHWISE = {lcsm.conv_step.default, lcsm.short_conv_step.default, lcsm.conv_prefill.default, lcsm.short_conv_prefill.default}
 _ATTENTION = {lcsm.attn_step.default, lcsm.attn_prefill.default}  # (session, q, k, v, index), each [B, heads, T, D]
 
@@ -158,11 +159,11 @@ def for_programs(programs, example_shape, input_dtype, world):
     excluded, differ_all = set(), set()
     while True:
         plans = {name: _plan(getattr(programs, name), shapes[name], world, excluded) for name in names}
-        split = [{n.name for r in p.regions for n in r.columns} for p in plans.values()]
+        split = [{seed_key(n) for r in p.regions for n in r.columns} for p in plans.values()]
         differ = set.union(*split) - set.intersection(*split)
         if not differ:
             step = plans["step"]
-            lost = [n for n in programs.step.graph.nodes if n.name in differ_all]
+            lost = [n for n in programs.step.graph.nodes if n.op == "call_function" and seed_key(n) in differ_all]
             if lost:
                 step.declined.append(Declined(lost, "the prefill or extend program cannot split it"))
             return plans
@@ -172,7 +173,7 @@ def for_programs(programs, example_shape, input_dtype, world):
 
 def _plan(gm, shapes, world, excluded):
     """Sweep until every region closes: a region that fails (or whose blocks `world` does not divide)
-    is declined, its projections join `excluded` (names), and the graph is swept again without them."""
+    is declined, its seeds join `excluded` (seed_key), and the graph is swept again without them."""
     excluded, declined = set(excluded), []
     while True:
         sweep = _Sweep(shapes, excluded)
@@ -186,12 +187,23 @@ def _plan(gm, shapes, world, excluded):
         if failure is None:
             return ShardPlan(regions, declined, sweep.layout(), shapes)
         seeds, why = failure
-        excluded |= {s.name for s in seeds}
+        optional = [x for x in seeds if x.target in _DEPTHWISE]
+        seeds = optional or seeds  # without its convolution seeds a region is what it was before them: try that first
+        excluded |= {seed_key(x) for x in seeds}
         declined.append(Declined(seeds, why))
 
 
+def seed_key(node):
+    """A seed's name in every program: a projection's node name, a convolution's site index (its op
+    differs between the prefill, step and extend programs)."""
+    return f"site {node.args[2]}" if node.target in _DEPTHWISE else node.name
+
+
 def _weight(node):
-    """The name a contraction goes by: the parameters its constant operand is computed from."""
+    """The name a seed goes by: a contraction's parameters (those its constant operand is computed
+    from), or a convolution's site (its input sliced on each rank)."""
+    if node.target in _DEPTHWISE:
+        return f"the input of site {node.args[2]}"
     for a in node.args[1:3] if node.target is aten.addmm.default else node.all_input_nodes:  # addmm: not the bias
         if is_constant(a):
             params, seen = [], [a]
@@ -245,9 +257,11 @@ class _Fail(Exception):
 
 
 class _Sweep:
-    """One pass over the graph in order, projections with replicated inputs as seeds (but `excluded`)."""
+    """One pass over the graph in order. Seeds (but `excluded`): projections of tensors every rank holds
+    whole, and convolutions of such tensors (each rank slices its channels of the input locally: S4's
+    convolutions read the residual stream itself)."""
 
-    def __init__(self, shapes, excluded):  # excluded: names of projections
+    def __init__(self, shapes, excluded):  # excluded: seed_keys of seeds
         self.shapes, self.excluded = shapes, excluded
         self.parent = {}  # seed -> the seed it merged into (union-find)
         self.bounds = {}  # root seed -> sizes and offsets of every part taken of its channels
@@ -278,11 +292,13 @@ class _Sweep:
             ins = [self.pieces.get(a) or self.local_sizes[a] for a in n.all_input_nodes
                    if a in self.pieces or a in self.local_sizes]
             if not ins:
-                axis = _projection_axis(n, self.shapes)
-                if axis is not None and n.name not in self.excluded:
+                axis = 1 if n.op == "call_function" and n.target in _DEPTHWISE else _projection_axis(n, self.shapes)
+                if axis is not None and seed_key(n) not in self.excluded and self.shapes[n][axis] > 1:
                     size = self.shapes[n][axis]
                     self.parent[n], self.bounds[n], self.grains[n] = n, {size}, 1
                     self.pieces[n] = _Piece(n, axis, 0, size)
+                    if n.target in _DEPTHWISE:  # its input, whole on every rank, is sliced to the rank's channels
+                        self.sites[int(n.args[2])] = self.pieces[n]
                 continue
             try:
                 self._visit(n, ins)
@@ -512,8 +528,8 @@ def is_constant(node):
 
 def contraction_terms(n, shapes):
     """(operands, their subscripts, output subscripts) of a contraction written as an einsum:
-    linear, mm, addmm (GPT-2's Conv1D), matmul of two operands of 2 dims or more, tensordot, einsum;
-    None for anything else. A linear's or addmm's bias is not an operand."""
+    linear, mm, addmm (GPT-2's Conv1D), matmul of two operands of 2 dims or more, tensordot, einsum,
+    a pointwise conv1d (S4's output_linear); None for anything else. A bias is not an operand."""
     t = n.target
     if t is aten.einsum.default:
         operands = list(n.args[1])
@@ -531,6 +547,11 @@ def contraction_terms(n, shapes):
     if t is aten.linear.default:
         batch = "".join(next(letters) for _ in range(ra - 1))
         return [a, b], [batch + "i", "oi"], batch + "o"
+    if t is aten.conv1d.default:  # kernel size 1, no stride, padding, dilation or groups: a projection
+        kw = normalize_function(t, tuple(n.args), dict(n.kwargs), normalize_to_only_use_kwargs=True).kwargs
+        pointwise = shapes[b][-1] == 1 and list(kw["stride"]) == [1] and list(kw["padding"]) in ([0], "valid") \
+            and list(kw["dilation"]) == [1] and kw["groups"] == 1
+        return ([a, b], ["bil", "oiz"], "bol") if pointwise and ra == 3 else None
     if ra < 2 or rb < 2:
         return None
     batch = "".join(next(letters) for _ in range(max(ra, rb) - 2))  # matmul broadcasts these from the right

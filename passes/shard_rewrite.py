@@ -38,7 +38,7 @@ def run(programs, plans, rank, world, group_name):
     split, channels = plans["step"].split, {}  # channels: site index -> the rank's channels of that convolution
     for n in split:
         if n.op == "call_function" and n.target in shard_plan._DEPTHWISE:
-            channels[int(n.args[2])] = _indices(split[n.args[1]], rank, world)
+            channels[int(n.args[2])] = _indices(split[n], rank, world)
     sites = [_site(s, channels[i]) if i in channels else s for i, s in enumerate(programs.sites)]
     heads = {i for r in plans["step"].regions for i in r.attention}  # their KV caches hold the rank's heads
     attention = [dataclasses.replace(a, attn=dataclasses.replace(a.attn, heads=a.attn.heads // world)) if i in heads else a
@@ -89,13 +89,18 @@ def _replace_operand(n, old, new):
 
 
 def _bias(n):
-    return n.args[2] if n.target is aten.linear.default and len(n.args) > 2 else \
-        n.args[0] if n.target is aten.addmm.default else None
+    if n.target in (aten.linear.default, aten.conv1d.default):
+        return n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    return n.args[0] if n.target is aten.addmm.default else None
 
 
 def _slice_column(gm, n, layout, shapes, rank, world, folded):
-    """Keep the output channels of the rank: the constant's (and the bias's) slices for them."""
+    """Keep the output channels of the rank: the constant's (and the bias's) slices for them; a
+    convolution of a tensor every rank holds whole slices that tensor."""
     idx = _indices(layout, rank, world)
+    if n.target in shard_plan._DEPTHWISE:
+        n.args = (n.args[0], _sliced(gm, n.args[1], 1, idx, folded, n), *n.args[2:])
+        return
     p, bias = shard_plan.projection(n, shapes), _bias(n)
     letter = shard_plan.projection_letter(n, shapes)
     _replace_operand(n, p.w, _sliced(gm, p.w, p.tw.index(letter), idx, folded, n))
@@ -108,6 +113,8 @@ def _slice_row(gm, n, split, shapes, rank, world, group_name, folded):
     p, bias = shard_plan.projection(n, shapes), _bias(n)
     if n.target is aten.linear.default:
         n.args = n.args[:2]
+    elif n.target is aten.conv1d.default:
+        n.args, n.kwargs = (*n.args[:2], None, *n.args[3:]), {k: v for k, v in n.kwargs.items() if k != "bias"}
     elif n.target is aten.addmm.default:  # bias + x @ W: the sum of partial products, then the bias
         n.target, n.args, n.kwargs = aten.mm.default, n.args[1:3], {}
     x, w, tx, tw = p.x, p.w, p.tx, p.tw
@@ -120,7 +127,10 @@ def _slice_row(gm, n, split, shapes, rank, world, group_name, folded):
         out = graph.call_function(_c10d.wait_tensor.default, (reduced,))
     last = out
     if bias is not None:
-        with graph.inserting_after(out):
+        if n.target is aten.conv1d.default:  # a convolution's bias is per output channel, [O] -> [O, 1]
+            with graph.inserting_after(out):
+                bias = last = graph.call_function(aten.unsqueeze.default, (bias, -1))
+        with graph.inserting_after(last):
             last = graph.call_function(aten.add.Tensor, (out, bias))
     n.replace_all_uses_with(last, delete_user_cb=lambda user: user is not reduced)
 

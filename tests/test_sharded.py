@@ -66,7 +66,8 @@ def _work(rank, world, port, name, dtype, whole, compile, out_dir):
             "all_gathers": len(gathers), "outputs": sharded.shard_plan.all_gathers(),
             # every all-reduce sums the partial output of a row-parallel projection: none inside a mixer
             "after_rows": all(n.args[0].target in (aten.linear.default, aten.mm.default, aten.matmul.default,
-                                                   aten.einsum.default, aten.tensordot.default) for n in reduces),
+                                                   aten.einsum.default, aten.tensordot.default, aten.conv1d.default)
+                              for n in reduces),
             "split_attention": sorted(i for r in sharded.shard_plan.regions for i in r.attention),
             "attention": len(sharded.attention),
             "split_sites": sorted(i for r in sharded.shard_plan.regions for i in r.sites), "sites": len(sharded.sites),
@@ -95,6 +96,7 @@ def _spawn(world, name, dtype, whole, compile, tmp_path):
     (2, "multihead_hyena", torch.float64, 1e-12),  # whole heads in every tensor and convolution
     (2, "public_attention:gpt2", torch.float64, 1e-12),  # attention and its KV cache by heads; validated
     (2, "public_attention:llama_gqa_sdpa", torch.float64, 1e-12),  # grouped keys and values: the rank's groups
+    (2, "wavenet_dilated", torch.float64, 1e-12),  # inputs sliced on each rank; 1x1 conv1d rows with a bias
 ])
 def test_sharded_decoding_equals_the_model(world, name, dtype, tol, tmp_path):
     whole = (world, name) in ((2, "hyena_order2"), (2, "public_attention:gpt2"))
