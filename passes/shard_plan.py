@@ -582,11 +582,8 @@ def projection(n, shapes):
     return None
 
 
-def projection_letter(n, shapes):
-    """The output letter a projection takes from its constant only (its output channels), or None."""
-    p = projection(n, shapes)
-    if p is None or not isinstance(shapes.get(n), tuple):
-        return None
+def projection_letter(p):
+    """The output letter Projection `p` takes from its constant only (its output channels), or None."""
     new = [c for c in p.out if c in p.tw and c not in p.tx]
     return new[0] if len(new) == 1 and p.tw.count(new[0]) == 1 else None
 
@@ -594,8 +591,9 @@ def projection_letter(n, shapes):
 def _projection_axis(n, shapes):
     """The output dim a contraction with a constant takes from that constant (its output channels:
     F.linear(x, W) or x @ W, the last; W @ x, the one before; an einsum's own letter), or None."""
-    letter = projection_letter(n, shapes)
-    return None if letter is None else contraction_terms(n, shapes)[2].index(letter)
+    p = projection(n, shapes)
+    letter = None if p is None or not isinstance(shapes.get(n), tuple) else projection_letter(p)
+    return None if letter is None else p.out.index(letter)
 
 
 def _reduces(n, pieces, shapes):

@@ -80,14 +80,6 @@ def _rewrite(gm, plan, rank, world, group_name):
     return gm
 
 
-def _replace_operand(n, old, new):
-    """n with its operand `old` replaced by `new` (an einsum's operands are a list)."""
-    if n.target is aten.einsum.default:
-        n.args = (n.args[0], [new if a is old else a for a in n.args[1]])
-    else:
-        n.args = tuple(new if a is old else a for a in n.args)
-
-
 def _bias(n):
     if n.target in (aten.linear.default, aten.conv1d.default):
         return n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
@@ -102,10 +94,9 @@ def _slice_column(gm, n, layout, shapes, rank, world, folded):
         n.args = (n.args[0], _sliced(gm, n.args[1], 1, idx, folded, n), *n.args[2:])
         return
     p, bias = shard_plan.projection(n, shapes), _bias(n)
-    letter = shard_plan.projection_letter(n, shapes)
-    _replace_operand(n, p.w, _sliced(gm, p.w, p.tw.index(letter), idx, folded, n))
+    n.replace_input_with(p.w, _sliced(gm, p.w, p.tw.index(shard_plan.projection_letter(p)), idx, folded, n))
     if bias is not None and shapes[bias][-1] == layout[1]:  # a bias broadcast over the channels stays whole
-        _replace_operand(n, bias, _sliced(gm, bias, len(shapes[bias]) - 1, idx, folded, n))
+        n.replace_input_with(bias, _sliced(gm, bias, len(shapes[bias]) - 1, idx, folded, n))
 
 
 def _slice_row(gm, n, split, shapes, rank, world, group_name, folded):
@@ -119,7 +110,7 @@ def _slice_row(gm, n, split, shapes, rank, world, group_name, folded):
         n.target, n.args, n.kwargs = aten.mm.default, n.args[1:3], {}
     x, w, tx, tw = p.x, p.w, p.tx, p.tw
     letter = tx[split[x][0]]
-    _replace_operand(n, w, _sliced(gm, w, tw.index(letter), _indices(split[x], rank, world), folded, n))
+    n.replace_input_with(w, _sliced(gm, w, tw.index(letter), _indices(split[x], rank, world), folded, n))
     graph = gm.graph
     with graph.inserting_after(n):
         reduced = graph.call_function(_c10d.all_reduce.default, (n, "sum", group_name))
