@@ -16,7 +16,7 @@ report = dec.report
 ids = torch.randint(0, 256, (1, ML))
 with torch.no_grad():
   for conv in ["flash", "lazy", "floor"]:
-    d = dec if conv == "flash" else lcsm_compile.Decoder(report, max_len=ML, example_inputs=inp, conv=conv)
+    d = dec if conv == "flash" else lcsm_compile.build_decoder(report, inp, max_len=ML, conv=conv)
     s = d.session(); s.prefill(ids[:, :128])
     t0=time.perf_counter()
     for t in range(128, ML): s.step(ids[:, t:t+1])

@@ -209,7 +209,7 @@ def check_graph(device, size, dry_run, log):
     graphed = lcsm_compile.optimize(model, (ids[:, :P],), max_len=L, cuda_graph=mode, compile=False, validate=False)
     res = verify.teacher_forced(model, graphed, (ids,), prompt_lens=(1, L // 2), tol=DECODER_TOL["float32"], scale="rms")
     times = {}
-    for name, dec in (("graph", graphed), ("eager", lcsm_compile.Decoder(graphed.report, max_len=L, example_inputs=(ids[:, :P],),
+    for name, dec in (("graph", graphed), ("eager", lcsm_compile.Decoder(graphed.plan, graphed.report, example_inputs=(ids[:, :P],),
                                                                         compile=False))):
         session = dec.session()
         session.prefill(ids[:, :P])

@@ -84,7 +84,7 @@ def bench(args, log):
         row = {"config": f"4x{args.d_model}", "L": L, "prompt": P, "tokens": L - P, "methods": {}}
         runs = {}
         for conv in ("flash", "lazy"):
-            dec = lcsm_compile.Decoder(report, max_len=L, example_inputs=(prompt,), conv=conv, compile=False)
+            dec = lcsm_compile.build_decoder(report, (prompt,), max_len=L, conv=conv, compile=False)
             warm(dec.session(), prompt, L)
             session = dec.session()
             runs[conv] = run = generate_session(session, prompt, L, keep_logits=True)

@@ -18,7 +18,7 @@ from lcsm_compile.engine import OnlineConv
 from lcsm_compile.partitioned import PartitionedConv
 from lcsm_compile.analysis import analyze, register_mixer
 from lcsm_compile.report import Candidate, Reason, Report, Verdict
-from lcsm_compile.decoder import Decoder, optimize
+from lcsm_compile.decoder import Decoder, build_decoder, optimize
 from lcsm_compile import backend  # noqa: F401  registers torch.compile(model, backend="lcsm")
 from lcsm_compile.logs import configure_from_env as _configure_logs
 
@@ -41,6 +41,7 @@ __all__ = [
     "Reason",
     "optimize",
     "Decoder",
+    "build_decoder",
     "NotDecodable",
     "SessionNotStarted",
     "SessionBroken",

@@ -64,7 +64,7 @@ Options (torch.compile(model, backend="lcsm", options={...})):
     verify    "prefix" | "last" | "none" (above).
     fallback  "inductor" | "eager" | "error" ("error": calls raise NotDecodable with the Report).
     conv      "flash" | "lazy": the decoder's convolution bank.
-    compile_step  True (default) | False: compile the step program with inductor (Decoder(compile=True)),
+    compile_step  True (default) | False: compile the step program with inductor (optimize(compile=True)),
               or run it eagerly (no compile time; slower per position).
 Unknown or invalid options raise BackendOptionError (a ValueError) naming the allowed values, at
 the first call of the compiled model: torch.compile hands a backend its options only then. It is

@@ -2,7 +2,7 @@
 
 Banks with OnlineConv's decoding interface (prefill(x [..., C, P], channels), red_cell(x [..., C],
 channels), advance(), step(x), fork(), reset(), memory_bytes()), so the mixer benchmark and
-Decoder(conv=...) drive them exactly as they drive the flash bank:
+optimize(conv=...) drive them exactly as they drive the flash bank:
 - LazyConv:  y_t = <history, reversed filter>, O(t) reads per position;
 - EagerConv: x_t * h scattered into every future accumulator, O(L - t) writes per position;
 - NaiveConv: the FFT convolution of the whole prefix at every position (a model's forward, redone);

@@ -13,7 +13,7 @@ from lcsm_compile.errors import InputError
 
 
 def _convs():
-    from lcsm_compile.decoder import BANKS  # at call time: the decoder imports this module
+    from lcsm_compile.runtime.tiled import BANKS  # at call time: the runtime imports this module
 
     return tuple(sorted(BANKS))
 

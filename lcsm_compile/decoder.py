@@ -1,150 +1,17 @@
-"""`optimize(model, example_inputs, max_len=...)` -> Decoder: the user-facing entry point."""
+"""The user-facing entry points: `optimize(model, example_inputs, max_len=...)` -> a checked Decoder
+(every pass of lcsm_compile.pipeline), and `build_decoder(report, ...)` -> the Decoder of an
+analysed Report. The Decoder itself (lcsm_compile.runtime.decoder) is built from the lowering's plan.
+"""
 
-import torch
-import torch.nn.functional as F
-
-from lcsm_compile import generation
+from lcsm_compile import pipeline
 from lcsm_compile.analysis import check_args, quiet
-from lcsm_compile.baselines import FloorConv, LazyConv
-from lcsm_compile.checks import check_options, vocab_size
-from lcsm_compile.engine import OnlineConv
-from lcsm_compile.errors import NotDecodable, StaleDecoder
+from lcsm_compile.checks import check_options
+from lcsm_compile.errors import NotDecodable
 from lcsm_compile.logs import get_logger
-from lcsm_compile.partitioned import PartitionedConv
 from lcsm_compile.passes.layer_schedule import unknown_strategy_keys
-from lcsm_compile.recurrence import Recurrence
-from lcsm_compile.runtime import Program, Session
-from lcsm_compile.staleness import Fingerprint, module_state
+from lcsm_compile.runtime.decoder import Decoder
 
-BANKS = {"flash": OnlineConv, "partitioned": PartitionedConv, "lazy": LazyConv, "floor": FloorConv}
-
-
-class Decoder:
-    """Shared by every session of one optimized model: programs, filters, tile operators.
-
-    programs / schedule: the decode_rewrite and layer_schedule artifacts (lcsm_compile.pipeline runs
-    those passes when they are not given). source: the module it is built from, whose parameters
-    and buffers check_fresh() watches (None: nothing to watch)."""
-
-    def __init__(self, report, *, max_len, example_inputs, conv="flash", crossover=None, compile="auto",
-                 cuda_graph=False, strategy="auto", latency=False, programs=None, schedule=None, source=None,
-                 shard_plan=None):
-        check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, strategy=strategy,
-                      latency=latency)
-        _check_latency(conv, latency)
-        # cuda_graph: each session captures its step without advance (lcsm_compile.runtime.graphs) and
-        # replays it, the tile call launched eagerly after; "emulate" replays recorded ops on any device
-        self.cuda_graph = cuda_graph
-        self.report = report
-        # the filters, tables and the programs' copies of the weights are those of the parameters as
-        # read now: check_fresh() compares them with the module's at each session, prefill and add
-        self.source = source
-        self.fingerprint = Fingerprint(module_state(source)) if source is not None else None
-        self.rows_why = None  # set when the validation of rows at their own positions failed
-        self.extend_why = None  # set when the validation of extends failed
-        self.max_len = int(max_len)
-        example = example_inputs[0]
-        self.input_ndim, self.example_shape = example.dim(), tuple(example.shape)
-        self.input_dtype, self.device = example.dtype, example.device
-        self.vocab = vocab_size(report.captured.gm)  # token ids are checked against it (Session._check)
-        self.batch_dynamic = report.captured.batch_dynamic
-        if programs is None:
-            from lcsm_compile import pipeline
-
-            options = {"conv": conv, "crossover": crossover, "strategy": strategy, "latency": latency}
-            lowered = pipeline.lower(report, options, example_inputs)
-            programs, schedule = lowered.programs, lowered.schedule
-        self.programs, self.schedule = programs, schedule
-        self.shard_plan = shard_plan  # optimize(tp=group): what this rank's programs split (passes/shard_plan.py)
-        self.sites = self.programs.sites
-        self.attention = getattr(self.programs, "attention", [])  # causal attentions, each on a KV cache
-        self.prefill_program = Program(self.programs.prefill, self.programs.out_spec)
-        self.extend_program = Program(self.programs.extend, self.programs.out_spec)  # Session.extend, prefill(chunk=)
-        self.step_fn = Program(self.programs.step, self.programs.out_spec, compile=compile)
-
-        # The long convolutions the layer schedule gave a recurrence (modal filters) step their own
-        # state; every other long convolution of every layer is in one bank: one tile call per position.
-        self.recurrent = {i: Recurrence(self.sites[i].conv.modal.poles, self.sites[i].conv.modal.residues,
-                                        self.sites[i].conv.skip, self.device) for i in self.schedule.recurrent}
-        filters, skips, self.bank_slices, start = [], [], {}, 0
-        for i, site in enumerate(self.sites):
-            if site.kind != "long" or i in self.recurrent:
-                continue
-            k = site.conv
-            dtype = _dtype_of(k.output)
-            h = k.h.reshape(site.width, -1)[:, : self.max_len].to(dtype)
-            filters.append(F.pad(h, (0, self.max_len - h.shape[1])))
-            skips.append(torch.zeros(site.width, dtype=dtype) if k.skip is None else k.skip.reshape(-1).to(dtype))
-            self.bank_slices[i] = slice(start, start + site.width)
-            start += site.width
-        # the flash bank's crossover; the partitioned bank's plan, chosen by the layer schedule (by the
-        # same costs the bank would choose it by, for the schedule's max_len)
-        part = self.schedule.partition
-        part = part if part is not None and part.max_len == self.max_len else None
-        kwargs = {"flash": {"crossover": crossover}, "partitioned": {"partition": part, "latency": latency}}.get(conv, {})
-        self.bank = BANKS[conv](torch.cat(filters).to(self.device), torch.cat(skips).to(self.device), max_len=self.max_len,
-                                **kwargs) if filters else None  # only short convolutions: ring buffers alone
-        self.short_filters = {i: self._short_filter(s.conv) for i, s in enumerate(self.sites) if s.kind == "short"}
-        if cuda_graph:
-            from lcsm_compile.runtime.graphs import check_capturable
-
-            check_capturable(self, cuda_graph)
-        get_logger("passes").info("decoder: %d sites (%d long in one bank of %d channels, %d recurrent), %d attention "
-                                  "sites on KV caches, %s bank, max_len %d", len(self.sites), len(self.bank_slices), start,
-                                  len(self.recurrent), len(self.attention), conv, self.max_len)
-        get_logger("schedule").info("layer schedule:\n%s", self.schedule.table())
-
-    def can(self, capability) -> bool:
-        """Whether sessions may use `capability` ("rows", "extend", "graph_safe"; see
-        OnlineConv.capabilities): every long convolution's bank declares it (ring buffers,
-        recurrences and KV caches support all three), and the translation validation did not
-        withhold it (rows_why, extend_why)."""
-        withheld = {"rows": self.rows_why, "extend": self.extend_why}.get(capability)
-        return withheld is None and (self.bank is None or capability in self.bank.capabilities)
-
-    def _short_filter(self, conv):
-        """(conv1d weight [W, 1, K], step taps [K, 1, W], bias [W] or None) in the convolution's
-        dtype, oldest input first."""
-        dtype = _dtype_of(conv.output)
-        weight = conv.h.reshape(-1, conv.h.shape[-1]).flip(-1).to(dtype=dtype, device=self.device)
-        bias = None if conv.bias is None else conv.bias.reshape(-1).to(dtype=dtype, device=self.device)
-        return weight.unsqueeze(1), weight.t().unsqueeze(1).contiguous(), bias
-
-    def check_fresh(self):
-        """Raise StaleDecoder naming the first parameter or buffer of the source module that was
-        written in place or replaced since the build."""
-        name = self.fingerprint.changed(module_state(self.source)) if self.fingerprint is not None else None
-        if name is not None:
-            raise StaleDecoder(f"the model's {name!r} changed (written in place or replaced) after the decoder was "
-                               f"built: it decodes the weights it was built from; call lcsm_compile.optimize(model, "
-                               f"...) again")
-
-    def session(self, rows=None) -> Session:
-        """A fresh session. rows=N: N free rows for add()/remove() (continuous batching); without
-        it the first prefill fixes the rows."""
-        self.check_fresh()
-        return Session(self, rows)
-
-    def generate(self, prompt_ids, max_new_tokens, attention_mask=None, prefill_chunk=None, **options):
-        """Hugging Face generate() semantics on a fresh session; see lcsm_compile.generation.generate.
-        attention_mask [B, P]: left-padded prompts (1 on real tokens); each row decodes from its
-        first real token exactly as it would alone. prefill_chunk=K: the prompt goes in K positions
-        at a time (Session.prefill(chunk=K)), keeping only the last position's outputs, for prompts
-        whose whole activations (or logits) do not fit."""
-        session = self.session()
-        options.setdefault("max_len", self.max_len)
-        self.step_fn.expect(max_new_tokens - 1)  # compile="auto" compiles up front for a long generation
-        last = 1 if prefill_chunk is not None else None
-
-        def prefill(ids):
-            return session.prefill(ids, attention_mask=attention_mask, chunk=prefill_chunk, keep_last=last)
-
-        try:
-            with torch.no_grad():
-                return generation.generate(prefill, session.step, prompt_ids, max_new_tokens, prefill_last_only=last == 1,
-                                           **options)
-        finally:
-            self.step_fn.expect(0)
+__all__ = ["Decoder", "build_decoder", "optimize"]
 
 
 def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=None, compile="auto", cuda_graph=False,
@@ -176,8 +43,6 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     (passes/shard_plan.py: projections into depthwise convolutions and per-channel ops, up to the
     projection that reduces them, which all-reduces). Its sessions take the same inputs on every
     rank and return the full outputs on every rank."""
-    from lcsm_compile import pipeline
-
     check_options(conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph, strategy=strategy,
                   latency=latency, validate=validate)
     _check_latency(conv, latency)
@@ -205,11 +70,22 @@ def optimize(model, example_inputs, *, max_len=None, conv="flash", crossover=Non
     return ctx.decoder
 
 
+def build_decoder(report, example_inputs, *, max_len=None, conv="flash", crossover=None, compile="auto",
+                  cuda_graph=False, strategy="auto", latency=False) -> Decoder:
+    """The Decoder of an analysed Report (lcsm_compile.analyze), unchecked: the rewrite passes, then
+    the Decoder built from their plan, without the translation validation optimize() runs. For
+    benchmarks and tests that drive one Report with several banks (conv=) or lengths (max_len: at
+    most the analysed one, which is the default)."""
+    check_options(max_len=max_len, conv=conv, crossover=crossover, compile=compile, cuda_graph=cuda_graph,
+                  strategy=strategy, latency=latency)
+    _check_latency(conv, latency)
+    if not report.decodable:
+        raise NotDecodable(report)
+    options = {"conv": conv, "crossover": crossover, "strategy": strategy, "latency": latency, "max_len": max_len}
+    plan = pipeline.lower(report, options, tuple(example_inputs)).plan
+    return Decoder(plan, report, example_inputs=tuple(example_inputs), compile=compile, cuda_graph=cuda_graph)
+
+
 def _check_latency(conv, latency):
     if latency and conv != "partitioned":
         raise ValueError(f"latency=True: expected conv='partitioned' (the only bank with a latency mode), got conv={conv!r}")
-
-
-def _dtype_of(node):
-    val = node.meta.get("val")
-    return val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32

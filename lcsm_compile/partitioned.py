@@ -1,7 +1,7 @@
 """PartitionedConv: exact online causal convolution by the partitioned schedule (lcsm_compile.partition).
 
 A bank with OnlineConv's stepping interface (prefill, red_cell, advance, step, fork, reset), one
-shared position and one step at a time: Decoder(conv="partitioned") and the mixer benchmark drive
+shared position and one step at a time: optimize(conv="partitioned") and the mixer benchmark drive
 it as they drive the tiling. Like the tiling, it keeps two layouts, because the transforms want
 each channel's positions contiguous and the steps want each position's channels contiguous:
 - S [N, C, max_len], channel-major: the input of every position of a finished block, and the

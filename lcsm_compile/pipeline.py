@@ -3,7 +3,8 @@ and the CLI (`lcsm-compile passes --print-after P --stop-after P`).
 
     analysis:  capture -> canonicalize -> time_axis -> attention -> detect -> properties
                -> position_constants -> safety_net -> modal                                 (product: the Report)
-    rewrite:   decode_rewrite -> generalize -> shard -> layer_schedule   (product: the Decoder)
+    rewrite:   decode_rewrite -> generalize -> shard -> layer_schedule -> decode_plan
+                                                          (product: the DecodePlan, the Decoder built from it)
     check:     validate                                               (translation validation)
 
 Each pass reads what earlier passes left on the Context and leaves its artifact there (one
@@ -22,10 +23,13 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
+from lcsm_compile import tuning
 from lcsm_compile.logs import get_logger
-from lcsm_compile.passes import attention, canonicalize, capture, decode_rewrite, detect, generalize, layer_schedule
-from lcsm_compile.passes import modal, position_constants, properties, shard_plan, shard_rewrite, time_axis, validate
+from lcsm_compile.passes import attention, canonicalize, capture, decode_plan, decode_rewrite, detect, generalize
+from lcsm_compile.passes import layer_schedule, modal, position_constants, properties, shard_plan, shard_rewrite
+from lcsm_compile.passes import time_axis, validate
 from lcsm_compile.report import Candidate, CaptureInfo, Reason, Report, Verdict
+from lcsm_compile.runtime.decoder import Decoder
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Context:
     programs: Any = None
     shard_plan: Any = None  # with tp=group: the step program's shard_plan.ShardPlan (None: one process)
     schedule: Any = None
+    plan: Any = None  # decode_plan.DecodePlan: what the Decoder is built from
     decoder: Any = None
     validation: dict = None
     # helpers
@@ -125,17 +130,32 @@ def _shard_dump(programs, ctx):
     return ctx.shard_plan.table({i: s.name for i, s in enumerate(programs.sites)}) + "\n" + programs.dump()
 
 
-def _layer_schedule(ctx):
-    from lcsm_compile.tuning import costs_for, crossover_for
-
-    conv, device = ctx.options.get("conv", "flash"), ctx.example_inputs[0].device
+def _crossover(ctx):
+    """The flash bank's largest direct tile: the caller's, else the device's calibration (None for
+    the other banks, which run no tiles)."""
+    if ctx.options.get("conv", "flash") != "flash":
+        return None
     crossover = ctx.options.get("crossover")
-    if conv == "flash" and crossover is None:
-        crossover = crossover_for(device)
-    return layer_schedule.run(ctx.programs.step, ctx.programs.sites, max_len=ctx.report.capture.max_len,
-                              crossover=crossover if conv == "flash" else None, attention=ctx.programs.attention,
-                              costs=costs_for(device), strategy=ctx.options.get("strategy", "auto"), partitioned=conv == "partitioned",
-                              latency=ctx.options.get("latency", False))
+    return tuning.crossover_for(ctx.example_inputs[0].device) if crossover is None else crossover
+
+
+def _served(ctx):
+    """The lengths the decoder serves: every position below the analysed max_len, or below a shorter
+    max_len the caller of lower() asked for."""
+    return ctx.options.get("max_len") or ctx.report.capture.max_len
+
+
+def _layer_schedule(ctx):
+    return layer_schedule.run(ctx.programs.step, ctx.programs.sites, max_len=_served(ctx),
+                              crossover=_crossover(ctx), attention=ctx.programs.attention,
+                              costs=tuning.costs_for(ctx.example_inputs[0].device), strategy=ctx.options.get("strategy", "auto"),
+                              partitioned=ctx.options.get("conv") == "partitioned", latency=ctx.options.get("latency", False))
+
+
+def _decode_plan(ctx):
+    return decode_plan.run(ctx.programs, ctx.schedule, max_len=_served(ctx),
+                           conv=ctx.options.get("conv", "flash"), crossover=_crossover(ctx),
+                           latency=ctx.options.get("latency", False), shard_plan=ctx.shard_plan)
 
 
 def _graph_dump(cap, ctx):
@@ -164,6 +184,7 @@ PASSES = [
          lambda r, c: r.dump()),
     Pass("shard", "rewrite", _shard, "programs", _shard_dump),
     Pass("layer_schedule", "rewrite", _layer_schedule, "schedule", lambda r, c: r.table()),
+    Pass("decode_plan", "rewrite", _decode_plan, "plan", lambda r, c: r.table()),
     Pass("validate", "check", lambda c: validate.run(c.decoder, c.reference, c), "validation", lambda r, c: validate.dump(r)),
 ]
 PASS_NAMES = tuple(p.name for p in PASSES)
@@ -194,7 +215,7 @@ def run(ctx, *, stop_after=None, stages=("analysis", "rewrite", "check")):
             break
         if p.name == ANALYSIS_PASSES[-1]:
             ctx.report = _report(ctx)
-        if p.name == "layer_schedule":
+        if p.name == "decode_plan":
             ctx.report.strategies = {s["name"]: ctx.schedule.describe(s["name"]) for s in ctx.schedule.sites if s["kind"] == "long"}
             ctx.decoder = _build_decoder(ctx)
             if ctx.decoder is None:
@@ -346,26 +367,23 @@ def _report(ctx):
 
 
 def _build_decoder(ctx):
-    from lcsm_compile.decoder import Decoder
-
     try:
-        return Decoder(ctx.report, max_len=ctx.report.capture.max_len, example_inputs=ctx.example_inputs,
-                       programs=ctx.programs, schedule=ctx.schedule, source=ctx.reference, shard_plan=ctx.shard_plan,
-                       **_decoder_options(ctx.options))
+        return Decoder(ctx.plan, ctx.report, example_inputs=ctx.example_inputs, source=ctx.reference,
+                       compile=ctx.options.get("compile", "auto"), cuda_graph=ctx.options.get("cuda_graph", False))
     except Exception as exc:  # noqa: BLE001 - a decoder that cannot be built is a refusal, not a crash
         text = f"building the decoder failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:400]
         _refuse(ctx, _failure("decoder", text, ctx))
         return None
 
 
-def _decoder_options(options):
-    return {k: options[k] for k in ("conv", "crossover", "compile", "cuda_graph", "strategy", "latency") if k in options}
-
-
 def lower(report, options, example_inputs):
-    """The rewrite passes on an analysed Report: their Context (programs, shard_plan, schedule, and
-    passes: [(name, dump, seconds)])."""
-    ctx = Context(None, tuple(example_inputs), report.capture.max_len, options=dict(options), cap=report.captured,
+    """The rewrite passes on an analysed Report: their Context (programs, shard_plan, schedule, plan,
+    and passes: [(name, dump, seconds)]). options["max_len"]: serve fewer positions than analysed."""
+    served = options.get("max_len") or report.capture.max_len
+    if served > report.capture.max_len:
+        raise ValueError(f"max_len={served}: the report was analysed for max_len={report.capture.max_len}; "
+                         "analyze the model at the longer max_len")
+    ctx = Context(None, tuple(example_inputs), served, options=dict(options), cap=report.captured,
                   report=report, time_info=report.time_info)
     for p in PASSES:
         if p.stage == "rewrite":

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from lcsm_compile.runtime import ops  # noqa: F401  (registers torch.ops.lcsm)
+from lcsm_compile.runtime import ops
 
 aten = torch.ops.aten
 lcsm = torch.ops.lcsm
@@ -105,11 +105,7 @@ def _rewrite(source, sites, attention=(), mode="prefill", *, tables=()):
         u, y = names[site.conv.input.name], names[site.conv.output.name]
         with graph.inserting_before(y):
             canon = _to_canonical(graph, u, site)
-            if site.kind == "long":
-                op = lcsm.conv_step.default if step else lcsm.conv_prefill.default
-            else:
-                op = lcsm.short_conv_step.default if step else lcsm.short_conv_prefill.default
-            result = graph.call_function(op, (session, canon, index))
+            result = graph.call_function(ops.SITE_OPS[site.kind][1 if step else 0], (session, canon, index))
             new_y = _from_canonical(graph, result, site, y)
         y.replace_all_uses_with(new_y)
         outputs.append(result)
@@ -119,8 +115,7 @@ def _rewrite(source, sites, attention=(), mode="prefill", *, tables=()):
         with graph.inserting_before(y):
             batch = graph.call_function(aten.sym_size.int, (user_inputs[0], 0))
             qc, kc, vc = (_attn_canonical(graph, n, a.perms[name], batch) for name, n in (("q", q), ("k", k), ("v", v)))
-            op = lcsm.attn_step.default if step else lcsm.attn_prefill.default
-            result = graph.call_function(op, (session, qc, kc, vc, index))
+            result = graph.call_function(ops.SITE_OPS["attention"][1 if step else 0], (session, qc, kc, vc, index))
             new_y = _attn_output(graph, result, q, v, a, y)
         y.replace_all_uses_with(new_y)
         outputs.append(result)

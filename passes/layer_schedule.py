@@ -24,10 +24,11 @@ from lcsm_compile.engine import state_dtype_for
 from lcsm_compile.recurrence import choose, recurrent_from
 from lcsm_compile import tuning
 from lcsm_compile.partition import Partition, plan
+from lcsm_compile.runtime import ops
 from lcsm_compile.schedule import tile_sizes, transform_work
 
 lcsm = torch.ops.lcsm
-_SITE_OPS = {lcsm.conv_step.default: "long", lcsm.short_conv_step.default: "short", lcsm.attn_step.default: "attention"}
+_SITE_OPS = {step: kind for kind, (_, step) in ops.SITE_OPS.items()}  # a site's step op -> its kind
 
 
 class ScheduleError(LcsmError):

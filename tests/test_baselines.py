@@ -1,5 +1,5 @@
 """lcsm_compile.baselines: every bank decodes what it claims through the interface the mixer
-benchmark and Decoder(conv=...) drive (prefill, red_cell per channel slice, advance, step, fork,
+benchmark and optimize(conv=...) drive (prefill, red_cell per channel slice, advance, step, fork,
 reset), checked on fresh random inputs against a float64 reference computed independently (a direct
 sum over lags, no FFT)."""
 
@@ -51,7 +51,7 @@ def test_prefill_then_steps_is_the_causal_convolution(cls, P, dtype):
 
 @pytest.mark.parametrize("cls", EXACT, ids=lambda c: c.__name__)
 def test_a_bank_shared_by_two_sites_decodes_each_slice(cls):
-    """Decoder(conv=...) puts every long convolution in one bank: per position each site's red cell
+    """optimize(conv=...) puts every long convolution in one bank: per position each site's red cell
     on its channel slice, then one advance()."""
     h, skip, x, ref = problem(C=7, rows=(3,), seed=5)
     a, b = slice(0, 3), slice(3, 7)

@@ -69,10 +69,10 @@ def test_parse_config_and_decoder_options():
 def test_an_unknown_decoder_option_is_a_clear_error(monkeypatch):
     import lcsm_compile
 
-    def decoder(*a, max_len, example_inputs, conv):  # a Decoder without compile=
+    def decoder(report, example_inputs, *, max_len, conv):  # a build_decoder without compile=
         raise AssertionError("unreachable")
 
-    monkeypatch.setattr(lcsm_compile, "Decoder", decoder)
+    monkeypatch.setattr(lcsm_compile, "build_decoder", decoder)
     with pytest.raises(SystemExit, match="compile"):
         generate.make_decoder(None, 64, torch.zeros(1, 4, dtype=torch.long), "flash", {"compile": True})
 

@@ -110,7 +110,7 @@ def test_results_table_marks_estimates():
 
 
 def test_the_benchmark_times_the_baselines_of_lcsm_compile_baselines():
-    """One home per baseline: the mixer drives the same banks Decoder(conv=...) does (their
+    """One home per baseline: the mixer drives the same banks optimize(conv=...) does (their
     exactness is tests/test_baselines.py's)."""
     assert mixer.BANKS == {"lazy": baselines.LazyConv, "eager": baselines.EagerConv, "naive": baselines.NaiveConv}
 

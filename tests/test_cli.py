@@ -17,6 +17,7 @@ import torch
 
 from helpers import reference_crossover
 from lcsm_compile import logs, tuning
+from lcsm_compile.tools import tune
 from lcsm_compile.tools import cli, loading
 from lcsm_compile.pipeline import ANALYSIS_PASSES, PASS_NAMES
 from lcsm_compile.costs import Costs
@@ -509,10 +510,10 @@ def test_tune_measures_chooses_and_caches(runs):
 def test_tune_no_save_prints_without_caching(monkeypatch, capsys, tmp_path):
     rows = [(1, 1e-6, 5e-6), (2, 2e-6, 5e-6), (4, 9e-6, 5e-6), (8, 1e-6, 9e-6)]  # direct wins to 2, then 4 breaks it
     monkeypatch.setenv("LCSM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tuning, "measure", lambda device, channels, max_size: rows)
+    monkeypatch.setattr(tune, "measure", lambda device, channels, max_size: rows)
     costs = Costs(fft_flops_s=2e10, mac_flops_s=1e10, direct_flops_s=5e9, call_s=4e-6, red_cell_s=9e-6, advance_s=2.5e-5, recurrent_s=3e-5,
                   recurrent_channel_s=2e-8, mode_s=1.5e-9)
-    monkeypatch.setattr(tuning, "measure_costs", lambda device, channels, crossover: costs)
+    monkeypatch.setattr(tune, "measure_costs", lambda device, channels, crossover: costs)
     assert cli.main(["tune", "--no-save"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[-3:] == ["crossover = 2 (largest tile computed directly; not saved)",

@@ -69,10 +69,10 @@ def test_lazy_and_floor_banks(decoders):
     report = lcsm_compile.analyze(model, inputs)
     with torch.no_grad():
         full = model(x)
-        lazy = lcsm_compile.Decoder(report, max_len=report.capture.max_len, example_inputs=inputs, conv="lazy").session()
+        lazy = lcsm_compile.build_decoder(report, inputs, conv="lazy").session()
         y = torch.cat([lazy.prefill(x[:, :3])] + [lazy.step(x[:, t : t + 1]) for t in range(3, 80)], 1)
         assert rel_err(y, full) < 1e-5
-        floor = lcsm_compile.Decoder(report, max_len=report.capture.max_len, example_inputs=inputs, conv="floor").session()
+        floor = lcsm_compile.build_decoder(report, inputs, conv="floor").session()
         y = torch.cat([floor.prefill(x[:, :3])] + [floor.step(x[:, t : t + 1]) for t in range(3, 80)], 1)
         assert rel_err(y, full) > 1e-3  # the floor drops every lag > 0: it is a timing bound, not the model
 
@@ -342,7 +342,7 @@ def test_compiled_step_under_inference_mode_and_grad(mode):
 def test_decoder_conv_must_name_a_bank(decoders):
     _, inputs, decoder = decoders("hyena_order2")
     with pytest.raises(ValueError, match=r"conv: expected one of \['flash', 'floor', 'lazy', 'partitioned'\], got 'bad'"):
-        lcsm_compile.Decoder(decoder.report, max_len=decoder.max_len, example_inputs=inputs, conv="bad")
+        lcsm_compile.build_decoder(decoder.report, inputs, conv="bad")
 
 
 @pytest.mark.parametrize("crossover", [1, 8, 48])

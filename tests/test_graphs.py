@@ -111,4 +111,4 @@ def test_cuda_graph_needs_a_cuda_model_and_the_flash_bank():
     with pytest.raises(lcsm_compile.NotDecodable, match="not graph-safe"):
         lcsm_compile.optimize(model, inputs, conv="lazy", cuda_graph="emulate")
     with pytest.raises(ValueError, match="cuda_graph: expected"):
-        lcsm_compile.Decoder(lcsm_compile.analyze(model, inputs), max_len=64, example_inputs=inputs, cuda_graph="yes")
+        lcsm_compile.build_decoder(lcsm_compile.analyze(model, inputs), inputs, cuda_graph="yes")

@@ -151,3 +151,42 @@ def test_torch_paths_run_without_triton():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def _imports(path, modules):
+    """The modules of `modules` that the file imports, at any level (lazy imports in functions too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:  # `from package import module` imports the module
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found & set(modules)
+
+
+def test_no_module_imports_in_a_circle():
+    """The library's modules import one another in one direction: the runtime never reaches the
+    passes or the pipeline, the pipeline builds the Decoder from its plan, and no cycle is held
+    together by a lazy import. Packages' own __init__ re-exports are not edges."""
+    import networkx as nx
+
+    modules = {}
+    for folder, package in (("lcsm_compile", "lcsm_compile"), ("passes", "lcsm_compile.passes"),
+                            ("kernels", "lcsm_compile.kernels")):
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            if parts[-1] != "__init__":
+                modules[".".join((package, *parts))] = path
+    graph = nx.DiGraph()
+    for name, path in modules.items():
+        graph.add_edges_from((name, other) for other in _imports(path, modules) if other != name)
+    assert graph.number_of_edges() > 50  # the walk found the imports
+    assert list(nx.simple_cycles(graph)) == []
+    runtime = [m for m in modules if m.startswith("lcsm_compile.runtime.")]
+    reached = set().union(*(nx.descendants(graph, m) for m in runtime))
+    assert not {m for m in reached if m.startswith("lcsm_compile.passes.")} | ({"lcsm_compile.pipeline", "lcsm_compile.analysis",
+                                                                              "lcsm_compile.decoder"} & reached)

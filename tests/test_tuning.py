@@ -10,26 +10,27 @@ import torch
 
 from helpers import reference_crossover
 from lcsm_compile import OnlineConv, tuning
+from lcsm_compile.tools import tune
 from lcsm_compile.errors import DeviceError
 from lcsm_compile.costs import Costs
 
 
 def test_choose_crossover_stops_at_first_size_where_fft_wins():
     rows = [(1, 1.0, 5.0), (2, 2.0, 5.0), (4, 6.0, 5.0), (8, 1.0, 9.0)]
-    assert tuning.choose_crossover(rows) == 2  # 8 is direct-faster again, but 4 broke the run
-    assert tuning.choose_crossover([(1, 9.0, 1.0)]) == 1  # the red cell's neighbour is always direct
+    assert tune.choose_crossover(rows) == 2  # 8 is direct-faster again, but 4 broke the run
+    assert tune.choose_crossover([(1, 9.0, 1.0)]) == 1  # the red cell's neighbour is always direct
     g = torch.Generator().manual_seed(0)
     for _ in range(200):  # random timings: the same choice as the reference statement of the rule
         rows = [(2**k, *torch.rand(2, generator=g).tolist()) for k in range(6)]
-        assert tuning.choose_crossover(rows) == reference_crossover(rows), rows
+        assert tune.choose_crossover(rows) == reference_crossover(rows), rows
 
 
 def test_devices_that_cannot_run_here_are_device_errors():
     bad = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
     with pytest.raises(DeviceError, match="expected"):
-        tuning.tune(bad, channels=4, max_size=2, save=False)
+        tune.tune(bad, channels=4, max_size=2, save=False)
     with pytest.raises(DeviceError, match=r"expected 'cpu' or 'cuda\[:N\]'"):
-        tuning.measure("tpu", channels=4, max_size=2)
+        tune.measure("tpu", channels=4, max_size=2)
 
 
 def test_default_without_cache(tmp_path, monkeypatch):
@@ -40,7 +41,7 @@ def test_default_without_cache(tmp_path, monkeypatch):
 
 def test_tune_measures_caches_and_engine_uses_it(tmp_path, monkeypatch):
     monkeypatch.setenv("LCSM_CACHE_DIR", str(tmp_path))
-    crossover, rows, costs = tuning.tune("cpu", channels=16, max_size=8)
+    crossover, rows, costs = tune.tune("cpu", channels=16, max_size=8)
     assert [U for U, _, _ in rows] == [1, 2, 4, 8] and crossover == reference_crossover(rows)
     cached = json.loads((tmp_path / "tuning.json").read_text())
     assert cached[tuning.device_key("cpu")]["crossover"] == crossover

@@ -70,6 +70,15 @@ attn_prefill = _attention_op("attn_prefill", "attn_prefill", "Causal attention o
 attn_step = _attention_op("attn_step", "attn_step", "Appends one key and value per row to the KV cache and attends over the row's prefix.")
 
 
+# a site's kind -> its (prefill, step) ops: the rewrite calls them (passes/decode_rewrite.py; an
+# extend runs the prefill op from the session's position), the layer schedule finds sites by the step op
+SITE_OPS = {
+    "long": (torch.ops.lcsm.conv_prefill.default, torch.ops.lcsm.conv_step.default),
+    "short": (torch.ops.lcsm.short_conv_prefill.default, torch.ops.lcsm.short_conv_step.default),
+    "attention": (torch.ops.lcsm.attn_prefill.default, torch.ops.lcsm.attn_step.default),
+}
+
+
 @torch.library.custom_op("lcsm::advance", mutates_args=("session",))
 def advance(session: torch.Tensor, outputs: list[torch.Tensor]) -> None:
     """Finish the position: one batched tile call for every long convolution of every layer."""

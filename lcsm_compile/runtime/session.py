@@ -61,7 +61,7 @@ class Session:
         self.state = SessionState(decoder)
         self.handle = ops.register(self.state)  # [session id, position]; lcsm::advance moves the position
         self._own_positions = False  # rows at their own positions (after a ragged prefill, add or remove)
-        self._captured = None  # runtime.graphs.CapturedStep, with Decoder(cuda_graph=...)
+        self._captured = None  # runtime.graphs.CapturedStep, with optimize(cuda_graph=...)
         self._broken = None  # the state change that did not finish, until a prefill restarts the session
         if rows is not None:
             if not (isinstance(rows, int) and rows >= 1):

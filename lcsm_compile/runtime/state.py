@@ -4,7 +4,7 @@ Each site of the decode programs is decoded by one strategy, whose state lives i
 own: a long convolution on the tiling (tiled.py) or by its recurrence (recurrent.py), a short one
 on a ring buffer (ring.py), a causal attention on a KV cache (kv_cache.py). STRATEGIES is the
 table; a new strategy is one file (a runtime.strategy.Strategy) and one row, plus the lowering's
-choice of which sites it takes (site_strategy).
+choice of which sites it takes (passes/decode_plan.py, whose plan names each site's row).
 """
 
 import torch
@@ -15,13 +15,6 @@ from lcsm_compile.runtime.ring import RingConvs
 from lcsm_compile.runtime.tiled import TiledConvs
 
 STRATEGIES = {"tile": TiledConvs, "recurrent": RecurrentConvs, "ring": RingConvs, "kv_cache": KVCaches}
-
-
-def site_strategy(decoder, index):
-    """The strategy of the decoder's convolution site `index` (attention sites are all "kv_cache")."""
-    if decoder.sites[index].kind == "short":
-        return "ring"
-    return "recurrent" if index in decoder.recurrent else "tile"
 
 
 class SessionState:
@@ -42,7 +35,7 @@ class SessionState:
         self.graph, self.positions_device = False, None
         self.strategies = {name: cls(decoder, self) for name, cls in STRATEGIES.items()}
         self.tiled, self.ring, self.recurrent, self.kv = (self.strategies[n] for n in ("tile", "ring", "recurrent", "kv_cache"))
-        self.convs = [self.strategies[site_strategy(decoder, i)] for i in range(len(decoder.sites))]  # by site index
+        self.convs = [self.strategies[s.strategy] for s in decoder.plan.sites]  # by site index
 
     def reset(self, capacity):
         """Forget every sequence; `capacity` rows from now on, all free."""

@@ -1,7 +1,13 @@
 """The tiled strategy: every tiled long convolution of every layer in one bank (lcsm_compile.engine),
 red cells per site, one tile call per position."""
 
+from lcsm_compile.baselines import FloorConv, LazyConv
+from lcsm_compile.engine import OnlineConv
+from lcsm_compile.partitioned import PartitionedConv
 from lcsm_compile.runtime.strategy import Strategy
+
+# optimize(conv=...): the bank every tiled long convolution of a model decodes in
+BANKS = {"flash": OnlineConv, "partitioned": PartitionedConv, "lazy": LazyConv, "floor": FloorConv}
 
 
 class TiledConvs(Strategy):

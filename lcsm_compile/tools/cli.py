@@ -766,8 +766,9 @@ def _plot(path, P, rows, title):
 
 def _tune(args):
     from lcsm_compile import tuning
+    from lcsm_compile.tools import tune
 
-    crossover, rows, costs = tuning.tune(args.device, args.channels, args.max_size, save=not args.no_save)
+    crossover, rows, costs = tune.tune(args.device, args.channels, args.max_size, save=not args.no_save)
     if args.json:
         _print_json(args, {"device": args.device, "crossover": crossover, "rows": rows,
                            "costs": dataclasses.asdict(costs)})

@@ -67,7 +67,7 @@ def config_name(layers, d):
 
 
 def decoder_options(args):
-    """Every keyword the benchmark passes to lcsm_compile.Decoder, built in one place from the flags.
+    """Every keyword the benchmark passes to lcsm_compile.build_decoder, built in one place from the flags.
     The compile mode is explicit: under the default compile="auto" a compile would land inside one
     of the sampled windows of a baseline and its per-step estimate would be wrong."""
     return {"compile": bool(args.compile)}  # True: the step program compiled by inductor (before timing)
@@ -77,10 +77,10 @@ def make_decoder(report, L, prompt, conv, options):
     import lcsm_compile
 
     try:
-        return lcsm_compile.Decoder(report, max_len=L, example_inputs=(prompt,), conv=conv, **options)
+        return lcsm_compile.build_decoder(report, (prompt,), max_len=L, conv=conv, **options)
     except TypeError as e:
         if options and any(k in str(e) for k in options):
-            msg = f"decoder options {sorted(options)}: not accepted by this lcsm_compile.Decoder ({e})"
+            msg = f"decoder options {sorted(options)}: not accepted by this lcsm_compile.build_decoder ({e})"
             raise SystemExit(msg) from None
         raise
 
