@@ -46,8 +46,9 @@ class DecodePlan:
 
     def table(self) -> str:
         width = sum(s.channels.stop - s.channels.start for s in self.tiled())
-        lines = [f"max_len {self.max_len}; {self.bank} bank of {width} channels"
-                 + "".join(f", {k} {v}" for k, v in self.bank_options.items() if v is not None and k != "partition")]
+        options = "".join(f", {k} {v}" for k, v in self.bank_options.items() if v is not None and k != "partition")
+        bank = f"{self.bank} bank of {width} channels{options}" if width else "no tiled convolution"
+        lines = [f"max_len {self.max_len}; {bank}"]
         for s in (*self.sites, *self.attention):
             where = f", bank channels {s.channels.start}:{s.channels.stop}" if s.channels is not None else ""
             lines.append(f"  {s.name} ({s.kind}): {s.strategy}, {str(s.dtype).removeprefix('torch.')}{where}")

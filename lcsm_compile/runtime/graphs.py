@@ -74,7 +74,7 @@ class CapturedStep:
         self.eager_steps = 0
 
     def __call__(self, pos, x):
-        state, handle = self.session.state, self.session.handle
+        state = self.session.state
         if not state.graph:
             state.graph_safe()
         key = (tuple(pos.shape), tuple(x.shape), x.dtype)
@@ -87,7 +87,6 @@ class CapturedStep:
         else:
             out = self._capture(key, pos, x)
         state.advance()
-        handle[1] += 1
         return pytree.tree_unflatten([t.clone() if isinstance(t, torch.Tensor) else t for t in out],
                                      self.session.decoder.programs.out_spec)
 

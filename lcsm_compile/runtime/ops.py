@@ -1,9 +1,10 @@
 """Custom ops the decode programs call, so a step program stays one traceable graph.
 
-Each op takes `session`, a CPU int64 tensor [session id, position]: the id selects the live
-session's state (its convolution bank, ring buffers and KV caches) from a registry, so one compiled step
+Each op takes `session`, a CPU int64 tensor [session id]: the id selects the live session's state (its convolution bank, ring buffers and KV caches) from a registry, so one compiled step
 program serves every session without recompiling. The convolution index `conv` is a constant of
-the program. `advance` takes every red cell's output, which orders it after them in any graph.
+the program. `advance` takes every red cell's output, which orders it after them in any graph; it
+declares `session` mutated because it changes the session that tensor names (so no compiler drops
+or reorders it), whose positions SessionState.advance moves, the one place they advance.
 """
 
 import itertools
@@ -17,10 +18,10 @@ IMPLS = {}  # op name -> its Python implementation (lcsm_compile.runtime.graphs 
 
 
 def register(state) -> torch.Tensor:
-    """Register a session's runtime state; returns its `session` tensor [id, position]."""
+    """Register a session's runtime state; returns its `session` tensor [id]."""
     sid = next(_ids)
     _sessions[sid] = state
-    return torch.tensor([sid, 0], dtype=torch.int64)
+    return torch.tensor([sid], dtype=torch.int64)
 
 
 def lookup(session: torch.Tensor):
@@ -83,7 +84,6 @@ SITE_OPS = {
 def advance(session: torch.Tensor, outputs: list[torch.Tensor]) -> None:
     """Finish the position: one batched tile call for every long convolution of every layer."""
     lookup(session).advance()
-    session[1] += 1
 
 
 @advance.register_fake

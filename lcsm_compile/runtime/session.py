@@ -59,7 +59,7 @@ class Session:
     def __init__(self, decoder, rows=None):
         self.decoder = decoder
         self.state = SessionState(decoder)
-        self.handle = ops.register(self.state)  # [session id, position]; lcsm::advance moves the position
+        self.handle = ops.register(self.state)  # [session id]: what the programs' custom ops find the state by
         self._own_positions = False  # rows at their own positions (after a ragged prefill, add or remove)
         self._captured = None  # runtime.graphs.CapturedStep, with optimize(cuda_graph=...)
         self._broken = None  # the state change that did not finish, until a prefill restarts the session
@@ -75,7 +75,7 @@ class Session:
         """Positions seen so far (the next step's position), when every row shares it."""
         if self._own_positions:
             raise LcsmError("position: the rows are at their own positions; read Session.positions")
-        return int(self.handle[1])
+        return int(self.state.positions[0]) if self.state.capacity is not None else 0
 
     @property
     def positions(self) -> list:
@@ -190,7 +190,6 @@ class Session:
                 out = outputs.result()
             else:  # every row real from position 0: one program call, one shared position
                 out = _last_positions(self.decoder.prefill_program(self.handle, inputs=(prompt,)), keep)
-            self.handle[1] = P
             self.state.positions[:], self.state.live[:] = P, True
             return out
 
@@ -254,7 +253,6 @@ class Session:
             state.graph = False  # a captured step makes its positions and block graph-safe again
             if rows is None and not self._own_positions:  # one shared position: one program call
                 out = self._extend_window(x, None, self.position)
-                self.handle[1] += k
                 state.positions += k
                 return out
             self._own_positions = True
