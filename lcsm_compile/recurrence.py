@@ -12,6 +12,8 @@ beyond its own inputs and outputs.
 
 import torch
 
+from lcsm_compile.report import ModalForm
+
 CHUNK = 64
 
 
@@ -21,7 +23,7 @@ def choose(conv, max_len, strategy="auto", *, costs, crossover, channels):
     where it is no slower per step than the tiling (recurrent_from). Memory favours the recurrence at
     any length (N states against max_len): strategy="recurrent" takes it whatever the speed."""
     form = conv.modal
-    if strategy == "tile" or form is None or not hasattr(form, "poles"):
+    if strategy == "tile" or not isinstance(form, ModalForm):
         return "tile"
     if strategy == "recurrent":
         return "recurrent"

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import torch
+
 
 class Verdict(str, Enum):
     ACCEPTED = "ACCEPTED"
@@ -41,6 +43,32 @@ class Reason(str, Enum):
     UNSUPPORTED_ATTENTION = "UNSUPPORTED_ATTENTION"  # causal-looking, but a structure the KV-cache decoder does not run
 
 
+@dataclass(frozen=True)
+class ModalForm:
+    """A long convolution's filter proved a sum of exponentials (passes/modal.py): h = Re sum r p^t."""
+
+    poles: torch.Tensor  # [C, N] complex128, |p| <= 1 (zero where a channel has fewer modes)
+    residues: torch.Tensor  # [C, N] complex128 (zero where a channel has fewer modes)
+    rel_err: float  # max over channels of ||Re sum r p^t - h|| / ||h|| over t in [0, Lh)
+    modes: tuple  # modes per channel (N is their max)
+
+    def __str__(self):
+        return (f"modal: {self.poles.shape[1]} poles per channel, |p| <= {float(self.poles.abs().max()):.4g}, "
+                f"float64 rel err {self.rel_err:.1e} over every lag")
+
+
+@dataclass(frozen=True)
+class NotModal:
+    """Why a long convolution's filter is not proved modal (passes/modal.py)."""
+
+    node: str  # fx name of the op that broke the proof ("" when the final float64 check failed)
+    op: str  # its canonical op (or the pointwise function)
+    why: str
+
+    def __str__(self):
+        return f"not modal: {self.why}" + (f" (at {self.node}, {self.op})" if self.node else "")
+
+
 @dataclass
 class ConvStructure:
     """A recognised convolution, as the decoder needs it (all tensors float64, lag axis last).
@@ -64,7 +92,7 @@ class ConvStructure:
     filter_length: Any  # sympy expr or int: lags the filter can carry
     padding: tuple | None = None  # conv1d (left, right) padding, None for FFT convs
     taps: int | None = None  # short convs: the filter's length (its kernel reach)
-    modal: Any = None  # long convs: passes/modal.py's ModalForm (h = Re sum r p^t, proved) or NotModal (why not)
+    modal: Any = None  # long convs: ModalForm (h = Re sum r p^t, proved by passes/modal.py) or NotModal (why not)
     _h: Any = field(default=None, repr=False)
 
     @property

@@ -24,6 +24,7 @@ from lcsm_compile.engine import state_dtype_for
 from lcsm_compile.recurrence import choose, recurrent_from
 from lcsm_compile import tuning
 from lcsm_compile.partition import Partition, plan
+from lcsm_compile.report import ModalForm
 from lcsm_compile.runtime import ops
 from lcsm_compile.schedule import tile_sizes, transform_work
 
@@ -198,7 +199,7 @@ def unknown_strategy_keys(strategy, schedule):
 def _long_site(site, recurrent, max_len, choice):
     """A long convolution's strategy, its state per batch row, and (a proved modal filter on the
     tiled bank) its modes and the max_len from which "auto" takes the recurrence (None: never)."""
-    width, modes = site.conv.modal.poles.shape if hasattr(site.conv.modal, "poles") else (None, None)
+    width, modes = site.conv.modal.poles.shape if isinstance(site.conv.modal, ModalForm) else (None, None)
     start = None if modes is None or choice["crossover"] is None else recurrent_from(modes, width, **choice)
     out = {"strategy": "recurrent" if recurrent else "tile", "modes": None if modes is None else int(modes), "recurrent_from": start}
     if recurrent:

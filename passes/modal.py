@@ -22,7 +22,7 @@ import torch
 from lcsm_compile.passes.canonicalize import canonical
 from lcsm_compile.passes.capture import Runner, meta_value
 from lcsm_compile.passes.properties import rel_err
-from lcsm_compile.report import Verdict
+from lcsm_compile.report import ModalForm, NotModal, Verdict
 
 TOL = 1e-9  # float64 check of the form against conv.h
 PROBE_LEN = 256  # the length the filter subgraph is interpreted at (symbolic captures)
@@ -33,28 +33,6 @@ STEPS = {"lt", "le", "gt", "ge", "eq", "ne", "where", "masked_fill", "heaviside"
          "round", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "logical_and", "logical_not"}
 CONJ = ("conj", "_conj", "conj_physical")
 CPLX = torch.complex128
-
-
-@dataclass(frozen=True)
-class ModalForm:
-    poles: torch.Tensor  # [C, N] complex128, |p| <= 1 (zero where a channel has fewer modes)
-    residues: torch.Tensor  # [C, N] complex128 (zero where a channel has fewer modes)
-    rel_err: float  # max over channels of ||Re sum r p^t - h|| / ||h|| over t in [0, Lh)
-    modes: tuple  # modes per channel (N is their max)
-
-    def __str__(self):
-        return (f"modal: {self.poles.shape[1]} poles per channel, |p| <= {float(self.poles.abs().max()):.4g}, "
-                f"float64 rel err {self.rel_err:.1e} over every lag")
-
-
-@dataclass(frozen=True)
-class NotModal:
-    node: str  # fx name of the op that broke the proof ("" when the final float64 check failed)
-    op: str  # its canonical op (or the pointwise function)
-    why: str
-
-    def __str__(self):
-        return f"not modal: {self.why}" + (f" (at {self.node}, {self.op})" if self.node else "")
 
 
 def run(candidates, cap):

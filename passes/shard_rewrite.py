@@ -25,6 +25,7 @@ import torch.fx as fx
 from lcsm_compile.passes import shard_plan
 from lcsm_compile.passes.capture import attr_value
 from lcsm_compile.passes.decode_rewrite import ConvSite
+from lcsm_compile.report import ModalForm
 
 aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
@@ -249,7 +250,7 @@ def _site(site, idx):
     skip = None if c.skip is None else c.skip.reshape(-1)[idx]
     bias = None if c.bias is None else c.bias.reshape(-1)[idx]
     modal = c.modal
-    if modal is not None and hasattr(modal, "poles"):
+    if isinstance(modal, ModalForm):
         modal = dataclasses.replace(modal, poles=modal.poles[idx], residues=modal.residues[idx],
                                     modes=tuple(modal.modes[i] for i in idx.tolist()) if len(modal.modes) == width else modal.modes)
     conv = dataclasses.replace(c, channel_shape=(len(idx),), skip=skip, bias=bias, modal=modal, _h=h)

@@ -16,6 +16,7 @@ from lcsm_compile import tuning
 from lcsm_compile.costs import Costs
 from lcsm_compile.passes import layer_schedule
 from lcsm_compile.recurrence import choose, recurrent_from
+from lcsm_compile.report import ModalForm
 
 
 class TwoBranches(nn.Module):
@@ -83,7 +84,8 @@ def test_the_choice_switches_where_the_costs_cross():
     applies it; a recurrence dearer than every tiling is never taken."""
     for costs in (CHEAP_RECURRENCE, Costs(), Costs(recurrent_s=2e-5, mode_s=1e-10, fft_flops_s=1e9)):
         for modes, width, channels, crossover in ((1, 8, 8, 4), (4, 32, 64, 16), (16, 256, 2048, 32), (64, 4096, 4096, 16)):
-            form = type("Form", (), {"poles": torch.zeros(width, modes)})()
+            poles = torch.zeros(width, modes, dtype=torch.complex128)
+            form = ModalForm(poles, poles, 0.0, (modes,) * width)
             probe = type("Conv", (), {"modal": form})()
             choice = dict(costs=costs, crossover=crossover, channels=channels)
             start = recurrent_from(modes, width, **choice, longest=1 << 14)
