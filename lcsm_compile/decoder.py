@@ -82,8 +82,9 @@ def build_decoder(report, example_inputs, *, max_len=None, conv="flash", crossov
     if not report.decodable:
         raise NotDecodable(report)
     options = {"conv": conv, "crossover": crossover, "strategy": strategy, "latency": latency, "max_len": max_len}
-    plan = pipeline.lower(report, options, tuple(example_inputs)).plan
-    return Decoder(plan, report, example_inputs=tuple(example_inputs), compile=compile, cuda_graph=cuda_graph)
+    example_inputs = tuple(example_inputs)
+    plan = pipeline.lower(report, options, example_inputs).plan
+    return Decoder(plan, report, example_inputs=example_inputs, compile=compile, cuda_graph=cuda_graph)
 
 
 def _check_latency(conv, latency):

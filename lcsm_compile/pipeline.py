@@ -379,12 +379,12 @@ def _build_decoder(ctx):
 def lower(report, options, example_inputs):
     """The rewrite passes on an analysed Report: their Context (programs, shard_plan, schedule, plan,
     and passes: [(name, dump, seconds)]). options["max_len"]: serve fewer positions than analysed."""
-    served = options.get("max_len") or report.capture.max_len
-    if served > report.capture.max_len:
-        raise ValueError(f"max_len={served}: the report was analysed for max_len={report.capture.max_len}; "
-                         "analyze the model at the longer max_len")
-    ctx = Context(None, tuple(example_inputs), served, options=dict(options), cap=report.captured,
+    ctx = Context(None, tuple(example_inputs), report.capture.max_len, options=dict(options), cap=report.captured,
                   report=report, time_info=report.time_info)
+    ctx.max_len = _served(ctx)
+    if ctx.max_len > report.capture.max_len:
+        raise ValueError(f"max_len={ctx.max_len}: the report was analysed for max_len={report.capture.max_len}; "
+                         "analyze the model at the longer max_len")
     for p in PASSES:
         if p.stage == "rewrite":
             start = time.perf_counter()

@@ -109,6 +109,12 @@ def meta_value(node):
     return node.meta.get("val", node.meta.get("example_value"))
 
 
+def float_dtype(node):
+    """The dtype of `node`'s recorded value when it is a floating tensor, else float32."""
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32
+
+
 def sym_expr(x):
     """sympy expression of a SymInt (int stays int)."""
     if isinstance(x, torch.SymInt):

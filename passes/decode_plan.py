@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from lcsm_compile.passes.capture import float_dtype
+
 _FIXED = {"short": "ring", "attention": "kv_cache"}  # the strategy of every site of these kinds
 
 
@@ -63,8 +65,8 @@ def run(programs, schedule, *, max_len, conv, crossover, latency=False, shard_pl
         strategy = _FIXED.get(site.kind) or ("recurrent" if i in recurrent else "tile")
         channels = slice(start, start + site.width) if strategy == "tile" else None
         start += site.width if strategy == "tile" else 0
-        sites.append(SitePlan(i, site.name, site.kind, strategy, _dtype_of(site.conv.output), channels))
-    attention = tuple(SitePlan(i, a.name, "attention", "kv_cache", _dtype_of(a.attn.output))
+        sites.append(SitePlan(i, site.name, site.kind, strategy, float_dtype(site.conv.output), channels))
+    attention = tuple(SitePlan(i, a.name, "attention", "kv_cache", float_dtype(a.attn.output))
                       for i, a in enumerate(programs.attention))
     options = {"flash": {"crossover": crossover},
                "partitioned": {"partition": _served_partition(schedule, max_len), "latency": latency}}.get(conv, {})
@@ -75,8 +77,3 @@ def _served_partition(schedule, max_len):
     """The partitioned bank's plan, chosen by the layer schedule for the served max_len."""
     part = schedule.partition
     return part if part is not None and part.max_len == max_len else None
-
-
-def _dtype_of(node):
-    val = node.meta.get("val")
-    return val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32

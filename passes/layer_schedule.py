@@ -24,6 +24,7 @@ from lcsm_compile.engine import state_dtype_for
 from lcsm_compile.recurrence import choose, recurrent_from
 from lcsm_compile import tuning
 from lcsm_compile.partition import Partition, plan
+from lcsm_compile.passes.capture import float_dtype
 from lcsm_compile.report import ModalForm
 from lcsm_compile.runtime import ops
 from lcsm_compile.schedule import tile_sizes, transform_work
@@ -205,8 +206,7 @@ def _long_site(site, recurrent, max_len, choice):
     if recurrent:
         out["state_bytes_per_row"] = site.width * int(modes) * 16  # complex128 states
     else:
-        val = site.conv.output.meta.get("val")
-        dtype = state_dtype_for(val.dtype if isinstance(val, torch.Tensor) and val.is_floating_point() else torch.float32)
+        dtype = state_dtype_for(float_dtype(site.conv.output))
         out["state_bytes_per_row"] = site.width * max_len * dtype.itemsize  # one input or accumulator per position
     return out
 

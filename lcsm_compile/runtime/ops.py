@@ -1,7 +1,8 @@
 """Custom ops the decode programs call, so a step program stays one traceable graph.
 
-Each op takes `session`, a CPU int64 tensor [session id]: the id selects the live session's state (its convolution bank, ring buffers and KV caches) from a registry, so one compiled step
-program serves every session without recompiling. The convolution index `conv` is a constant of
+Each op takes `session`, a CPU int64 tensor [session id]: the id selects the live session's state
+(its convolution bank, ring buffers and KV caches) from a registry, so one compiled step program
+serves every session without recompiling. The convolution index `conv` is a constant of
 the program. `advance` takes every red cell's output, which orders it after them in any graph; it
 declares `session` mutated because it changes the session that tensor names (so no compiler drops
 or reorders it), whose positions SessionState.advance moves, the one place they advance.
